@@ -1,0 +1,37 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create or update .venv first.
+PY ?= python3
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET := { grep -v '^WARNING: Location' || true; }
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+# Re-install whenever requirements.txt or pyproject.toml changes. torch==2.13.0 (CPU build, on disk here) is
+# installed first where the index has it, so `torch>=...` in requirements.txt does not pull a CUDA build.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET)
+	-$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q -r requirements.txt 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | $(QUIET)
+	$(BIN)/python -c "import jax, flax, optax, orbax.checkpoint, grain, transformers, torch, clipvip_jax"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m clipvip_jax.demo
+
+# The whole suite, slow tests included (CI runs exactly this).
+test: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+
+# Everything but the tests marked slow.
+test-fast: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache
