@@ -55,6 +55,14 @@ def _bytes_to_unicode() -> dict[int, str]:
   return table
 
 
+def _merge_pair(merge: str | Sequence[str], where: str) -> tuple[str, str]:
+  """One merge: 'left right' (merges.txt) or ['left', 'right'] (newer tokenizer.json)."""
+  pair = merge.split() if isinstance(merge, str) else list(merge)
+  if len(pair) != 2 or not all(isinstance(symbol, str) for symbol in pair):
+    raise ValueError(f"{where}: not a merge pair: {merge!r}")
+  return pair[0], pair[1]
+
+
 @functools.lru_cache(maxsize=1)
 def _shipped_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
   """The vocabulary CLIP builds from its merges file, in CLIP's id order.
@@ -66,12 +74,7 @@ def _shipped_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     raise FileNotFoundError(f"CLIP BPE vocabulary missing: {_BPE_MERGES_GZ} (it ships with clipvip_jax/assets)")
   with gzip.open(_BPE_MERGES_GZ, "rt", encoding="utf-8") as handle:
     lines = handle.read().split("\n")[1 : _NUM_MERGES + 1]  # line 0 is the "#version" header
-  merges = []
-  for line_number, line in enumerate(lines, start=2):
-    pair = line.split()
-    if len(pair) != 2:
-      raise ValueError(f"{_BPE_MERGES_GZ}: line {line_number} is not a merge pair: {line!r}")
-    merges.append((pair[0], pair[1]))
+  merges = [_merge_pair(line, f"{_BPE_MERGES_GZ} line {number}") for number, line in enumerate(lines, start=2)]
   byte_symbols = list(_bytes_to_unicode().values())
   tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols] + ["".join(pair) for pair in merges]
   tokens += [_START_TOKEN, _END_TOKEN]
@@ -79,26 +82,6 @@ def _shipped_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
   if len(vocab) != len(tokens) or vocab[_END_TOKEN] != EOT_ID:
     raise ValueError(f"{_BPE_MERGES_GZ}: does not give CLIP's 49408 distinct tokens")
   return vocab, merges
-
-
-def _read_merges_txt(path: pathlib.Path) -> list[tuple[str, str]]:
-  """merges.txt of a checkpoint: an optional '#version' header, then one 'left right' pair per line."""
-  merges = []
-  for line_number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-    if not line.strip() or (line_number == 1 and line.startswith("#version")):
-      continue
-    pair = line.split()
-    if len(pair) != 2:
-      raise ValueError(f"{path}: line {line_number} is not a merge pair: {line!r}")
-    merges.append((pair[0], pair[1]))
-  return merges
-
-
-def _merge_pair(merge: str | Sequence[str], where: str) -> tuple[str, str]:
-  pair = merge.split() if isinstance(merge, str) else list(merge)
-  if len(pair) != 2 or not all(isinstance(symbol, str) for symbol in pair):
-    raise ValueError(f"{where}: not a merge pair: {merge!r}")
-  return pair[0], pair[1]
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -119,7 +102,10 @@ def _checkpoint_vocab_and_merges(tokenizer_dir: pathlib.Path) -> tuple[dict[str,
       for number, line in enumerate(lines, start=1)
       if line.strip() and not (number == 1 and line.startswith("#version"))
     ]
-    return _read_json(vocab_file), merges
+    vocab = _read_json(vocab_file)
+    if not isinstance(vocab, dict):
+      raise ValueError(f"{vocab_file}: expected a JSON object token -> id")
+    return vocab, merges
   if tokenizer_file.is_file():
     model = _read_json(tokenizer_file).get("model", {})
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) or "merges" not in model:
