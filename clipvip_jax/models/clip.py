@@ -225,6 +225,10 @@ class CLIP(nnx.Module):
   def encode_text(self, ids: Array, mask: Array | None = None) -> Array:
     return l2_normalize(self.text(ids, mask)["embeds"])
 
+  def similarity(self, text: Array, visual: Array) -> Array:
+    """Raw cosine similarity [N_text, N_visual] of L2-normalised embeddings (evaluation uses no temperature)."""
+    return text @ visual.T
+
   def __call__(self, images: Array, ids: Array, mask: Array | None = None) -> dict[str, Array]:
     return {"image": self.encode_image(images), "text": self.encode_text(ids, mask),
             "logit_scale": self.logit_scale[...]}
