@@ -1,0 +1,120 @@
+"""Pixels: JPEG decode of the sampled frames, resize, CLIP normalisation.
+
+Frames stay uint8 until the last step, so a worker moves 1 byte per pixel through decode and resize and only the
+final normalisation writes float32/bfloat16 (a 256-entry lookup table per channel, cheaper than a multiply-add over
+the float array). `normalize_video` also accepts jax.numpy arrays, so a pipeline that ships uint8 (dtype 'uint8')
+can normalise on the accelerator instead.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import ml_dtypes
+import numpy as np
+from PIL import Image
+
+# OpenAI CLIP's pixel statistics, used by both originals.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RESIZE_MODES = ("squash", "crop")
+VIDEO_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "uint8": np.uint8}
+
+# [3, 256]: the normalised value of every uint8 level, per channel: (v / 255 - mean) / std.
+_NORMALISED_LEVELS = ((np.arange(256, dtype=np.float64)[None, :] / 255.0 - np.asarray(CLIP_MEAN)[:, None])
+                      / np.asarray(CLIP_STD)[:, None]).astype(np.float32)
+
+
+def video_dtype(name: str) -> Any:
+  try:
+    return VIDEO_DTYPES[name]
+  except KeyError:
+    raise ValueError(f"data.dtype must be one of {sorted(VIDEO_DTYPES)}, got {name!r}") from None
+
+
+def decode_jpeg(data: bytes, min_size: int | None = None) -> Image.Image:
+  """Decodes one JPEG to an RGB image.
+
+  With `min_size`, libjpeg's DCT-domain scaling (PIL draft mode) decodes at the smallest 1/2, 1/4 or 1/8 scale that
+  still keeps both sides >= min_size; for frames stored much larger than the model input this skips most of the
+  decode work. It never triggers for shards stored at short side 256 and a 224 input.
+  """
+  img = Image.open(io.BytesIO(data))
+  if min_size is not None and img.format == "JPEG":
+    img.draft("RGB", (min_size, min_size))
+  if img.mode != "RGB":
+    img = img.convert("RGB")
+  img.load()
+  return img
+
+
+def resize_frame(img: Image.Image, image_size: int, mode: str) -> np.ndarray:
+  """uint8 [S, S, 3] from one frame.
+
+  'squash' (CLIP-ViP): bicubic straight to S x S, aspect ratio not kept.
+  'crop' (CLIP2Video): bicubic so the short side is S (long side int(S * long / short), torchvision Resize), then
+  the centre S x S crop with offsets round((side - S) / 2) (torchvision CenterCrop).
+  """
+  if mode == "squash":
+    if img.size != (image_size, image_size):
+      img = img.resize((image_size, image_size), Image.BICUBIC)
+  elif mode == "crop":
+    w, h = img.size
+    if w <= h:
+      new_w, new_h = image_size, int(image_size * h / w)
+    else:
+      new_w, new_h = int(image_size * w / h), image_size
+    if (new_w, new_h) != (w, h):
+      img = img.resize((new_w, new_h), Image.BICUBIC)
+    left = int(round((new_w - image_size) / 2.0))
+    top = int(round((new_h - image_size) / 2.0))
+    img = img.crop((left, top, left + image_size, top + image_size))
+  else:
+    raise ValueError(f"data.resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+  return np.asarray(img, dtype=np.uint8)
+
+
+def decode_frames(frames: Sequence[bytes], indices: np.ndarray, mask: np.ndarray, image_size: int,
+                  mode: str) -> np.ndarray:
+  """uint8 [T, S, S, 3]: decodes only the sampled frames, each distinct index once (CLIP-ViP's linspace repeats
+  indices on short clips); slots with mask 0 stay zero. Raises ValueError naming the frame on a bad JPEG."""
+  out = np.zeros((len(indices), image_size, image_size, 3), np.uint8)
+  decoded: dict[int, np.ndarray] = {}
+  for slot, (index, valid) in enumerate(zip(indices.tolist(), mask.tolist())):
+    if not valid:
+      continue
+    if index not in decoded:
+      try:
+        decoded[index] = resize_frame(decode_jpeg(frames[index], image_size), image_size, mode)
+      except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated / non-image bytes
+        raise ValueError(f"frame {index} is not a decodable image: {e}") from e
+    out[slot] = decoded[index]
+  return out
+
+
+def normalize_frames(video: np.ndarray, mask: np.ndarray | None, dtype: Any) -> np.ndarray:
+  """uint8 [..., H, W, 3] -> CLIP-normalised `dtype`; frames with mask 0 become exact zeros (CLIP2Video pads with
+  zero tensors after normalisation). dtype uint8 returns the input unchanged (normalise later on device)."""
+  if np.dtype(dtype) == np.uint8:
+    return video
+  out = np.empty(video.shape, np.float32)
+  for c in range(3):
+    np.take(_NORMALISED_LEVELS[c], video[..., c], out=out[..., c])
+  if mask is not None:
+    out[np.asarray(mask) == 0] = 0.0
+  return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
+
+
+def normalize_video(video: Any, frame_mask: Any = None, xp: Any = np) -> Any:
+  """The same normalisation for uint8 video shipped to the accelerator: `xp` is numpy or jax.numpy.
+
+  video [..., T, H, W, 3] uint8, frame_mask [..., T] (optional) -> float32.
+  """
+  mean = xp.asarray(CLIP_MEAN, dtype=xp.float32)
+  std = xp.asarray(CLIP_STD, dtype=xp.float32)
+  out = (video.astype(xp.float32) / 255.0 - mean) / std
+  if frame_mask is not None:
+    out = out * (frame_mask != 0)[..., None, None, None].astype(xp.float32)
+  return out
