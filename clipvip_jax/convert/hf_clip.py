@@ -57,8 +57,10 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
       "text_config": {"hidden_size": t.width, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
                       "intermediate_size": t.mlp_dim, "vocab_size": t.vocab_size,
                       "max_position_embeddings": t.max_len, "hidden_act": t.act, "layer_norm_eps": t.eps,
-                      "projection_dim": cfg.projection_dim, "bos_token_id": 49406, "eos_token_id": 49407,
-                      "pad_token_id": 1},
+                      "projection_dim": cfg.projection_dim,
+                      # CLIP's start/end tokens are the two highest ids (49406, 49407 in the real vocabulary);
+                      # HF pools at the first eos_token_id, which is our argmax(ids) only if eos is the top id.
+                      "bos_token_id": t.vocab_size - 2, "eos_token_id": t.vocab_size - 1, "pad_token_id": 1},
   }
 
 
@@ -170,3 +172,65 @@ def from_params(flat: Mapping[str, np.ndarray], cfg: CLIPConfig) -> dict[str, np
     w = np.asarray(flat[ours], np.float32)
     out[hf] = np.array(to_hf(w) if to_hf else w, order="C")
   return out
+
+
+# ---- converter-registry entry points (clipvip_jax.convert.formats) ----
+
+# Keys only an HF CLIPModel state dict has (unprefixed; CLIP-ViP's released files carry them under `clipmodel.`).
+_HF_MARKERS = ("vision_model.embeddings.class_embedding", "text_model.embeddings.token_embedding.weight")
+
+
+def detect(sd: Mapping[str, np.ndarray], path=None) -> bool:
+  return all(k in sd for k in _HF_MARKERS)
+
+
+def hf_config_dict(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+  """The HF CLIPConfig dict inside a user config: bare, or under "clip_config" as CLIP-ViP's JSON files hold it."""
+  if config is None:
+    return None
+  return config.get("clip_config", config)
+
+
+def expected_hf_shapes(cfg: CLIPConfig) -> dict[str, tuple[int, ...]]:
+  """{HF key: shape} a CLIPModel of `cfg` has, derived from our parameter shapes through the key table."""
+  from clipvip_jax.kinds import param_shapes
+  zeros = {k: np.zeros(s, np.float32) for k, s in param_shapes("clip", cfg).items()}
+  return {k: v.shape for k, v in from_params(zeros, cfg).items()}
+
+
+def check_hf_state_dict(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, *, source: str,
+                        ignore_prefixes: tuple[str, ...] = ()) -> None:
+  """Every HF key present, none unexpected (position_ids buffers aside), every shape right; names offenders."""
+  from clipvip_jax.params import check_params
+  given = {k: v for k, v in sd.items() if not k.endswith(IGNORED_SUFFIXES) and not k.startswith(ignore_prefixes)}
+  check_params(expected_hf_shapes(cfg), given, source=source)
+
+
+def infer_checked_config(sd: Mapping[str, np.ndarray], hf: Mapping[str, Any] | None, source: str) -> CLIPConfig:
+  """infer_config, with a missing anchor key or an impossible head count reported as a ParamMismatchError."""
+  from clipvip_jax.convert.common import ConversionError
+  from clipvip_jax.params import ParamMismatchError
+  if hf is not None:
+    try:
+      config_from_hf(hf)
+    except (ValueError, TypeError, KeyError) as e:
+      raise ConversionError(f"config given for {source} is not an HF CLIPConfig dict: {e}") from None
+  try:
+    cfg = infer_config(sd, hf)
+  except KeyError as e:
+    raise ParamMismatchError(f"{source} does not fit the model:\n  missing keys (1): {e.args[0]}") from None
+  except (IndexError, ValueError) as e:
+    raise ParamMismatchError(f"{source}: cannot infer the CLIP sizes from its weights ({e})") from None
+  for name, tower in (("vision", cfg.vision), ("text", cfg.text)):
+    if tower.heads < 1 or tower.width % tower.heads:
+      raise ParamMismatchError(f"{source}: {name} width {tower.width} is not divisible by {tower.heads} heads "
+                               f"(set num_attention_heads in the config)")
+  return cfg
+
+
+def convert(sd: Mapping[str, np.ndarray], config: Mapping[str, Any] | None, source: str):
+  """HF CLIPModel state dict (+ optional HF CLIPConfig dict for head counts, activation, eps) -> Converted."""
+  from clipvip_jax.convert.common import Converted
+  cfg = infer_checked_config(sd, hf_config_dict(config), source)
+  check_hf_state_dict(sd, cfg, source=source)
+  return Converted("clip", cfg, to_params(sd, cfg, source=source), source=source, source_format="hf_clip")
