@@ -188,23 +188,27 @@ def summary_line(manifest: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m data_pipelines.build_shards", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(prog="python -m data_pipelines.build_shards", description=__doc__.split("\n\n")[0])
   p.add_argument("--videos", required=True, help="folder the annotations' 'video' paths are relative to")
-  p.add_argument("--annotations", required=True, help="JSON-lines annotation file (see data_pipelines/clip_annotation.py)")
+  p.add_argument("--annotations", required=True,
+                 help="JSON-lines annotation file (format: data_pipelines/clip_annotation.py)")
   p.add_argument("--out", required=True, help="output folder for shards and manifest.json (resumable)")
   p.add_argument("--fps", type=float, default=FrameOptions.fps,
-                 help="rate of kept frames; 0 keeps every frame (rule: data_pipelines/video_io.py)")
+                 help="rate of kept frames, default %(default)s; 0 keeps every frame (rule: video_io.py)")
   p.add_argument("--short-side", type=int, default=FrameOptions.short_side,
-                 help="stored short side in pixels, bicubic, never upscaled; 0 keeps the original size")
-  p.add_argument("--jpeg-quality", type=int, default=FrameOptions.jpeg_quality)
+                 help="stored short side in pixels (bicubic, never upscaled), default %(default)s; 0 = original")
+  p.add_argument("--jpeg-quality", type=int, default=FrameOptions.jpeg_quality,
+                 help="JPEG quality of stored frames, default %(default)s")
   p.add_argument("--folder-fps", type=float, default=FrameOptions.folder_fps,
-                 help="rate frame-image folders were extracted at; 0 = unknown (keep every image)")
+                 help="rate frame-image folders were extracted at, default %(default)s = unknown (keep all)")
   p.add_argument("--max-missing-seconds", type=float, default=FrameOptions.max_missing_seconds,
-                 help="skip a video as truncated when its frames end this much before its declared duration")
-  p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="clips per shard")
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
-  p.add_argument("--split", default="train", help="split of annotation lines that have no 'split' field")
+                 help="skip a video as truncated when its frames end this many seconds before its declared "
+                 "duration, default %(default)s")
+  p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="clips per shard, default %(default)s")
+  p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                 help="decoding processes, default %(default)s (the CPU count)")
+  p.add_argument("--split", default="train",
+                 help="split of annotation lines that have no 'split' field, default %(default)s")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   return p
 
