@@ -215,8 +215,8 @@ def _iter_timed_frames(container, stream, seek_to: Fraction | None) -> Iterator[
   time_base = stream.time_base
   origin = stream.start_time
   rate = stream.average_rate or stream.guessed_rate
-  if seek_to is not None:
-    container.seek(int(seek_to / time_base) + (origin or 0), stream=stream, backward=True)
+  if seek_to is not None and origin is not None:  # without a declared origin, seek targets are ambiguous
+    container.seek(int(seek_to / time_base) + origin, stream=stream, backward=True)
   for index, frame in enumerate(container.decode(stream)):
     if frame.pts is not None and time_base is not None:
       if origin is None:
@@ -230,9 +230,17 @@ def _iter_timed_frames(container, stream, seek_to: Fraction | None) -> Iterator[
 
 
 def _declared_duration(container, stream) -> Fraction | None:
+  """The video stream's own duration: the stream header (mp4, avi), else the per-stream DURATION tag that
+  FFmpeg's Matroska/WebM muxer writes, else the container's duration when the video is its only stream
+  (with audio beside it the container's duration may be the audio's, so it proves nothing)."""
   if stream.duration and stream.time_base:
     return Fraction(stream.duration) * stream.time_base
-  if container.duration:
+  tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+  match = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", tag.strip()) if tag else None
+  if match:
+    hours, minutes, seconds = match.groups()
+    return (int(hours) * 3600 + int(minutes) * 60) + Fraction(seconds)
+  if container.duration and len(container.streams) == 1:
     return Fraction(container.duration, av.time_base)
   return None
 

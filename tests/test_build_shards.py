@@ -59,6 +59,8 @@ def dataset(tmp_path_factory):
   lines.append({"clip_id": "folder", "video": "frames", "captions": ["frames in a folder"], "split": "val"})
   lines.append({"clip_id": "segment", "video": "clip_mp4.mp4", "captions": ["a cut"], "start": 0.5, "end": 1.2,
                 "subtitle": "asr words", "caption": "ofa caption"})
+  # start > 1 s: read through a seek (targets 1.1, 1.3, 1.5 -> source frames 11, 13, 15).
+  lines.append({"clip_id": "late", "video": "clip_webm.webm", "captions": ["a late cut"], "start": 1.1, "end": 1.6})
   lines.append({"clip_id": "no_ext", "video": "clip_avi", "captions": ["found by id"], "split": "val"})
   data = (videos / "clip_webm.webm").read_bytes()
   (videos / "truncated.webm").write_bytes(data[:len(data) // 2])
@@ -103,8 +105,8 @@ def test_bad_inputs_are_skipped_with_reasons(built, dataset):
   assert reasons["empty"] == "empty file (0 bytes)"
   assert reasons["not_video"].startswith("not a readable video")
   assert reasons["missing"] == "file not found"
-  assert manifest["counts"] == {"inputs": 12, "records": 7, "skipped": 5, "shards": 5}
-  assert manifest["splits"]["val"]["records"] == 2 and manifest["splits"]["train"]["records"] == 5
+  assert manifest["counts"] == {"inputs": 13, "records": 8, "skipped": 5, "shards": 5}
+  assert manifest["splits"]["val"]["records"] == 2 and manifest["splits"]["train"]["records"] == 6
   assert manifest["splits"]["train"]["skipped"] == 5
   assert manifest["options"]["fps"] == 5 and manifest["options"]["short_side"] == 32
 
@@ -129,7 +131,7 @@ def assert_frames(record, source_indices, size=(32, 43)):
 def test_good_clips_decode_to_the_expected_frames(built):
   out, manifest = built
   records = records_by_id(out, manifest)
-  assert set(records) == {"clip_mp4", "clip_avi", "clip_webm", "clip_mkv", "folder", "segment", "no_ext"}
+  assert set(records) == {"clip_mp4", "clip_avi", "clip_webm", "clip_mkv", "folder", "segment", "late", "no_ext"}
   for ext in FORMATS:
     rec = records[f"clip_{ext}"]
     # 10 fps source at 5 fps: every other frame, 0, 2, ..., 14.
@@ -143,6 +145,7 @@ def test_good_clips_decode_to_the_expected_frames(built):
   seg = records["segment"]
   assert_frames(seg, [5, 7, 9, 11])
   assert (seg.start, seg.end, seg.subtitle, seg.caption) == (0.5, 1.2, "asr words", "ofa caption")
+  assert_frames(records["late"], [11, 13, 15])
   assert_frames(records["no_ext"], range(0, NUM_FRAMES, 2))
 
 
@@ -249,6 +252,6 @@ def test_cli_builds_and_prints_a_summary(tmp_path, capsys, dataset):
                   "--short-side", "0", "--workers", "1", "--quiet"])
   assert code == 0
   summary = capsys.readouterr().out
-  assert "wrote 7 records" in summary and "skipped 5" in summary and "1 x empty file" in summary
+  assert "wrote 8 records" in summary and "skipped 5" in summary and "1 x empty file" in summary
   records = records_by_id(out, json.loads((out / "manifest.json").read_text()))
   assert_frames(records["clip_mkv"], range(NUM_FRAMES), size=(HEIGHT, WIDTH))  # --fps 0: every frame
