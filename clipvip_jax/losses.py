@@ -8,37 +8,58 @@ Sharding: the functions see the *global* batch, so every sample is a negative fo
 any device. Two ways to run them on a batch split over a mesh axis, both tested against one device for
 the loss and the gradients:
 - `jit` with the features as global arrays sharded `NamedSharding(mesh, P('data'))`: call the loss as is;
-  the partitioner inserts the all-gather. This is what the trainer should use: it is the same code as on
+  the partitioner inserts the all-gather (on `AxisType.Explicit` meshes the loss reshards the features to
+  replicated itself, since a [B@data] x [B@data]^T product is a sharding type error). This is what the trainer should use: it is the same code as on
   one device, it composes with whatever sharding the encoders use (data, fsdp, tensor), and the loss is a
   B x B matmul that costs nothing next to the encoders.
 - `shard_map_loss(loss_fn, mesh)`: an explicit `all_gather` of the features inside `shard_map`, then the
   whole loss on every device (what the original does after `hvd.allgather`). Use it inside a step that is
   itself written per device, or to pin the communication to exactly one all-gather per feature.
 
-Numerics: features are cast to float32 and the matmuls use full precision before `log_softmax`, so bf16
-activations neither round the logits (|logit| reaches 100) nor the log-sum-exp.
+Numerics: features are cast to (at least) float32 and the matmuls use full precision before `log_softmax`, so
+bf16 activations round neither the logits (|logit| reaches 100) nor the log-sum-exp.
 """
 
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Array = jax.Array
 OmnisourceLoss = Callable[[Array, Array, Array, Array, Array], Array]
 
 
+def _replicated(x: Array) -> Array:
+  """`x` gathered onto every device when it carries an explicit (sharding-in-types) batch sharding.
+
+  Under `AxisType.Explicit` a [B@data] x [B@data]^T matmul is a type error; the loss needs the whole batch
+  anyway, so it is gathered here (the all-gather the original does with `hvd.allgather`). Arrays without
+  explicit sharding (one device, `AxisType.Auto` meshes, inside `shard_map`) are returned unchanged.
+  """
+  sharding = jax.typeof(x).sharding
+  if all(axis is None for axis in sharding.spec):
+    return x
+  return jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
+
+
+def _at_least_float32(x: Array) -> Array:
+  """bf16/fp16 -> float32; float32 and float64 (x64 gradient checks) stay as they are."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _scaled_cosine(queries: Array, keys: Array, logit_scale: Array) -> Array:
-  """exp(logit_scale) * queries @ keys^T in float32 (features are already L2-normalised)."""
-  cosine = jnp.matmul(queries.astype(jnp.float32), keys.astype(jnp.float32).T,
+  """exp(logit_scale) * queries @ keys^T in at least float32 (features are already L2-normalised)."""
+  queries, keys = _replicated(queries), _replicated(keys)
+  cosine = jnp.matmul(_at_least_float32(queries), _at_least_float32(keys).T,
                       precision=jax.lax.Precision.HIGHEST)
-  return jnp.exp(jnp.asarray(logit_scale, jnp.float32)) * cosine
+  return jnp.exp(_at_least_float32(logit_scale)) * cosine
 
 
 def _cross_entropy(logits: Array, labels: Array) -> Array:
-  """Mean over rows of -log softmax(logits)[row, label] (torch `F.cross_entropy`), in float32."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  """Mean over rows of -log softmax(logits)[row, label] (torch `F.cross_entropy`), in at least float32."""
+  log_probs = jax.nn.log_softmax(_at_least_float32(logits), axis=-1)
   return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
 
@@ -159,12 +180,13 @@ def dual_softmax(sim: Array, temperature: float = 100.0) -> Array:
     sim: [N_text, N_video] raw cosine similarities (no logit scale), as CLIP-ViP evaluates.
     temperature: fixed at 100 in CLIP-ViP.
   """
-  sim = sim.astype(jnp.float32)
+  sim = _at_least_float32(_replicated(sim))
   return sim * jax.nn.softmax(temperature * sim, axis=0)
 
 
 def symmetric_ce(logits: Array) -> Array:
   """(CE(S, diag) + CE(S^T, diag)) / 2 on already-scaled logits: CLIP4Clip's `CrossEn` on both directions."""
+  logits = _replicated(logits)
   return 0.5 * (_diagonal_cross_entropy(logits) + _diagonal_cross_entropy(logits.T))
 
 
