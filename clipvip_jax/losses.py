@@ -9,9 +9,9 @@ any device. Two ways to run them on a batch split over a mesh axis, both tested 
 the loss and the gradients:
 - `jit` with the features as global arrays sharded `NamedSharding(mesh, P('data'))`: call the loss as is;
   the partitioner inserts the all-gather (on `AxisType.Explicit` meshes the loss reshards the features to
-  replicated itself, since a [B@data] x [B@data]^T product is a sharding type error). This is what the trainer should use: it is the same code as on
-  one device, it composes with whatever sharding the encoders use (data, fsdp, tensor), and the loss is a
-  B x B matmul that costs nothing next to the encoders.
+  replicated itself, since a [B@data] x [B@data]^T product is a sharding type error). This is what the
+  trainer should use: it is the same code as on one device, it composes with whatever sharding the
+  encoders use (data, fsdp, tensor), and the loss is a B x B matmul that costs nothing next to the encoders.
 - `shard_map_loss(loss_fn, mesh)`: an explicit `all_gather` of the features inside `shard_map`, then the
   whole loss on every device (what the original does after `hvd.allgather`). Use it inside a step that is
   itself written per device, or to pin the communication to exactly one all-gather per feature.
