@@ -1,0 +1,214 @@
+"""Command lines of the trainer and the evaluator: config files with `--config.a.b=value` overrides.
+
+  python -m clipvip_jax.train --config configs/clipvip_msrvtt.py[:ARG] --workdir DIR [--config.key=value ...]
+  python -m clipvip_jax.eval  --checkpoint WORKDIR|DIR|FILE [--config configs/X.py[:ARG]] [--which best]
+                              [--split test] [--output results.json] [--config.key=value ...]
+
+A config file is a Python module with `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision style);
+`:ARG` after the path is passed as `arg` (e.g. configs/clipvip_pretrain.py:B/16). An override names an existing
+key (dotted path) and gives a Python literal (`--config.optim.lr=1e-5`, `--config.mesh='(2,4,1)'`) or a bare
+string; an unknown key, a bad value, a missing file: one sentence on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class UsageError(ValueError):
+  """A mistake in the command line or the config; its message is the one sentence shown to the user."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise UsageError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 — a broken config file is a user error, shown as one sentence
+    raise UsageError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
+  if not hasattr(module, "get_config"):
+    raise UsageError(f"config file {path} has no get_config() function")
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (ValueError, KeyError, TypeError) as e:
+    raise UsageError(f"config file {path}: get_config({arg!r}) failed: {e}") from None
+  return config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(config)
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string: --config.data.shard_dir=/data/msrvtt
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, name in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise UsageError(f"unknown config key '{'.'.join(parents[:i + 1])}' in --config.{dotted}")
+    node = node[name]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise UsageError(f"unknown config key '{dotted}' (the config file has no such field)")
+  value = _literal(text)
+  old = node[leaf]
+  if isinstance(old, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
+    value = ml_collections.ConfigDict(value)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"--config.{dotted}={text}: {e}") from None
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Separates `--config.a.b=v` / `--config.a.b v` from the other arguments."""
+  rest, overrides = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(args):
+          raise UsageError(f"{arg} needs a value (--config.{key}=VALUE)")
+        value, i = args[i + 1], i + 1
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def config_from_args(spec: str, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
+  config = load_config(spec)
+  for key, value in overrides:
+    apply_override(config, key, value)
+  return config
+
+
+def _fail(prog: str, message: str) -> int:
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  return 2
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+  prog = "python -m clipvip_jax.train"
+  parser = argparse.ArgumentParser(prog=prog, description="Train CLIP-ViP / CLIP2Video / meanP from a config file.",
+                                   epilog="Override any config field with --config.KEY=VALUE (dotted keys).")
+  parser.add_argument("--config", required=True, help="config file, optionally :ARG (configs/clipvip_pretrain.py:B/16)")
+  parser.add_argument("--workdir", required=True, help="run folder: checkpoints, TensorBoard logs, summary.json; "
+                      "an existing one is resumed from its latest checkpoint")
+  try:
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    config = config_from_args(args.config, overrides)
+    from clipvip_jax.train import trainer
+    trainer.check_config(config)
+  except UsageError as e:
+    return _fail(prog, str(e))
+  except ValueError as e:
+    return _fail(prog, f"invalid config: {e}")
+  import logging
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  try:
+    summary = trainer.train(config, args.workdir)
+  except trainer.NonFiniteError as e:
+    return _fail(prog, str(e))
+  except (FileNotFoundError, ValueError) as e:  # missing shards, mismatched checkpoint and config, ...
+    return _fail(prog, f"{type(e).__name__}: {e}")
+  print(json.dumps({k: summary[k] for k in ("step", "preempted", "val", "perf") if k in summary}, default=float))
+  return 0
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+  prog = "python -m clipvip_jax.eval"
+  parser = argparse.ArgumentParser(prog=prog, description="Retrieval metrics of a checkpoint on an evaluation split.")
+  parser.add_argument("--checkpoint", required=True,
+                      help="training workdir, converted checkpoint directory or original checkpoint file")
+  parser.add_argument("--config", help="config file (default: the workdir's config.json)")
+  parser.add_argument("--which", default="latest", help="workdir checkpoint: latest, best or a step number")
+  parser.add_argument("--split", help="evaluation split (default: config.eval.split)")
+  parser.add_argument("--output", help="results JSON (default: WORKDIR/eval_SPLIT_stepN.json or stdout)")
+  parser.add_argument("--dtype", default="float32", help="compute dtype for encoding")
+  try:
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    from clipvip_jax.train import checkpoint as ckpt_lib
+    ckpt = pathlib.Path(args.checkpoint)
+    if not ckpt.exists():
+      raise UsageError(f"checkpoint {ckpt} does not exist")
+    if args.config:
+      config = config_from_args(args.config, overrides)
+    elif (ckpt / "config.json").is_file() and ckpt_lib.is_workdir(ckpt):
+      config = ml_collections.ConfigDict(json.loads((ckpt / "config.json").read_text()))
+      for key, value in overrides:
+        apply_override(config, key, value)
+    else:
+      raise UsageError("--config is required unless --checkpoint is a training workdir (with its config.json)")
+    split = args.split or (config.get("eval") or {}).get("split")
+    if not split:
+      raise UsageError("no evaluation split: give --split or set config.eval.split")
+    from clipvip_jax.evaluate import dump, format_table
+    result = evaluate_checkpoint(config, str(ckpt), split, which=args.which, dtype=args.dtype)
+  except UsageError as e:
+    return _fail(prog, str(e))
+  except (FileNotFoundError, ValueError) as e:
+    return _fail(prog, f"{type(e).__name__}: {e}")
+  print(format_table(result))
+  output = args.output
+  if output is None and ckpt_lib.is_workdir(ckpt):
+    output = str(ckpt / f"eval_{split}_step{result.get('step', 'x')}.json")
+  if output:
+    dump(result, output)
+    print(f"wrote {output}")
+  else:
+    print(json.dumps(result, indent=2, default=float))
+  return 0
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, split: str, *, which: str = "latest",
+                        dtype: str = "float32") -> dict[str, Any]:
+  """Library form of the eval command: metrics of `checkpoint` on `split` with the config's data settings."""
+  from clipvip_jax import kinds
+  from clipvip_jax.evaluate import Evaluator
+  from clipvip_jax.train import checkpoint as ckpt_lib
+  from clipvip_jax.train import model_init, sharding
+  from data_pipelines import pipeline
+  step = None
+  if ckpt_lib.is_workdir(checkpoint):
+    step_dir = ckpt_lib.resolve_step(checkpoint, which)
+    step = int(step_dir.name)
+    kind, cfg, flat = ckpt_lib.load_workdir_params(checkpoint, step)
+  else:
+    kind, cfg, flat = model_init.load_checkpoint_params(checkpoint, (config.get("init") or {}).get("config"))
+  cfg = kinds.replace_in_config(cfg, dtype=dtype)
+  mesh = sharding.make_mesh(tuple(config.get("mesh", (-1, 1, 1))))
+  rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
+  graphdef, rest, shardings = model_init.param_shardings(kind, cfg, mesh, rules)
+  params = model_init.place_params(flat, shardings)
+  eval_cfg = config.get("eval") or {}
+  data_cfg = {**config.data.to_dict(), "batch_size": eval_cfg.get("batch_size") or config.data.batch_size,
+              **dict(eval_cfg.get("data") or {}), "split": split, "pretraining": False}
+  evaluator = Evaluator(pipeline.make_eval_dataset(data_cfg), graphdef, rest, shardings, mesh, rules)
+  result = evaluator(params)
+  result.update({"checkpoint": checkpoint, "split": split, "kind": kind})
+  if step is not None:
+    result["step"] = step
+  return result

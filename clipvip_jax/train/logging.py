@@ -1,0 +1,87 @@
+"""What a run reports: TensorBoard scalars (tensorboardX), a tqdm progress bar with ETA, and the MFU estimate.
+
+Only process 0 writes. The trainer hands over host values at log steps only (one device->host transfer per
+log interval), so logging never adds a synchronisation to the steps in between.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import pathlib
+from typing import Any, Mapping
+
+import jax
+
+log = std_logging.getLogger("clipvip_jax.train")
+
+# Dense bf16 peak FLOP/s per device (vendor figures), for the MFU estimate. CPU: no meaningful peak.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
+}
+
+
+def peak_flops_per_device(configured: float | None = None) -> float | None:
+  """The configured peak, else the table entry whose name starts the device kind (None when unknown)."""
+  if configured:
+    return float(configured)
+  kind = jax.devices()[0].device_kind
+  for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if kind.startswith(name):
+      return flops
+  return None
+
+
+def compiled_flops(compiled: Any) -> float | None:
+  """FLOPs of one call of a compiled (per-device, SPMD-partitioned) program from XLA's cost analysis."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 — some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+class RunLogger:
+  """TensorBoard scalars + progress bar. `scalars(step, {...})` at log steps, `advance(n)` every step."""
+
+  def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int, *, progress: bool = True,
+               tensorboard: bool = True):
+    self.is_main = jax.process_index() == 0
+    self.writer = None
+    if self.is_main and tensorboard:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+    self.bar = None
+    if self.is_main and progress:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+  def advance(self, n: int = 1) -> None:
+    if self.bar is not None:
+      self.bar.update(n)
+
+  def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train/") -> None:
+    if not self.is_main:
+      return
+    if self.writer is not None:
+      for k, v in values.items():
+        self.writer.add_scalar(prefix + k, float(v), step)
+    if self.bar is not None and prefix == "train/":
+      shown = {k: values[k] for k in ("loss", "lr", "logit_scale") if k in values}
+      self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+  def message(self, text: str) -> None:
+    if self.bar is not None:
+      self.bar.write(text)
+    log.info(text)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.flush()
+      self.writer.close()
+    if self.bar is not None:
+      self.bar.close()

@@ -1,0 +1,204 @@
+"""The model a run trains: its config from the run config, and its parameters, created directly sharded.
+
+config.model:
+  kind        "clipvip" | "clip2video" | "meanp" (CLIP4Clip mean pooling over a per-frame CLIP)
+  variant     CLIP variant decoded by clip.clip_config ("B/32", "B/16", "tiny"); ignored when the architecture comes
+              from config.init.checkpoint
+  clip        nested overrides of the CLIP config ({"vision": {"layers": 1}, "text": {...}})
+  config      fields of the kind's own config (CLIPViPConfig: num_proxies, temporal_size, ...; CLIP2VideoConfig:
+              center_k, temporal_layers, ...)
+  dtype, remat, attention   compute dtype ("bfloat16" for training; parameters stay float32), remat policy
+              (layers.REMAT_POLICIES), attention implementation; applied in every case
+config.init:
+  checkpoint  None (random init) | a converted directory | an original checkpoint file (converted on the fly) |
+              a training workdir of this project (its latest checkpoint's params)
+  config      the original's config for converting a raw checkpoint (HF CLIPConfig dict or JSON path, CLIP2Video
+              options), as clipvip_jax.api.load_pretrained takes it
+  skip        parameter-name regexes NOT taken from the checkpoint (default: logit_scale when a CLIP-ViP model starts
+              from a plain CLIP: the original overwrites CLIP's temperature with 4.6)
+Same kind: the checkpoint fixes the architecture and every parameter must be present. A plain CLIP ("clip")
+initialises the CLIP part of a clipvip / meanp / clip2video model; the new parameters start as the originals
+initialise them (clip2video copies text layers into its temporal modules: convert.clip2video.init_params_from_clip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clipvip_jax import kinds
+from clipvip_jax.models import clip
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_KINDS = ("clipvip", "clip2video", "meanp")
+
+
+def _classes(kind: str) -> tuple[type, type]:
+  if kind == "meanp":
+    from clipvip_jax.models.meanp import MeanPoolCLIP
+    return MeanPoolCLIP, clip.CLIPConfig
+  if kind not in TRAINABLE_KINDS:
+    raise ValueError(f"config.model.kind = {kind!r} cannot be trained; known: {TRAINABLE_KINDS}")
+  return kinds.model_class(kind), kinds.config_class(kind)
+
+
+def _to_dict(x: Any) -> dict[str, Any]:
+  if x is None:
+    return {}
+  return dict(x.to_dict()) if hasattr(x, "to_dict") else dict(x)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+  return out
+
+
+def _runtime(model_cfg: Any) -> dict[str, Any]:
+  return {k: model_cfg[k] for k in ("dtype", "remat", "attention") if model_cfg.get(k) is not None}
+
+
+def model_config(model_cfg: Any, clip_cfg: clip.CLIPConfig | None = None) -> Any:
+  """The kind's config object from config.model; `clip_cfg` (from a CLIP checkpoint) replaces the variant."""
+  kind = model_cfg["kind"]
+  _, config_cls = _classes(kind)
+  if clip_cfg is None:
+    clip_cfg = clip.clip_config(model_cfg.get("variant") or "B/32")
+  clip_dict = _merge(clip_cfg.to_dict(), _to_dict(model_cfg.get("clip")))
+  clip_cfg = clip.CLIPConfig.from_dict(clip_dict)
+  fields = _to_dict(model_cfg.get("config"))
+  if kind == "meanp":
+    if fields:
+      raise ValueError(f"config.model.config must be empty for meanp (a plain CLIP), got {sorted(fields)}")
+    cfg = clip_cfg
+  elif kind == "clip2video":
+    cfg = config_cls.for_clip(clip_cfg, **fields)
+  else:
+    cfg = config_cls.from_dict({**fields, "clip": clip_cfg})
+  return kinds.replace_in_config(cfg, **_runtime(model_cfg))
+
+
+@dataclasses.dataclass
+class ModelState:
+  """What the trainer needs of the model: graphdef + non-parameter state (split once), sharded params."""
+  kind: str
+  config: Any
+  graphdef: nnx.GraphDef
+  rest: Any
+  params: Any  # nested pure dict of float32 jax.Arrays, sharded
+  shardings: Any  # NamedShardings, same structure
+  source: str = "random init"
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def abstract_model(kind: str, cfg: Any) -> nnx.Module:
+  model_cls, _ = _classes(kind)
+  return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_shardings(kind: str, cfg: Any, mesh, rules) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, abstract rest, NamedShardings of the params as a pure dict) from logical axis names."""
+  from clipvip_jax.train import sharding
+  graphdef, params, rest = nnx.split(abstract_model(kind, cfg), nnx.Param, ...)
+  shardings = nnx.to_pure_dict(sharding.state_shardings(params, mesh, rules))
+  return graphdef, nnx.to_pure_dict(rest), shardings
+
+
+def place_params(flat: Mapping[str, np.ndarray], shardings: Any) -> Any:
+  """A flat {name: numpy} dict onto devices with the given (pure-dict) shardings; works across hosts (every host
+  holds the whole array and contributes its addressable shards)."""
+  from clipvip_jax.train.optim import path_name
+
+  def put(path, sh):
+    value = np.asarray(flat[path_name(path)], np.float32)
+    return jax.make_array_from_callback(value.shape, sh, lambda index: value[index])
+
+  return jax.tree_util.tree_map_with_path(put, shardings)
+
+
+def _random_params(kind: str, cfg: Any, shardings: Any, seed: int) -> tuple[Any, Any]:
+  model_cls, _ = _classes(kind)
+
+  def init():
+    model = model_cls(cfg, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+
+  return jax.jit(init, out_shardings=(shardings, None))()
+
+
+def load_checkpoint_params(path: str, config: Any = None) -> tuple[str, Any, dict[str, np.ndarray]]:
+  """(kind, config object, flat float32 params) from a converted dir, a training workdir or an original file."""
+  from clipvip_jax import checkpoint_io
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"config.init.checkpoint: {path} does not exist")
+  if checkpoint_io.is_converted_dir(p):
+    c = checkpoint_io.load_converted(p)
+    return c.kind, c.config, c.params
+  from clipvip_jax.train import checkpoint as ckpt_lib
+  if ckpt_lib.is_workdir(p):
+    return ckpt_lib.load_workdir_params(p)
+  from clipvip_jax.convert.common import load_state_dict, source_config
+  from clipvip_jax.convert.formats import convert
+  c = convert(load_state_dict(p), source_config(p, _to_dict(config) or None), source=str(p))
+  return c.kind, c.config, c.params
+
+
+def init_model(config: Any, mesh, rules) -> ModelState:
+  """The model of config.model, initialised per config.init, with parameters sharded over `mesh`."""
+  model_cfg, init_cfg = config.model, config.get("init") or {}
+  kind, seed = model_cfg["kind"], int(config.get("seed", 0))
+  checkpoint = init_cfg.get("checkpoint")
+  if not checkpoint:
+    cfg = model_config(model_cfg)
+    graphdef, rest, shardings = param_shardings(kind, cfg, mesh, rules)
+    params, rest = _random_params(kind, cfg, shardings, seed)
+    return ModelState(kind, cfg, graphdef, rest, params, shardings)
+
+  src_kind, src_cfg, src_params = load_checkpoint_params(checkpoint, init_cfg.get("config"))
+  if src_kind == kind or (src_kind == "clip" and kind == "meanp"):
+    cfg = kinds.replace_in_config(src_cfg, **_runtime(model_cfg))
+  elif src_kind == "clip" and kind in ("clipvip", "clip2video"):
+    cfg = model_config(model_cfg, clip_cfg=src_cfg)
+  else:
+    raise ValueError(f"config.init.checkpoint {checkpoint} holds a {src_kind!r} model, which cannot initialise "
+                     f"a {kind!r} model (same kind, or a plain CLIP for clipvip/clip2video/meanp)")
+  graphdef, rest, shardings = param_shardings(kind, cfg, mesh, rules)
+  default_skip = ("^logit_scale$",) if (src_kind == "clip" and kind == "clipvip") else ()
+  skip = [re.compile(s) for s in init_cfg.get("skip") or default_skip]
+  flat = {k: v for k, v in src_params.items() if not any(s.search(k) for s in skip)}
+  if kind == "clip2video" and src_kind == "clip":
+    from clipvip_jax.convert.clip2video import init_params_from_clip
+    flat = init_params_from_clip(flat, cfg, rng=seed)
+  from clipvip_jax.params import ParamMismatchError, shapes
+  from clipvip_jax.train.optim import path_name
+  expected = shapes(abstract_model(kind, cfg))
+  unexpected = sorted(set(flat) - set(expected))
+  misshaped = [f"{k}: {tuple(np.shape(v))} vs model {expected[k]}" for k, v in flat.items()
+               if k in expected and tuple(np.shape(v)) != expected[k]]
+  missing = sorted(set(expected) - set(flat))
+  if unexpected or misshaped or (missing and src_kind == kind and not skip):
+    raise ParamMismatchError(f"config.init.checkpoint {checkpoint} does not fit the {kind} model: "
+                             f"unexpected {unexpected[:10]}, wrong shapes {misshaped[:10]}, missing {missing[:10]}")
+  fresh = None
+  if missing:  # new parameters (added_cls, temporal_embedding, skipped logit_scale) keep their original init
+    fresh, rest = _random_params(kind, cfg, shardings, seed)
+    log.info("%d parameters not taken from %s start from their initialisation: %s", len(missing), checkpoint,
+             missing)
+  # Parameters the checkpoint provides are placed from the host; the others keep their fresh sharded init.
+  placed = place_params({**flat, **{m: np.zeros(expected[m], np.float32) for m in missing}}, shardings)
+  params = placed if fresh is None else jax.tree_util.tree_map_with_path(
+      lambda path, new, init: init if path_name(path) in missing else new, placed, fresh)
+  return ModelState(kind, cfg, graphdef, rest, params, shardings, source=str(checkpoint))

@@ -1,0 +1,327 @@
+"""The trainer, top to bottom: config -> mesh -> data -> model -> optimiser -> checkpoint/resume -> step -> loop.
+
+  from clipvip_jax.train.trainer import train
+  summary = train(config, "workdir/run1")   # config: an ml_collections ConfigDict (configs/*.py get_config())
+
+The loop does no host work per step beyond dispatching the compiled step, feeding the progress bar and keeping a
+reference to the step's metrics; every `log_every` steps the pending metrics come to the host in one transfer,
+which is when TensorBoard is written, non-finite steps are reported and step time / clips per second / MFU are
+measured. Evaluation and checkpoints run at their own intervals; SIGTERM (a preemption) makes the loop save at
+the next step boundary and return, and the next `train` on the same workdir resumes from there: same
+parameters, optimiser state and data order as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from clipvip_jax.train import checkpoint as ckpt_lib
+from clipvip_jax.train import logging as run_logging
+from clipvip_jax.train import model_init, optim, sharding
+from clipvip_jax.train import step as step_lib
+
+log = run_logging.log
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive (or total) steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class Hooks:
+  """Optional callbacks (tests, the demo): `transform_host_batch(step, host_batch) -> host_batch` edits a numpy
+  batch before it goes to the devices; `on_step(step, device_batch)` runs after the step's dispatch."""
+  transform_host_batch: Callable[[int, dict], dict] | None = None
+  on_step: Callable[[int, Mapping[str, jax.Array]], None] | None = None
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when this process is one of several (SLURM, a TPU pod slice, Open MPI, or an
+  explicit JAX_COORDINATOR_ADDRESS); jax auto-detects the coordinator and the process ids in each case."""
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  several = (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+             or "," in env.get("TPU_WORKER_HOSTNAMES", "") or bool(env.get("JAX_COORDINATOR_ADDRESS")))
+  if several:
+    jax.distributed.initialize()
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def as_config_dict(config: Any) -> ml_collections.ConfigDict:
+  return config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(config)
+
+
+REQUIRED = ("model", "data", "optim", "mode")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  missing = [k for k in REQUIRED if k not in config]
+  if missing:
+    raise ValueError(f"config lacks the section(s) {missing}")
+  if not config.get("total_steps") and not config.get("num_epochs"):
+    raise ValueError("config needs total_steps or num_epochs")
+  if config.mode not in step_lib.MODES:
+    raise ValueError(f"config.mode = {config.mode!r}; known: {step_lib.MODES}")
+
+
+def total_steps_of(config: ml_collections.ConfigDict) -> int:
+  """config.total_steps, else ceil(num_epochs * training clips / global batch) as the originals count."""
+  if config.get("total_steps"):
+    return int(config.total_steps)
+  from data_pipelines import sources
+  num_clips = len(sources.open_split(config.data.shard_dir, config.data.get("split", "train")))
+  return math.ceil(config.num_epochs * num_clips / config.data.batch_size)
+
+
+def batch_devices(mesh, rules) -> int:
+  axes = sharding.batch_sharding(mesh, rules, 1).spec[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+class _MappedIterator:
+  """Applies `fn(step, batch)` to host batches, numbering them from `first_step`; forwards get/set_state."""
+
+  def __init__(self, iterator: Any, fn: Callable[[int, dict], dict], first_step: int):
+    self._iterator, self._fn, self._next_step = iterator, fn, first_step
+
+  def __iter__(self) -> "_MappedIterator":
+    return self
+
+  def __next__(self) -> dict:
+    batch = self._fn(self._next_step, next(self._iterator))
+    self._next_step += 1
+    return batch
+
+  def get_state(self) -> Any:
+    return self._iterator.get_state()
+
+  def set_state(self, state: Any) -> None:
+    self._iterator.set_state(state)
+
+
+class _Preemption:
+  """SIGTERM sets a flag (the handler does nothing else); the loop saves and stops at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread: no handler, preemption is then only Orbax's multi-host signal
+      self._previous = None
+
+  def _handler(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    self.requested = True
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def _make_evaluator(config, ms: model_init.ModelState, mesh, rules):
+  eval_cfg = config.get("eval")
+  if not eval_cfg or not eval_cfg.get("split"):
+    return None
+  from clipvip_jax.evaluate import Evaluator
+  from data_pipelines import pipeline
+  data_cfg = {**config.data.to_dict(), "split": eval_cfg.split, "batch_size": eval_cfg.get("batch_size")
+              or config.data.batch_size, **dict(eval_cfg.get("data") or {})}
+  for key in ("pretraining",):  # evaluation reads video-text pairs even when training on omnisource batches
+    data_cfg[key] = False
+  return Evaluator(pipeline.make_eval_dataset(data_cfg), ms.graphdef, ms.rest, ms.shardings, mesh, rules)
+
+
+def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run of `config` in `workdir`; returns a summary with the final metrics."""
+  from data_pipelines import pipeline
+  config = as_config_dict(config)
+  check_config(config)
+  hooks = hooks or Hooks()
+  maybe_initialize_distributed()
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  started = time.time()
+
+  # Mesh and logical-axis rules.
+  mesh = sharding.make_mesh(tuple(config.get("mesh", (-1, 1, 1))))
+  rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
+  batch_sharding = sharding.batch_sharding(mesh, rules, 1)
+  grad_accum = int(config.get("grad_accum", 1))
+  n_batch = batch_devices(mesh, rules)
+  if config.data.batch_size % (n_batch * grad_accum):
+    raise ValueError(f"data.batch_size {config.data.batch_size} must be divisible by grad_accum ({grad_accum}) x "
+                     f"the {n_batch} devices of the mesh's batch axes")
+  total_steps = total_steps_of(config)
+  log.info("mesh %s on %d devices, %d steps", dict(mesh.shape), mesh.size, total_steps)
+
+  # Model, optimiser, checkpoint (resume from the latest when there is one).
+  ms = model_init.init_model(config, mesh, rules)
+  for line in sharding.describe_shardings(ms.shardings, ms.params)[:20]:
+    log.info("sharded: %s", line)
+  tx, schedule, rules_p = optim.make_optimizer(config.optim, ms.params, total_steps)
+  for line in optim.describe_rules(rules_p):
+    log.info("%s", line)
+  opt_shardings = step_lib.opt_state_shardings(jax.eval_shape(tx.init, ms.params), ms.params, ms.shardings, mesh)
+  params = ms.params
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  ckpt_cfg = config.get("checkpoint") or {}
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(ckpt_cfg.get("keep", 3)),
+                                       best_metric=ckpt_cfg.get("best_metric"),
+                                       best_mode=ckpt_cfg.get("best_mode", "max"),
+                                       async_save=bool(ckpt_cfg.get("async_save", True)))
+  host_iter = pipeline.make_train_iterator(config.data)
+  step, nonfinite_steps = 0, []
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    params, opt_state, data_state, meta = checkpointer.restore(latest, params, ms.shardings, opt_state,
+                                                               opt_shardings)
+    if data_state is not None:
+      host_iter.set_state(data_state.encode() if isinstance(data_state, str) else data_state)
+    step, nonfinite_steps = latest, list(meta.get("nonfinite_steps", []))
+    log.info("resumed from %s at step %d", workdir / ckpt_lib.CHECKPOINT_DIR, step)
+  if hooks.transform_host_batch is not None:
+    host_iter = _MappedIterator(host_iter, hooks.transform_host_batch, step + 1)
+  batches = pipeline.prefetch_to_device(host_iter, batch_sharding, size=int(config.get("prefetch", 2)))
+
+  objective = step_lib.make_objective(config.mode, config.get("loss"))
+  train_step = step_lib.make_train_step(ms.graphdef, ms.rest, objective, tx, rules_p, grad_accum=grad_accum,
+                                        param_shardings=ms.shardings, opt_shardings=opt_shardings,
+                                        batch_sharding=batch_sharding)
+  evaluator = _make_evaluator(config, ms, mesh, rules)
+  eval_every = int((config.get("eval") or {}).get("every", 0) or 0)
+  ckpt_every = int(ckpt_cfg.get("every", 0) or 0)
+  log_every = max(int(config.get("log_every", 50)), 1)
+  max_consecutive = int(config.get("max_nonfinite_steps", 10))
+  max_total = int(config.get("max_nonfinite_total") or 0)  # 0: no limit
+  logger = run_logging.RunLogger(workdir, total_steps, step, progress=bool(config.get("progress_bar", True)))
+  meta_of = lambda: {"kind": ms.kind, "model": ms.config.to_dict(), "nonfinite_steps": nonfinite_steps,
+                     "nonfinite_total": len(nonfinite_steps)}
+
+  def save(at: int, eval_metrics: Mapping[str, float] | None = None) -> None:
+    checkpointer.save(at, params, opt_state, batches.get_state(), meta_of(), json.loads(config.to_json_best_effort()),
+                      metrics=eval_metrics)
+
+  preemption = _Preemption()
+  compiled, flops, peak = None, None, run_logging.peak_flops_per_device(config.get("peak_flops_per_device"))
+  pending: list[tuple[int, Any]] = []
+  consecutive = 0
+  window_start, window_steps = time.time(), 0
+  last_train: dict[str, float] = {}
+  last_eval: dict[str, Any] = {}
+  timing: dict[str, float] = {}
+  preempted = False
+
+  def flush() -> None:
+    """Metrics of the pending steps to the host (one transfer): report non-finite steps, log, time the window."""
+    nonlocal pending, consecutive, window_start, window_steps, last_train
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    now = time.time()
+    for (at, _), m in zip(pending, fetched):
+      if not bool(m["finite"]):
+        consecutive += 1
+        nonfinite_steps.append(at)
+        logger.message(f"step {at}: non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}); "
+                       f"update skipped ({consecutive} consecutive, {len(nonfinite_steps)} total)")
+      else:
+        consecutive = 0
+      values = {k: float(v) for k, v in m.items() if k != "finite"}
+      values["lr"] = float(schedule(max(at - 1 - len(nonfinite_steps), 0)))
+      logger.scalars(at, values)
+      last_train = values
+    step_time = (now - window_start) / max(window_steps, 1)
+    perf = {"step_time_s": step_time, "clips_per_s": config.data.batch_size / step_time}
+    if flops and peak:
+      perf["mfu"] = flops / (step_time * peak)
+    logger.scalars(pending[-1][0], perf, prefix="perf/")
+    timing.update(perf)
+    pending, window_start, window_steps = [], now, 0
+    if consecutive >= max_consecutive or (max_total and len(nonfinite_steps) >= max_total):
+      raise NonFiniteError(f"stopping: {consecutive} consecutive / {len(nonfinite_steps)} total steps with a "
+                           f"non-finite loss or gradient (limits: max_nonfinite_steps={max_consecutive}, "
+                           f"max_nonfinite_total={max_total}); last skipped step {nonfinite_steps[-1]}")
+
+  try:
+    while step < total_steps:
+      try:
+        device_batch = next(batches)
+      except StopIteration:
+        logger.message(f"the training data ran out at step {step}")
+        break
+      batch = {k: device_batch[k] for k in objective.batch_keys}
+      if compiled is None:  # compile once ahead of time: the executable also reports its FLOPs for the MFU
+        t0 = time.time()
+        compiled = train_step.fn.lower(params, opt_state, batch).compile()
+        flops = run_logging.compiled_flops(compiled)
+        logger.message(f"train step compiled in {time.time() - t0:.1f}s"
+                       + (f"; {flops / 1e9:.2f} GFLOP per step per device" if flops else ""))
+        window_start = time.time()
+      params, opt_state, metrics = compiled(params, opt_state, batch)
+      step += 1
+      window_steps += 1
+      pending.append((step, metrics))
+      if hooks.on_step is not None:
+        hooks.on_step(step, device_batch)
+      logger.advance()
+      if step % log_every == 0 or step == total_steps:
+        flush()
+      eval_metrics = None
+      if evaluator is not None and eval_every and step % eval_every == 0 and step < total_steps:
+        flush()
+        last_eval = evaluator(params)
+        eval_metrics = {f"val/{k}": v for k, v in _scalars(last_eval).items()}
+        logger.scalars(step, _scalars(last_eval), prefix="val/")
+        logger.message(f"step {step}: val t2v R@1 {last_eval['t2v/R@1']:.1f}, v2t R@1 {last_eval['v2t/R@1']:.1f}")
+        window_start, window_steps = time.time(), 0
+      if ((ckpt_every and step % ckpt_every == 0) or eval_metrics is not None) and step < total_steps:
+        save(step, eval_metrics)
+      if preemption.requested or (jax.process_count() > 1 and checkpointer.manager.reached_preemption(step)):
+        flush()
+        save(step)
+        logger.message(f"preempted: saved step {step} in {workdir}; run again to resume")
+        preempted = True
+        break
+    if not preempted:
+      flush()
+      if evaluator is not None and step >= total_steps:
+        last_eval = evaluator(params)
+        logger.scalars(step, _scalars(last_eval), prefix="val/")
+        logger.message(f"final val t2v R@1 {last_eval['t2v/R@1']:.1f}, v2t R@1 {last_eval['v2t/R@1']:.1f}")
+      save(step, {f"val/{k}": v for k, v in _scalars(last_eval).items()} if last_eval else None)
+  finally:
+    preemption.restore()
+    checkpointer.close()
+    logger.close()
+  summary = {"step": step, "total_steps": total_steps, "preempted": preempted, "workdir": str(workdir),
+             "nonfinite_steps": list(nonfinite_steps), "seconds": round(time.time() - started, 1),
+             "train": last_train, "perf": timing, "val": last_eval}
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+  return summary
+
+
+def _scalars(result: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating)) and k != "seconds"}
+
