@@ -75,6 +75,12 @@ def _is_torchscript(path: pathlib.Path) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def _is_pickle_container(path: pathlib.Path) -> bool:
+  # torch.save writes a zip (since 1.6) or, in the legacy format, a pickle stream, whose first byte is PROTO 0x80.
+  with open(path, "rb") as f:
+    return zipfile.is_zipfile(path) or f.read(1) == b"\x80"
+
+
 def _unwrap(obj: Any, path: PathLike) -> Mapping[str, Any]:
   import torch
   while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -97,12 +103,14 @@ def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Mapping[str, Any]:
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
+    if "Weights only load failed" not in str(e) or not _is_pickle_container(path):
+      raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     if not trust_pickle:
       raise ConversionError(
           f"{path} holds Python objects besides tensors, which are only loaded from trusted files; "
-          f"pass trust_pickle=True (CLI: --trust-pickle) if you trust it ({str(e).splitlines()[0]})") from None
+          "pass trust_pickle=True (CLI: --trust-pickle) if you trust it") from None
     obj = torch.load(str(path), map_location="cpu", weights_only=False)
-  except (RuntimeError, EOFError) as e:
+  except (RuntimeError, EOFError, KeyError, ValueError) as e:  # what torch raises for truncated or foreign files
     raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
   return _unwrap(obj, path)
 
