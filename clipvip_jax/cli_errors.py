@@ -1,0 +1,68 @@
+"""One way for every command to fail on bad input: a single sentence on stderr and exit status 2.
+
+    def _run(argv): ...                       # raises UsageError("--index foo has no index.json") on bad input
+    def main(argv=None) -> int:
+      return run_cli(_run, argv, prog="python -m clipvip_jax.search")
+
+Commands check their inputs up front and raise `UsageError`; errors that the library raises for bad input
+(ValueError and its subclasses: ConversionError, ParamMismatchError; FileNotFoundError and other OS errors about
+a path) are treated the same way, so a user never reads a traceback from deep inside JAX for a typo in a path.
+Exit status 2 is what argparse uses for a bad command line, so scripts see one code for every usage error.
+Set CLIPVIP_DEBUG=1 to get the full traceback instead (for bug reports).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
+DEBUG_ENV = "CLIPVIP_DEBUG"
+
+
+class UsageError(ValueError):
+  """A bad input the user can fix; the message is one sentence naming the file, option or field at fault."""
+
+
+# What counts as "the input was bad" rather than "the program has a bug": ValueError covers UsageError and the
+# library's own input errors (ConversionError, ParamMismatchError, bad configs and records); OSError covers
+# missing, unreadable and unwritable paths. Other exceptions (KeyError, TypeError, ...) are bugs: traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def one_sentence(error: BaseException) -> str:
+  """The error's message on one line (multi-line messages joined), falling back to its type name."""
+  if isinstance(error, OSError) and error.filename is not None and error.strerror:
+    text = f"{error.filename}: {error.strerror}"
+  else:
+    text = str(error)
+  text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+  return text or type(error).__name__
+
+
+def fail(prog: str, message: str) -> None:
+  """Print `prog: error: message` on stderr and exit with status 2 (raises SystemExit)."""
+  print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+  raise SystemExit(EXIT_USAGE)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *,
+            prog: str) -> int:
+  """Runs `main(argv)` and returns its exit status (None counts as 0).
+
+  An input error (see INPUT_ERRORS) prints one line `prog: error: <sentence>` on stderr and raises
+  SystemExit(2); Ctrl-C prints `prog: interrupted` and raises SystemExit(130). Anything else is a bug and
+  propagates with its traceback. With CLIPVIP_DEBUG=1 input errors propagate too.
+  """
+  try:
+    status = main(argv)
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_INTERRUPTED) from None
+  except INPUT_ERRORS as e:
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+      raise
+    fail(prog, one_sentence(e))
+  return 0 if status is None else int(status)
