@@ -5,6 +5,9 @@ segments, and every input that cannot be written is reported in skipped-<split>-
 import glob
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +22,6 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from data_pipelines import tfds as clip_tfds  # noqa: E402
 from data_pipelines.records import decode_record  # noqa: E402
-from data_pipelines.tfds import video_text_corpus  # noqa: E402
 from data_pipelines.video_io import decode_jpeg  # noqa: E402
 from test_tfds_builders import SOURCE_FPS, write_video  # noqa: E402
 
@@ -64,11 +66,15 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(corpus):
-  """The corpus built through the command line with the DirectRunner."""
+  """The corpus built through the command line (`python -m`, as a user runs it) with the DirectRunner."""
   data_dir = corpus / "tfds"
-  video_text_corpus.main(["--name", "tiny", "--annotations", str(corpus / "ann.jsonl"), "--videos-dir",
-                          str(corpus / "videos"), "--data-dir", str(data_dir), "--splits", "train,val",
-                          "--", "--runner=DirectRunner"])
+  result = subprocess.run(
+      [sys.executable, "-m", "data_pipelines.tfds.build_corpus", "--name", "tiny", "--annotations",
+       str(corpus / "ann.jsonl"), "--videos-dir", str(corpus / "videos"), "--data-dir", str(data_dir),
+       "--splits", "train,val", "--", "--runner=DirectRunner"],
+      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1], timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "train: 2 clips" in result.stdout and "val: 2 clips" in result.stdout
   return data_dir, str(data_dir / "video_text_corpus" / "tiny" / "1.0.0")
 
 

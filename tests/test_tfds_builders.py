@@ -7,6 +7,8 @@ import json
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_pipelines import tfds as clip_tfds
+from data_pipelines.tfds import build as build_cli
 from data_pipelines.records import decode_record
 from data_pipelines.video_io import decode_jpeg
 
@@ -270,3 +273,20 @@ def test_parallel_decoding_gives_the_same_dataset(tmp_path):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")))
     records[workers] = {split: read(builder, split) for split in ("train", "val", "test")}
   assert records[1] == records[2]
+
+
+def test_build_command_line_with_frame_options(tmp_path):
+  didemo_manual(tmp_path / "manual")
+  result = subprocess.run(
+      [sys.executable, "-m", "data_pipelines.tfds.build", "didemo/sentences", "--manual-dir", str(tmp_path / "manual"),
+       "--data-dir", str(tmp_path / "data"), "--num-workers", "1", "--fps", "2"],
+      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1], timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "didemo/sentences_fps2_short224_q90:" in out and "train: 2 clips, 0 skipped" in out
+  source = clip_tfds.TfdsRecordSource("didemo/sentences_fps2_short224_q90", "train", data_dir=str(tmp_path / "data"))
+  records = sorted((decode_record(source[i]) for i in range(len(source))), key=lambda r: r.clip_id)
+  assert [(r.captions, r.num_frames, r.fps) for r in records] == [
+      (["a girl walks in", "later she waves"], 2, 2.0), (["a dog barks"], 2, 2.0)]
+  with pytest.raises(ValueError, match=r"didemo: no config 'para' \(has \['paragraph', 'sentences'\]\)"):
+    build_cli.main(["didemo/para", "--manual-dir", str(tmp_path / "manual"), "--data-dir", str(tmp_path / "data")])

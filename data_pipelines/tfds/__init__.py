@@ -6,6 +6,8 @@ Importing this package registers the builders with TFDS:
   lsmdc, msvd, vatex: read the official annotation files and raw videos from a manual directory;
   video_text_corpus: any JSON-lines annotation (the build_shards format), generated with Apache Beam.
 
+  python -m data_pipelines.tfds.build msrvtt/9k --manual-dir MANUAL_DIR --data-dir DATA_DIR   # or, in Python:
+
   import tensorflow_datasets as tfds
   from data_pipelines import tfds as clip_tfds   # registers the builders
   builder = clip_tfds.Msrvtt(config="9k", data_dir=DATA_DIR)

@@ -17,8 +17,8 @@ Put these files anywhere under the manual directory (found by name, nested folde
   v_<youtube id>.mp4       the raw ActivityNet videos (any container ffmpeg reads; names without the "v_"
                            prefix, or frame-image folders of the same names, are found too)
 
-Then: ActivitynetCaptions(data_dir=DATA_DIR).download_and_prepare(
-download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR)).
+Then build (no TensorFlow needed; `tfds build` would import it):
+  python -m data_pipelines.tfds.build activitynet_captions --manual-dir MANUAL_DIR --data-dir DATA_DIR
 """
 
 

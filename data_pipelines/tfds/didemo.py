@@ -16,8 +16,8 @@ Put these files anywhere under the manual directory (found by name, nested folde
   transcoded copy with another extension (….mp4) or a frame-image folder with the name minus its extension is
   found too. The videos come from YFCC100M (download script in the LocalizingMoments repository).
 
-Then: Didemo(data_dir=DATA_DIR).download_and_prepare(
-download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR)).
+Then build (no TensorFlow needed; `tfds build` would import it):
+  python -m data_pipelines.tfds.build didemo --manual-dir MANUAL_DIR --data-dir DATA_DIR   (didemo/sentences: per sentence)
 """
 
 

@@ -18,8 +18,8 @@ directory (found by name):
   <movie>/<clip name>.avi                 the clip videos (e.g. 0001_American_Beauty/
                                           0001_American_Beauty_00.00.51.926-00.00.54.129.avi)
 
-Then: Lsmdc(data_dir=DATA_DIR).download_and_prepare(
-download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR)).
+Then build (no TensorFlow needed; `tfds build` would import it):
+  python -m data_pipelines.tfds.build lsmdc --manual-dir MANUAL_DIR --data-dir DATA_DIR
 """
 
 

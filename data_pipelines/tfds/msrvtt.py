@@ -16,8 +16,8 @@ Put these files anywhere under the manual directory (they are found by name, nes
   video0.mp4 ... video9999.mp4  the raw videos (MSRVTT_Videos/, TrainValVideo/ + TestVideo/, ...; a folder of
                               frame images named video<N> works too)
 
-Then: builder = Msrvtt(config="9k", data_dir=DATA_DIR); builder.download_and_prepare(
-download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR)).
+Then build (no TensorFlow needed; `tfds build` would import it):
+  python -m data_pipelines.tfds.build msrvtt/9k --manual-dir MANUAL_DIR --data-dir DATA_DIR   (or msrvtt/7k, msrvtt/full)
 """
 
 

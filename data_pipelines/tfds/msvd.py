@@ -15,8 +15,8 @@ Put these files anywhere under the manual directory (found by name, nested folde
   YouTubeClips/<video id>.avi          the raw clips (www.cs.utexas.edu/users/ml/clamp/videoDescription/
                                        YouTubeClips.tar), e.g. -4wsuPCjDBc_5_15.avi
 
-Then: Msvd(data_dir=DATA_DIR).download_and_prepare(
-download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR)).
+Then build (no TensorFlow needed; `tfds build` would import it):
+  python -m data_pipelines.tfds.build msvd --manual-dir MANUAL_DIR --data-dir DATA_DIR
 """
 
 

@@ -16,8 +16,8 @@ Put these files anywhere under the manual directory (found by name, nested folde
   train_list.txt     optional: training ids (default: every video of vatex_training_v1.0.json, 25,991)
   <videoID>.mp4      the clips, e.g. Ptf_2VRj-V0_000122_000132.mp4 (YouTube id, start, end), or frame folders
 
-Then: Vatex(data_dir=DATA_DIR).download_and_prepare(
-download_config=tfds.download.DownloadConfig(manual_dir=MANUAL_DIR)).
+Then build (no TensorFlow needed; `tfds build` would import it):
+  python -m data_pipelines.tfds.build vatex --manual-dir MANUAL_DIR --data-dir DATA_DIR
 """
 
 

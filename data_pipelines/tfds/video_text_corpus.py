@@ -15,10 +15,10 @@ scheduler; the builder's config says where the annotations and videos are:
 
 Empty `annotations` / `videos_dir` mean `<manual_dir>/annotations.jsonl` / `<manual_dir>`.
 
-Launching (the command line below builds the config from flags; everything after `--` is Beam's):
+Launching (build_corpus.py makes the config from flags; everything after `--` goes to Beam):
 
   # local, a small set (DirectRunner, multi-process)
-  python -m data_pipelines.tfds.video_text_corpus --name demo --annotations ann.jsonl --videos-dir videos/ \\
+  python -m data_pipelines.tfds.build_corpus --name demo --annotations ann.jsonl --videos-dir videos/ \\
       --data-dir ~/tensorflow_datasets -- --runner=DirectRunner --direct_num_workers=8 \\
       --direct_running_mode=multi_processing
 
@@ -26,18 +26,18 @@ Launching (the command line below builds the config from flags; everything after
   #   pip wheel --no-deps -w dist .   and a requirements file listing av, pillow, msgpack, array-record,
   #   tensorflow-datasets (never tensorflow). Videos must be readable by path on every worker: a Filestore/NFS
   #   mount or gcsfuse in a custom worker container (--sdk_container_image); PyAV opens local paths.
-  python -m data_pipelines.tfds.video_text_corpus --name hdvila --annotations 'gs://B/hdvila/ann-*.jsonl' \\
+  python -m data_pipelines.tfds.build_corpus --name hdvila --annotations 'gs://B/hdvila/ann-*.jsonl' \\
       --videos-dir /mnt/hdvila --data-dir gs://B/tfds --splits train -- \\
       --runner=DataflowRunner --project=P --region=us-central1 --temp_location=gs://B/tmp \\
       --extra_packages=dist/clipvip_jax-0.1.0-py3-none-any.whl --requirements_file=beam-requirements.txt \\
       --machine_type=n2-highcpu-16 --max_num_workers=500 --experiments=use_runner_v2
 
   # Apache Flink (a running cluster; the SDK harness in Docker containers with the same packages)
-  python -m data_pipelines.tfds.video_text_corpus ... -- --runner=FlinkRunner --flink_master=HOST:8081 \\
+  python -m data_pipelines.tfds.build_corpus ... -- --runner=FlinkRunner --flink_master=HOST:8081 \\
       --environment_type=DOCKER --environment_config=REGISTRY/clip-beam-worker:latest --parallelism=256
 
   # Apache Spark (a Spark master; Beam's portable Spark runner)
-  python -m data_pipelines.tfds.video_text_corpus ... -- --runner=SparkRunner --spark_master_url=spark://HOST:7077 \\
+  python -m data_pipelines.tfds.build_corpus ... -- --runner=SparkRunner --spark_master_url=spark://HOST:7077 \\
       --environment_type=DOCKER --environment_config=REGISTRY/clip-beam-worker:latest
 
 From Python: `VideoTextCorpus(config=..., data_dir=...).download_and_prepare(download_config=
@@ -50,12 +50,9 @@ Skipped inputs (bad lines, unknown splits, duplicate ids, missing or corrupt vid
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
-import sys
-from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -116,40 +113,3 @@ the manual directory with the videos under it (`video` paths relative to the man
     # self.data_dir is TFDS's temporary folder during the build; it becomes the dataset folder on success.
     return beam_clips.ClipExamples(annotations, split, config.splits, config.default_split, videos_dir,
                                    config.frame_options(), beam_clips.skipped_prefix(os.fspath(self.data_dir), split))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  args = list(sys.argv[1:] if argv is None else argv)
-  beam_args = args[args.index("--") + 1:] if "--" in args else []
-  own_args = args[:args.index("--")] if "--" in args else args
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tfds.video_text_corpus",
-                                   description="Build a video-text corpus as a TFDS dataset with Apache Beam; "
-                                               "arguments after -- go to Beam (runner and its options).")
-  parser.add_argument("--name", required=True, help="config name: the dataset is video_text_corpus/NAME")
-  parser.add_argument("--annotations", required=True, help="JSON-lines file or glob (gs://... works)")
-  parser.add_argument("--videos-dir", required=True, help="root of relative video paths, as seen by workers")
-  parser.add_argument("--data-dir", required=True, help="TFDS data dir that receives the dataset")
-  parser.add_argument("--splits", default="train", help="comma-separated splits to build")
-  parser.add_argument("--default-split", default="train")
-  parser.add_argument("--fps", type=float, default=5.0)
-  parser.add_argument("--short-side", type=int, default=224)
-  parser.add_argument("--jpeg-quality", type=int, default=90)
-  parser.add_argument("--folder-fps", type=float, default=0.0)
-  args_ns = parser.parse_args(own_args)
-  from apache_beam.options.pipeline_options import PipelineOptions
-
-  config = VideoTextCorpusConfig(
-      name=args_ns.name, annotations=args_ns.annotations, videos_dir=args_ns.videos_dir,
-      splits=tuple(s.strip() for s in args_ns.splits.split(",") if s.strip()), default_split=args_ns.default_split,
-      fps=args_ns.fps, short_side=args_ns.short_side, jpeg_quality=args_ns.jpeg_quality,
-      folder_fps=args_ns.folder_fps)
-  builder = VideoTextCorpus(config=config, data_dir=args_ns.data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      beam_options=PipelineOptions(beam_args or ["--runner=DirectRunner"])))
-  print(f"{builder.name}/{config.name}: {builder.data_dir}")
-  for split, info in builder.info.splits.items():
-    print(f"  {split}: {info.num_examples} clips")
-
-
-if __name__ == "__main__":
-  main()
