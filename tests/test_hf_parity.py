@@ -93,3 +93,21 @@ def test_real_architecture_parity(arch, tmp_path):
   err_img, err_txt, m = _max_errors(tmp_path / "hf", images, ids, mask, ref)
   assert m.config.vision.patch_size == spec["vision"]["patch_size"] and m.config.text.heads == 8
   assert err_img <= TOL and err_txt <= TOL, (arch, err_img, err_txt)
+
+
+def test_clipvip_export_round_trip(fixtures_dir, tmp_path):
+  """A released-layout CLIP-ViP file -> converted -> exported: the same `clipmodel.` tensors, bit for bit, and a
+  config.json that loads back to the same model config."""
+  from clipvip_jax.checkpoint_io import load_converted
+  from clipvip_jax.convert.common import load_state_dict
+  src = fixtures_dir / "clipvip_tiny.pt"
+  assert convert_main([str(src), "--out", str(tmp_path / "converted"),
+                       "--config", str(fixtures_dir / "clipvip_tiny_config.json")]) == 0
+  out = export_hf(tmp_path / "converted", tmp_path / "exported")
+  original = {k: v for k, v in load_state_dict(src).items() if not k.endswith("position_ids")}
+  exported = load_file(str(out / "model.safetensors"))
+  assert sorted(exported) == sorted(original)
+  for key, value in original.items():
+    assert np.array_equal(exported[key], value) and exported[key].shape == value.shape, key
+  reloaded = load_pretrained(out)
+  assert reloaded.kind == "clipvip" and reloaded.config == load_converted(tmp_path / "converted").config
