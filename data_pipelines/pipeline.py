@@ -170,19 +170,15 @@ class ClipBatchIterator:
     """Stops the worker processes and frees their shared memory now rather than at garbage collection (at
     interpreter exit that order is undefined and leaks shared-memory segments). grain 0.2.18's DataLoaderIterator
     has no close(); the dataset iterator it wraps does."""
-    _close_loader_iterator(self._iterator)
+    inner = getattr(self._iterator, "_iterator", None)
+    if inner is not None and hasattr(inner, "close"):
+      inner.close()
 
   def __enter__(self) -> "ClipBatchIterator":
     return self
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
-
-
-def _close_loader_iterator(iterator: grain.DataLoaderIterator) -> None:
-  inner = getattr(iterator, "_iterator", None)
-  if inner is not None and hasattr(inner, "close"):
-    inner.close()
 
 
 def _allow_grain_workers_outside_absl_app() -> None:
@@ -193,12 +189,6 @@ def _allow_grain_workers_outside_absl_app() -> None:
 
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-
-
-def _data_loader(**kwargs: Any) -> grain.DataLoader:
-  if kwargs.get("worker_count"):
-    _allow_grain_workers_outside_absl_app()
-  return grain.DataLoader(**kwargs)
 
 
 def make_train_loader(config_data: Any, *, source: sources.RecordSource | None = None,
@@ -217,7 +207,9 @@ def make_train_loader(config_data: Any, *, source: sources.RecordSource | None =
       examples.DropCorrupt(),
       grain.transforms.Batch(_per_host_batch(cfg.batch_size, shard_options.shard_count), drop_remainder=True),
   ]
-  return _data_loader(data_source=data, sampler=sampler, operations=operations, worker_count=cfg.worker_count,
+  if cfg.worker_count:
+    _allow_grain_workers_outside_absl_app()
+  return grain.DataLoader(data_source=data, sampler=sampler, operations=operations, worker_count=cfg.worker_count,
                           worker_buffer_size=cfg.worker_buffer_size, shard_options=shard_options)
 
 
@@ -229,9 +221,12 @@ def make_train_iterator(config_data: Any, *, source: sources.RecordSource | None
     video [B,T,S,S,3] (dtype), frame_mask [B,T] int32, text_ids [B,L] int32, text_mask [B,L] int32,
     clip_index [B] int64; pretraining adds subtitle_ids/mask, caption_ids/mask [B,L] and image [B,S,S,3].
 
-  Wrap with `prefetch_to_device(it, sharding)` for jax.Arrays. Save/restore with get_state()/set_state() or with
-  orbax: CheckpointManager(..., item_handlers={"data": grain.checkpoint.CheckpointHandler()}) and
-  args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)) / CheckpointRestore(it).
+  Wrap with `prefetch_to_device(it, sharding)` for jax.Arrays. Save/restore with get_state()/set_state() (JSON
+  bytes) or with orbax, beside the model state: manager.save(step, args=ocp.args.Composite(...,
+  data=grain.checkpoint.CheckpointSave(it))) and manager.restore(step, args=ocp.args.Composite(...,
+  data=grain.checkpoint.CheckpointRestore(it))) (grain registers its CheckpointHandler for these args; it writes
+  one process_{i}-of-{n}.json per host). The prefetcher's get_state is the position after the last batch it
+  handed out, so either object can be checkpointed. Close with close() or use as a context manager.
   """
   loader = make_train_loader(config_data, source=source, tokenize_fn=tokenize_fn, shard_options=shard_options)
   return ClipBatchIterator(iter(loader))
@@ -281,20 +276,21 @@ class EvalData:
     keys = self.host_video_indices()
     produced = 0
     if len(keys):
-      loader = _data_loader(
-          data_source=sources.KeyedSource(self.source, keys),
-          sampler=grain.samplers.IndexSampler(num_records=len(keys), shuffle=False, num_epochs=1),
-          operations=[examples.EvalVideo(cfg.example_spec()),
-                      grain.transforms.Batch(batch, drop_remainder=False)],
-          worker_count=cfg.worker_count, worker_buffer_size=cfg.worker_buffer_size,
-          shard_options=grain.sharding.NoSharding())
-      iterator = iter(loader)
+      # Workers map single videos and the batches are formed here, in order: with the DataLoader each worker would
+      # batch its own share, interleaving videos and leaving one short batch per worker.
+      videos = grain.MapDataset.source(sources.KeyedSource(self.source, keys)).map(
+          examples.EvalVideo(cfg.example_spec())).to_iter_dataset()
+      if cfg.worker_count:
+        _allow_grain_workers_outside_absl_app()
+        videos = videos.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size * batch))
+      iterator = iter(videos.batch(batch, drop_remainder=False))
       try:
         for host_batch in iterator:
           produced += 1
           yield _pad_batch(host_batch, batch)
       finally:
-        _close_loader_iterator(iterator)
+        iterator.close()
     template = _padding_example(cfg)
     for _ in range(self.num_batches() - produced):
       yield _pad_batch({k: v[:0] for k, v in template.items()}, batch)

@@ -93,5 +93,10 @@ class KeyedSource:
       return key, b""
     return key, bytes(data)
 
-  def __repr__(self) -> str:  # grain logs the source's repr
-    return f"KeyedSource({self._source!r}, {len(self)} records)"
+  def __repr__(self) -> str:
+    # Grain stores repr(data_source) in the iterator state and checks it on restore. In-memory sequences are named
+    # by type only (as grain does for lists), or the state would hold every record; so are objects without their
+    # own __repr__, whose default repr holds a memory address that differs in the resumed process.
+    plain = isinstance(self._source, (list, tuple)) or type(self._source).__repr__ is object.__repr__
+    inner = type(self._source).__qualname__ if plain else repr(self._source)
+    return f"KeyedSource({inner}, {len(self)} records)"

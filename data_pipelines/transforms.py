@@ -1,8 +1,8 @@
 """Pixels: JPEG decode of the sampled frames, resize, CLIP normalisation.
 
 Frames stay uint8 until the last step, so a worker moves 1 byte per pixel through decode and resize and only the
-final normalisation writes float32/bfloat16 (a 256-entry lookup table per channel, cheaper than a multiply-add over
-the float array). `normalize_video` also accepts jax.numpy arrays, so a pipeline that ships uint8 (dtype 'uint8')
+final normalisation writes float32/bfloat16 (a gather from a table of the 768 possible values, cheaper than a
+multiply-add over the float array, and written straight in bfloat16 without a float32 copy). `normalize_video` also accepts jax.numpy arrays, so a pipeline that ships uint8 (dtype 'uint8')
 can normalise on the accelerator instead.
 """
 
@@ -22,9 +22,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("squash", "crop")
 VIDEO_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "uint8": np.uint8}
 
-# [3, 256]: the normalised value of every uint8 level, per channel: (v / 255 - mean) / std.
-_NORMALISED_LEVELS = ((np.arange(256, dtype=np.float64)[None, :] / 255.0 - np.asarray(CLIP_MEAN)[:, None])
-                      / np.asarray(CLIP_STD)[:, None]).astype(np.float32)
+# The normalised value (v / 255 - mean_c) / std_c of every uint8 level v and channel c, at position 3 * v + c:
+# normalising is then one gather from a 768-entry table per pixel, written contiguously in the output dtype.
+_LEVELS = ((np.arange(256, dtype=np.float64)[:, None] / 255.0 - np.asarray(CLIP_MEAN)[None, :])
+           / np.asarray(CLIP_STD)[None, :]).reshape(-1)
+_CHANNEL = np.arange(3, dtype=np.uint16)
 
 
 def video_dtype(name: str) -> Any:
@@ -66,11 +68,13 @@ def resize_frame(img: Image.Image, image_size: int, mode: str) -> np.ndarray:
       new_w, new_h = image_size, int(image_size * h / w)
     else:
       new_w, new_h = int(image_size * w / h), image_size
-    if (new_w, new_h) != (w, h):
-      img = img.resize((new_w, new_h), Image.BICUBIC)
     left = int(round((new_w - image_size) / 2.0))
     top = int(round((new_h - image_size) / 2.0))
-    img = img.crop((left, top, left + image_size, top + image_size))
+    # Resampling only the source box that maps onto the crop computes the S x S output directly instead of the
+    # whole resized frame (half the work for 16:9); it equals resize-then-crop up to +-1 on a few pixels.
+    scale_x, scale_y = w / new_w, h / new_h
+    box = (left * scale_x, top * scale_y, (left + image_size) * scale_x, (top + image_size) * scale_y)
+    img = img.resize((image_size, image_size), Image.BICUBIC, box=box)
   else:
     raise ValueError(f"data.resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
   return np.asarray(img, dtype=np.uint8)
@@ -99,12 +103,13 @@ def normalize_frames(video: np.ndarray, mask: np.ndarray | None, dtype: Any) -> 
   zero tensors after normalisation). dtype uint8 returns the input unchanged (normalise later on device)."""
   if np.dtype(dtype) == np.uint8:
     return video
-  out = np.empty(video.shape, np.float32)
-  for c in range(3):
-    np.take(_NORMALISED_LEVELS[c], video[..., c], out=out[..., c])
+  index = video.astype(np.uint16)
+  index *= 3
+  index += _CHANNEL
+  out = np.take(_LEVELS.astype(dtype), index)
   if mask is not None:
-    out[np.asarray(mask) == 0] = 0.0
-  return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
+    out[np.asarray(mask) == 0] = 0
+  return out
 
 
 def normalize_video(video: Any, frame_mask: Any = None, xp: Any = np) -> Any:

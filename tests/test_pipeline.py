@@ -184,6 +184,12 @@ def test_worker_processes_are_deterministic_and_resumable(shard_dir):
   with pipeline.make_train_iterator(config, tokenize_fn=fake_tokenize) as resumed:
     resumed.set_state(state)
     _assert_same_batches(_take(resumed, 3), expected)
+  # Evaluation through workers: the same padded batches as in-process.
+  eval_config = _config(shard_dir, split="test", worker_count=2)
+  with_workers = list(pipeline.make_eval_dataset(eval_config, tokenize_fn=fake_tokenize).video_batches())
+  in_process = list(pipeline.make_eval_dataset(dict(eval_config, worker_count=0),
+                                               tokenize_fn=fake_tokenize).video_batches())
+  _assert_same_batches(with_workers, in_process)
   # Same records as in-process loading of the same sampled order, only grouped into batches per worker.
   with pipeline.make_train_iterator(_config(shard_dir, batch_size=1, num_epochs=1, worker_count=2),
                                     tokenize_fn=fake_tokenize) as it:
@@ -282,6 +288,22 @@ def test_config_dict_errors_and_sources(shard_dir):
   in_memory = [bytes(sources.open_split(shard_dir, "test")[k]) for k in range(10)]
   with pipeline.make_train_iterator(_config(None, batch_size=2), source=in_memory, tokenize_fn=fake_tokenize) as it:
     assert next(it)["video"].shape == (2, T, S, S, 3)
+    state = it.get_state()
+    expected = next(it)
+  assert len(state) < 2000  # the state names the in-memory source, it does not hold it
+  with pipeline.make_train_iterator(_config(None, batch_size=2), source=in_memory, tokenize_fn=fake_tokenize) as it:
+    it.set_state(state)
+    _assert_same_batches([next(it)], [expected])
+
+
+def test_default_tokenizer_is_clip_bpe(shard_dir):
+  pytest.importorskip("clipvip_jax.tokenizer")
+  with pipeline.make_train_iterator(_config(shard_dir, split="test", shuffle=False)) as it:
+    batch = next(it)
+  from clipvip_jax.tokenizer import SOT_ID, tokenize
+  assert (batch["text_ids"][:, 0] == SOT_ID).all()
+  # shuffle off: the first batch is clips 0..3; clip 0 has one caption.
+  np.testing.assert_array_equal(batch["text_ids"][0], tokenize(["clip 0 caption 0"], L)[0][0])
 
 
 def test_shard_paths_manifest_and_pattern(shard_dir, tmp_path):

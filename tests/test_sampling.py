@@ -180,6 +180,10 @@ def test_resize_modes():
   assert squashed[8, 1, 0] > 200 and squashed[8, 14, 2] > 200
   # The crop of a 32x16 resize is columns 8..23: left half still red, right half blue.
   assert cropped[8, 1, 0] > 200 and cropped[8, 14, 2] > 200
+  # The crop resamples only the source box under the crop: the same as resizing the whole frame, then cropping.
+  noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 80, 3), dtype=np.uint8))
+  full = np.asarray(noisy.resize((28, 16), Image.BICUBIC))[:, 6:22]
+  assert np.abs(transforms.resize_frame(noisy, 16, "crop").astype(int) - full).max() <= 1
   tall = Image.new("RGB", (30, 90), (0, 255, 0))
   assert transforms.resize_frame(tall, 20, "crop").shape == (20, 20, 3)
   with pytest.raises(ValueError, match="resize_mode"):

@@ -1,0 +1,181 @@
+"""Input-pipeline throughput: clips/s of the training iterator for 1, 2 and N Grain workers.
+
+  python -m benchmarks.input_pipeline [--workers 1,2,8] [--seconds 20] [--frames 12] [--image-size 224]
+
+It writes its own shards to a temporary folder (clips of `--stored-frames` JPEG frames at `--short-side` 256, 16:9,
+made of smooth gradients, moving shapes and sensor-like noise so they compress like video frames, ~25-45 KB each)
+and times `make_train_iterator` end to end: record read, CLIP-ViP frame sampling, JPEG decode of the sampled frames,
+bicubic resize, CLIP normalisation and tokenisation of one caption, batching in the workers and the transfer to the
+main process. Worker start-up is excluded (the first `--warmup` batches). The goal is 40 clips/s per CPU core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, features
+
+from data_pipelines import pipeline, records
+
+GOAL_PER_CORE = 40.0
+
+
+def synthetic_frames(count: int, height: int = 256, width: int = 455, seed: int = 0) -> list[bytes]:
+  """JPEG frames with video-like content: a slowly moving colour gradient, a few moving discs, mild noise."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+  discs = [(rng.uniform(0, width), rng.uniform(0, height), rng.uniform(15, 60), rng.uniform(0, 255, 3),
+            rng.uniform(-4, 4, 2)) for _ in range(5)]
+  frames = []
+  for t in range(count):
+    phase = t * 0.05
+    img = np.stack([128 + 100 * np.sin(xx / 90 + phase), 128 + 100 * np.cos(yy / 70 - phase),
+                    128 + 80 * np.sin((xx + yy) / 120 + 2 * phase)], axis=-1)
+    for x, y, r, colour, (vx, vy) in discs:
+      inside = (xx - (x + vx * t)) ** 2 + (yy - (y + vy * t)) ** 2 < r * r
+      img[inside] = colour
+    img += rng.normal(0, 6, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    frames.append(buf.getvalue())
+  return frames
+
+
+def write_shards(folder: str, num_clips: int, stored_frames: int, short_side: int = 256, num_shards: int = 4) -> float:
+  """Writes train shards of 16:9 frames; returns the mean JPEG size in KB."""
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+
+  frames = synthetic_frames(stored_frames + num_clips, short_side, int(short_side * 16 / 9))
+  per_shard = -(-num_clips // num_shards)
+  for s in range(num_shards):
+    writer = ArrayRecordWriter(os.path.join(folder, f"train-{s:05d}-of-{num_shards:05d}.array_record"),
+                               "group_size:1")
+    for k in range(s * per_shard, min((s + 1) * per_shard, num_clips)):
+      rec = records.ClipRecord(clip_id=f"bench{k:05d}", frames=frames[k:k + stored_frames], fps=3.0,
+                               captions=[f"a person is doing activity number {k} in a room", "a short video clip"])
+      writer.write(records.encode_record(rec))
+    writer.close()
+  return float(np.mean([len(f) for f in frames])) / 1024
+
+
+def measure(config: dict, seconds: float, warmup: int) -> tuple[float, float]:
+  """(clips/s, start-up seconds) of the training iterator over `seconds` after `warmup` batches."""
+  start = time.perf_counter()
+  with pipeline.make_train_iterator(config) as it:
+    for _ in range(warmup):
+      next(it)
+    startup = time.perf_counter() - start
+    clips, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+      clips += next(it)["video"].shape[0]
+    rate = clips / (time.perf_counter() - t0)
+  return rate, startup
+
+
+def cpu_cost(shard_dir: str, config: dict, clips: int = 48) -> dict[str, float]:
+  """CPU milliseconds per clip of the worker's work, timed with this thread's CPU clock (time.thread_time), so the
+  figure holds on a machine shared with other jobs, where wall-clock rates are not: the whole per-clip op, and
+  its JPEG decode, resize and normalise parts."""
+  from data_pipelines import examples, sampling, sources, transforms  # pylint: disable=import-outside-toplevel
+
+  cfg = pipeline.DataConfig.from_config(config)
+  source = sources.open_split(shard_dir, "train")
+  payloads = [source[k % len(source)] for k in range(clips)]
+  op = examples.TrainExample(cfg.example_spec(), examples.DefaultTokenize())
+  rng = np.random.default_rng(0)
+  op.random_map((0, payloads[0]), rng)  # first call loads the tokenizer
+  cost = {"read+op": 0.0, "jpeg decode": 0.0, "resize": 0.0, "normalise": 0.0}
+  t0 = time.thread_time()
+  for k, data in enumerate(payloads):
+    op.random_map((k, data), rng)
+  cost["read+op"] = time.thread_time() - t0
+  for data in payloads:
+    rec = records.decode_record(data)
+    idx, mask = sampling.frame_indices(cfg.sampling, len(rec.frames), cfg.num_frames, True, rng)
+    t0 = time.thread_time()
+    images = [transforms.decode_jpeg(rec.frames[i], cfg.image_size) for i in idx]
+    t1 = time.thread_time()
+    video = np.stack([transforms.resize_frame(img, cfg.image_size, cfg.resize_mode) for img in images])
+    t2 = time.thread_time()
+    transforms.normalize_frames(video, mask, transforms.video_dtype(cfg.dtype))
+    t3 = time.thread_time()
+    cost["jpeg decode"] += t1 - t0
+    cost["resize"] += t2 - t1
+    cost["normalise"] += t3 - t2
+  return {name: 1000 * seconds / clips for name, seconds in cost.items()}
+
+
+def machine_lines() -> list[str]:
+  import grain  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import PIL  # pylint: disable=import-outside-toplevel
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return [f"machine: {platform.node()} | {cpu} | {os.cpu_count()} CPUs ({affinity} usable) | {platform.system()}",
+          f"versions: python {platform.python_version()}, grain {grain.__version__}, pillow {PIL.__version__} "
+          f"(libjpeg-turbo {features.version('libjpeg_turbo')}), numpy {np.__version__}, jax {jax.__version__}"]
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  p.add_argument("--workers", default=f"1,2,{usable}",
+                 help="comma-separated worker counts (0 = in-process); empty: CPU cost only")
+  p.add_argument("--clips", type=int, default=256)
+  p.add_argument("--short-side", type=int, default=256, help="stored frame height (16:9 frames)")
+  p.add_argument("--stored-frames", type=int, default=45, help="frames per stored clip (15 s at 3 fps)")
+  p.add_argument("--frames", type=int, default=12)
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--resize-mode", default="squash", choices=["squash", "crop"])
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "uint8"])
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--seconds", type=float, default=20.0)
+  p.add_argument("--warmup", type=int, default=3, help="batches before timing (covers worker start-up)")
+  p.add_argument("--shard-dir", default=None, help="reuse/keep shards here instead of a temporary folder")
+  args = p.parse_args(argv)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    shard_dir = args.shard_dir or tmp
+    os.makedirs(shard_dir, exist_ok=True)
+    if not any(n.endswith(".array_record") for n in os.listdir(shard_dir)):
+      t0 = time.perf_counter()
+      kb = write_shards(shard_dir, args.clips, args.stored_frames, args.short_side)
+      print(f"wrote {args.clips} clips x {args.stored_frames} frames ({int(args.short_side * 16 / 9)}x{args.short_side}"
+            f" JPEG, {kb:.0f} KB mean) "
+            f"in {time.perf_counter() - t0:.0f} s")
+    for line in machine_lines():
+      print(line)
+    print(f"pipeline: {args.frames} frames -> {args.image_size}x{args.image_size} ({args.resize_mode}), "
+          f"dtype {args.dtype}, batch {args.batch_size}, CLIP-ViP train sampling, CLIP BPE tokenisation")
+    config = dict(shard_dir=shard_dir, split="train", num_frames=args.frames, image_size=args.image_size,
+                  resize_mode=args.resize_mode, dtype=args.dtype, batch_size=args.batch_size, max_text_len=32, seed=0)
+    cost = cpu_cost(shard_dir, config)
+    parts = ", ".join(f"{name} {ms:.1f}" for name, ms in cost.items() if name != "read+op")
+    print(f"CPU per clip (thread CPU time, one process): {cost['read+op']:.1f} ms for the whole per-clip op "
+          f"({parts} ms) -> {1000 / cost['read+op']:.0f} clips per CPU-second; goal {GOAL_PER_CORE:.0f}")
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"(wall-clock rates below are shared with whatever else runs)")
+    print(f"| workers | clips/s | clips/s per worker | start-up s | goal {GOAL_PER_CORE:.0f}/core |")
+    print("|---|---|---|---|---|")
+    for workers in (int(w) for w in args.workers.split(",") if w.strip()):
+      rate, startup = measure(dict(config, worker_count=workers), args.seconds, args.warmup)
+      per = rate / max(workers, 1)
+      verdict = "met" if per >= GOAL_PER_CORE else "below"
+      print(f"| {workers} | {rate:.1f} | {per:.1f} | {startup:.1f} | {verdict} |", flush=True)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
