@@ -290,3 +290,26 @@ def test_build_command_line_with_frame_options(tmp_path):
       (["a girl walks in", "later she waves"], 2, 2.0), (["a dog barks"], 2, 2.0)]
   with pytest.raises(ValueError, match=r"didemo: no config 'para' \(has \['paragraph', 'sentences'\]\)"):
     build_cli.main(["didemo/para", "--manual-dir", str(tmp_path / "manual"), "--data-dir", str(tmp_path / "data")])
+
+
+def test_grain_pipeline_reads_a_tfds_dataset(tmp_path):
+  import grain
+
+  from data_pipelines import pipeline
+
+  didemo_manual(tmp_path / "manual")
+  build(clip_tfds.Didemo, tmp_path / "manual", tmp_path / "data")
+  source = clip_tfds.TfdsRecordSource("didemo/paragraph", "train", data_dir=str(tmp_path / "data"))
+  config = {"batch_size": 2, "num_frames": 4, "image_size": 32, "num_epochs": 1}
+
+  def count_words(texts, max_len):  # one token per word: the mask length tells which text was drawn
+    mask = np.array([[1] * len(t.split()) + [0] * (max_len - len(t.split())) for t in texts], np.int32)
+    return mask.copy(), mask
+
+  with pipeline.make_train_iterator(config, source=source, tokenize_fn=count_words,
+                                    shard_options=grain.sharding.NoSharding()) as batches:
+    batch = next(batches)
+  assert batch["video"].shape == (2, 4, 32, 32, 3) and batch["frame_mask"].tolist() == [[1] * 4] * 2
+  assert sorted(batch["clip_index"].tolist()) == [0, 1]
+  # The paragraphs "a girl walks in later she waves" and "a dog barks", not single sentences.
+  assert sorted(batch["text_mask"].sum(axis=1).tolist()) == [3, 7]
