@@ -4,6 +4,8 @@
     def main(argv=None) -> int:
       return run_cli(_run, argv, prog="python -m clipvip_jax.search")
 
+    parser = ArgumentParser(prog=...)          # argparse, but a bad command line is one line too
+
 Commands check their inputs up front and raise `UsageError`; errors that the library raises for bad input
 (ValueError and its subclasses: ConversionError, ParamMismatchError; FileNotFoundError and other OS errors about
 a path) are treated the same way, so a user never reads a traceback from deep inside JAX for a typo in a path.
@@ -13,6 +15,7 @@ Set CLIPVIP_DEBUG=1 to get the full traceback instead (for bug reports).
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Sequence
@@ -46,6 +49,14 @@ def fail(prog: str, message: str) -> None:
   """Print `prog: error: message` on stderr and exit with status 2 (raises SystemExit)."""
   print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
   raise SystemExit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser whose command-line errors are one line (`prog: error: ... (see --help)`, status 2) instead
+  of the whole usage block followed by the error."""
+
+  def error(self, message: str):
+    fail(self.prog, f"{message} (see --help)")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from clipvip_jax.cli_errors import UsageError, run_cli
+from clipvip_jax.cli_errors import ArgumentParser, UsageError, run_cli
 from clipvip_jax.retrieval_model import RetrievalModel, VideoRecipe
 
 PROG = "python -m clipvip_jax.encode"
@@ -279,7 +279,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
+  p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="examples:\n"
                                      f"  {PROG} --checkpoint converted/clipvip-b32 --videos videos/ --out idx/\n"

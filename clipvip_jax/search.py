@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clipvip_jax.cli_errors import UsageError, run_cli
+from clipvip_jax.cli_errors import ArgumentParser, UsageError, run_cli
 from clipvip_jax.embedding_index import EmbeddingIndex, read_index
 from clipvip_jax.retrieval_model import RetrievalModel
 
@@ -117,7 +117,7 @@ def search(index_dir: str | pathlib.Path, queries: str | Sequence[str], top_k: i
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
+  p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="example:\n"
                                      f"  {PROG} --index idx/ \"a red circle moves to the left\" --top-k 5")

@@ -1,0 +1,58 @@
+"""Tiny checkpoints and videos for the encode/search tests (fast to make: no random-init tracing, no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import av
+import numpy as np
+
+from clipvip_jax import checkpoint_io, kinds
+from clipvip_jax.convert.common import Converted
+from clipvip_jax.models import clip, clipvip
+
+
+def tiny_clipvip_config(projection_dim: int = 32) -> clipvip.CLIPViPConfig:
+  """The "tiny" CLIP (32 px frames, patch 8, 16 text positions, CLIP's vocabulary) with 2 proxies, T0 = 4."""
+  base = clip.clip_config("tiny")
+  return clipvip.CLIPViPConfig(clip=dataclasses.replace(base, projection_dim=projection_dim), num_proxies=2,
+                               temporal_size=4)
+
+
+def random_params(kind: str, cfg, seed: int = 0) -> dict[str, np.ndarray]:
+  """Every parameter the model has, drawn from numpy: LayerNorm gains 1, biases 0, weights N(0, 0.05),
+  logit_scale 4.6. (Tracing the model's own initialisers costs far longer than a test should.)"""
+  rng = np.random.default_rng(seed)
+
+  def value(key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if key == "logit_scale":
+      return np.full(shape, 4.6, np.float32)
+    if key.endswith("/scale"):
+      return np.ones(shape, np.float32)
+    if key.endswith("/bias"):
+      return np.zeros(shape, np.float32)
+    return rng.normal(0.0, 0.05, shape).astype(np.float32)
+
+  return {k: value(k, s) for k, s in kinds.param_shapes(kind, cfg).items()}
+
+
+def write_tiny_clipvip(path: pathlib.Path, projection_dim: int = 32, seed: int = 0) -> pathlib.Path:
+  """A converted CLIP-ViP directory (config.json + Orbax params) with random weights."""
+  cfg = tiny_clipvip_config(projection_dim)
+  converted = Converted("clipvip", cfg, random_params("clipvip", cfg, seed), source="random")
+  return checkpoint_io.save_converted(converted, path)
+
+
+def write_video(path: pathlib.Path, frames: int = 8, size: int = 32, seed: int = 0) -> None:
+  """An H.264 mp4 of `frames` random-coloured frames at 4 fps."""
+  rng = np.random.default_rng(seed)
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=4)
+    stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+    for _ in range(frames):
+      pixels = np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (size, size, 3)).copy()
+      for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
