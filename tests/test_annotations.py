@@ -111,7 +111,8 @@ def test_lsmdc_tab_separated_six_fields(tmp_path):
       "0001_Movie_00.00.51.926-00.00.54.129\t1\t2\t3\t4\tShe smiles.\n")
   clips = ann.parse_lsmdc(path, "train")
   assert [(c["clip_id"], c["video"], c["captions"]) for c in clips] == [
-      ("0001_Movie_00.00.51.926-00.00.54.129", "0001_Movie_00.00.51.926-00.00.54.129", ["SOMEONE runs.", "She smiles."]),
+      ("0001_Movie_00.00.51.926-00.00.54.129", "0001_Movie_00.00.51.926-00.00.54.129",
+       ["SOMEONE runs.", "She smiles."]),
       ("0001_Movie_00.01.00.000-00.01.02.000", "0001_Movie_00.01.00.000-00.01.02.000", ["SOMEONE sits\tdown."])]
   bad = tmp_path / "bad.csv"
   bad.write_text("clip\t1\t2\tsentence\n")

@@ -34,7 +34,10 @@ class ActivitynetCaptions(ClipDatasetBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   HOMEPAGE = "https://cs.stanford.edu/people/ranjaykrishna/densevid/"
   DESCRIPTION = "ActivityNet Captions paragraph-to-video retrieval: whole videos with their sentences."
-  CITATION = "@inproceedings{krishna2017dense, title={Dense-Captioning Events in Videos}, author={Krishna, Ranjay and Hata, Kenji and Ren, Frederic and Fei-Fei, Li and Niebles, Juan Carlos}, booktitle={ICCV}, year={2017}}"
+  CITATION = (
+      "@inproceedings{krishna2017dense, title={Dense-Captioning Events in Videos}, author={Krishna, Ranjay "
+      "and Hata, Kenji and Ren, Frederic and Fei-Fei, Li and Niebles, Juan Carlos}, booktitle={ICCV}, "
+      "year={2017}}")
   BUILDER_CONFIGS = [
       ClipBuilderConfig(name="paragraph", paragraph=True, description="one caption: the sentences joined"),
       ClipBuilderConfig(name="sentences", paragraph=False, description="one caption per sentence"),

@@ -17,7 +17,8 @@ Put these files anywhere under the manual directory (found by name, nested folde
   found too. The videos come from YFCC100M (download script in the LocalizingMoments repository).
 
 Then build (no TensorFlow needed; `tfds build` would import it):
-  python -m data_pipelines.tfds.build didemo --manual-dir MANUAL_DIR --data-dir DATA_DIR   (didemo/sentences: per sentence)
+  python -m data_pipelines.tfds.build didemo --manual-dir MANUAL_DIR --data-dir DATA_DIR
+(didemo/sentences for one caption per sentence)
 """
 
 
@@ -34,7 +35,10 @@ class Didemo(ClipDatasetBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   HOMEPAGE = "https://github.com/LisaAnne/LocalizingMoments"
   DESCRIPTION = "DiDeMo paragraph-to-video retrieval: whole videos with their moment descriptions."
-  CITATION = "@inproceedings{hendricks2017didemo, title={Localizing Moments in Video with Natural Language}, author={Hendricks, Lisa Anne and Wang, Oliver and Shechtman, Eli and Sivic, Josef and Darrell, Trevor and Russell, Bryan}, booktitle={ICCV}, year={2017}}"
+  CITATION = (
+      "@inproceedings{hendricks2017didemo, title={Localizing Moments in Video with Natural Language}, "
+      "author={Hendricks, Lisa Anne and Wang, Oliver and Shechtman, Eli and Sivic, Josef and Darrell, "
+      "Trevor and Russell, Bryan}, booktitle={ICCV}, year={2017}}")
   BUILDER_CONFIGS = [
       ClipBuilderConfig(name="paragraph", paragraph=True, description="one caption: the sentences joined"),
       ClipBuilderConfig(name="sentences", paragraph=False, description="one caption per sentence"),

@@ -33,7 +33,10 @@ class Lsmdc(ClipDatasetBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   HOMEPAGE = "https://sites.google.com/site/describingmovies/"
   DESCRIPTION = "LSMDC movie-description retrieval: movie clips with their sentences."
-  CITATION = "@article{rohrbach2017movie, title={Movie Description}, author={Rohrbach, Anna and Torabi, Atousa and Rohrbach, Marcus and Tandon, Niket and Pal, Christopher and Larochelle, Hugo and Courville, Aaron and Schiele, Bernt}, journal={IJCV}, year={2017}}"
+  CITATION = (
+      "@article{rohrbach2017movie, title={Movie Description}, author={Rohrbach, Anna and Torabi, Atousa "
+      "and Rohrbach, Marcus and Tandon, Niket and Pal, Christopher and Larochelle, Hugo and Courville, "
+      "Aaron and Schiele, Bernt}, journal={IJCV}, year={2017}}")
   BUILDER_CONFIGS = [ClipBuilderConfig(name="default")]
 
   def _clips_by_split(self, manual: ManualDir) -> dict[str, list[annotations.Clip]]:

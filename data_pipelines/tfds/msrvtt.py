@@ -17,7 +17,8 @@ Put these files anywhere under the manual directory (they are found by name, nes
                               frame images named video<N> works too)
 
 Then build (no TensorFlow needed; `tfds build` would import it):
-  python -m data_pipelines.tfds.build msrvtt/9k --manual-dir MANUAL_DIR --data-dir DATA_DIR   (or msrvtt/7k, msrvtt/full)
+  python -m data_pipelines.tfds.build msrvtt/9k --manual-dir MANUAL_DIR --data-dir DATA_DIR
+(or msrvtt/7k, msrvtt/full)
 """
 
 
@@ -33,9 +34,14 @@ class Msrvtt(ClipDatasetBuilder):
   """
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
-  HOMEPAGE = "https://www.microsoft.com/en-us/research/publication/msr-vtt-a-large-video-description-dataset-for-bridging-video-and-language/"
+  HOMEPAGE = (
+      "https://www.microsoft.com/en-us/research/publication/msr-vtt-a-large-video-description-dataset-for-b"
+      "ridging-video-and-language/")
   DESCRIPTION = "MSR-VTT text-video retrieval: clips with their captions."
-  CITATION = "@inproceedings{xu2016msrvtt, title={MSR-VTT: A Large Video Description Dataset for Bridging Video and Language}, author={Xu, Jun and Mei, Tao and Yao, Ting and Rui, Yong}, booktitle={CVPR}, year={2016}}"
+  CITATION = (
+      "@inproceedings{xu2016msrvtt, title={MSR-VTT: A Large Video Description Dataset for Bridging Video "
+      "and Language}, author={Xu, Jun and Mei, Tao and Yao, Ting and Rui, Yong}, booktitle={CVPR}, "
+      "year={2016}}")
   BUILDER_CONFIGS = [
       ClipBuilderConfig(name="9k", scheme="9k", description="train 9k / test 1k-A"),
       ClipBuilderConfig(name="7k", scheme="7k", description="train = official train + validate (7,010) / test 1k-A"),

@@ -30,7 +30,9 @@ class Msvd(ClipDatasetBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   HOMEPAGE = "https://www.cs.utexas.edu/users/ml/clamp/videoDescription/"
   DESCRIPTION = "MSVD text-video retrieval: clips with all their English captions."
-  CITATION = "@inproceedings{chen2011msvd, title={Collecting Highly Parallel Data for Paraphrase Evaluation}, author={Chen, David L. and Dolan, William B.}, booktitle={ACL}, year={2011}}"
+  CITATION = (
+      "@inproceedings{chen2011msvd, title={Collecting Highly Parallel Data for Paraphrase Evaluation}, "
+      "author={Chen, David L. and Dolan, William B.}, booktitle={ACL}, year={2011}}")
   BUILDER_CONFIGS = [ClipBuilderConfig(name="default")]
 
   def _clips_by_split(self, manual: ManualDir) -> dict[str, list[annotations.Clip]]:

@@ -31,7 +31,10 @@ class Vatex(ClipDatasetBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   HOMEPAGE = "https://eric-xw.github.io/vatex-website/"
   DESCRIPTION = "VATEX text-video retrieval (English): clips with their 10 English captions."
-  CITATION = "@inproceedings{wang2019vatex, title={VaTeX: A Large-Scale, High-Quality Multilingual Dataset for Video-and-Language Research}, author={Wang, Xin and Wu, Jiawei and Chen, Junkun and Li, Lei and Wang, Yuan-Fang and Wang, William Yang}, booktitle={ICCV}, year={2019}}"
+  CITATION = (
+      "@inproceedings{wang2019vatex, title={VaTeX: A Large-Scale, High-Quality Multilingual Dataset for "
+      "Video-and-Language Research}, author={Wang, Xin and Wu, Jiawei and Chen, Junkun and Li, Lei and "
+      "Wang, Yuan-Fang and Wang, William Yang}, booktitle={ICCV}, year={2019}}")
   BUILDER_CONFIGS = [ClipBuilderConfig(name="default")]
 
   def _clips_by_split(self, manual: ManualDir) -> dict[str, list[annotations.Clip]]:
