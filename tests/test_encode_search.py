@@ -160,3 +160,27 @@ def test_a_training_workdir_is_a_checkpoint_too(tmp_path, shards):
   assert encoded.embeddings.shape == (2, 32)
   # meanP ignores frame order: the twins (all 8 frames, reversed) get the same embedding.
   np.testing.assert_allclose(encoded.embeddings[0], encoded.embeddings[1], atol=1e-5)
+
+
+def test_clip2video_index_scores_are_the_models_logits(shards, tmp_path, capsys):
+  """CLIP2Video's recipe (its sampling, centre crop) and its own inference logits as search scores."""
+  checkpoint = rh.write_tiny_clip2video(tmp_path / "clip2video")
+  out = tmp_path / "index"
+  assert encode.main(["--checkpoint", str(checkpoint), "--shards", str(shards), "--split", "train",
+                      "--out", str(out), "--batch-size", "8", "--quiet"]) == 0
+  index = read_index(out)
+  assert index.kind == "clip2video"
+  assert (index.meta["options"]["sampling"], index.meta["options"]["resize_mode"]) == ("clip2video", "crop")
+  model = load_model(checkpoint)
+  query = "a small green cross moves down slowly"
+  (ranking,) = search.search(out, query, top_k=4, model=model)
+  ids, mask = model.tokenize([query])
+  logits = np.asarray(model.pretrained.model.similarity(model.encode_text(ids, mask), index.embeddings))[0]
+  assert [clip_id for clip_id, _ in ranking] == [index.ids[j] for j in np.argsort(-logits)[:4]]
+  np.testing.assert_allclose([s for _, s in ranking], np.sort(logits)[::-1][:4], rtol=1e-5)
+  with pytest.raises(SystemExit) as exc:
+    encode.main(["--checkpoint", str(checkpoint), "--shards", str(shards), "--out", str(tmp_path / "x"),
+                 "--num-frames", "17", "--quiet"])
+  assert exc.value.code == 2
+  assert "--num-frames 17 is more than the 16 frames this clip2video model has positions for" in \
+      capsys.readouterr().err
