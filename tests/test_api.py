@@ -106,6 +106,17 @@ def test_bfloat16_compute(converted_dir, model):
                              atol=3e-2)
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(attention="cudnn"), "needs dtype='bfloat16'"),
+    (dict(attention="cudnn", dtype="bfloat16"), "text tower has 48 / 4 heads = 12"),
+    (dict(attention="flash"), "attention 'flash' is not one of"),
+    (dict(dtype="int8"), "dtype 'int8' is not one of"),
+])
+def test_compute_options_checked_up_front(converted_dir, options, message):
+  with pytest.raises(ValueError, match=message):
+    clipvip_jax.load_pretrained(converted_dir, **options)
+
+
 def test_checkpoint_file_with_config(flat, model, tmp_path):
   """A bare PyTorch state dict: sizes from the weights, head counts from the HF config (dict or JSON path)."""
   torch.save({k: torch.from_numpy(v) for k, v in hf_clip.from_params(flat, TINY).items()}, tmp_path / "clip.pt")
