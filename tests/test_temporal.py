@@ -125,7 +125,7 @@ def random_params(shapes, seed: int) -> dict[str, np.ndarray]:
       out[key] = noise / np.sqrt(fan_in)
     else:
       out[key] = 0.2 * noise
-  return out
+  return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 def _perturbed_model(cfg: CLIP2VideoConfig, seed: int = 0) -> CLIP2Video:

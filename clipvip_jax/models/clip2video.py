@@ -119,10 +119,12 @@ class CLIP2VideoConfig:
 
   @classmethod
   def for_clip(cls, clip_cfg: CLIPConfig, **fields) -> "CLIP2VideoConfig":
-    """The config the original builds around a CLIP: heads = text width // 64, MLP 4 x width, one frame position
-    per CLIP text position. `fields` set the task options (center_k, temporal_layers, ...)."""
+    """The config the original builds around a CLIP: heads = text width // 64, the text layers' MLP width (4 x
+    width in every OpenAI CLIP; the temporal blocks start as copies of text blocks), one frame position per CLIP
+    text position. `fields` set the task options (center_k, temporal_layers, ...)."""
     width = clip_cfg.projection_dim
-    defaults = dict(temporal_heads=max(clip_cfg.text.width // 64, 1), temporal_mlp_dim=4 * width,
+    mlp_dim = clip_cfg.text.mlp_dim if clip_cfg.text.width == width else 4 * width
+    defaults = dict(temporal_heads=max(clip_cfg.text.width // 64, 1), temporal_mlp_dim=mlp_dim,
                     frame_positions=clip_cfg.text.max_len)
     return cls(clip=clip_cfg, **{**defaults, **fields})
 
