@@ -59,6 +59,13 @@ class ArgumentParser(argparse.ArgumentParser):
     fail(self.prog, f"{message} (see --help)")
 
 
+def quiet_library_logs() -> None:
+  """Orbax and friends log through absl at WARNING for routine events ("Metadata file does not exist" when reading
+  a checkpoint written without it); a command's user needs none of that between its own messages."""
+  import logging
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *,
             prog: str) -> int:
   """Runs `main(argv)` and returns its exit status (None counts as 0).

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from clipvip_jax.cli_errors import ArgumentParser, UsageError, run_cli
+from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.retrieval_model import RetrievalModel, VideoRecipe
 
 PROG = "python -m clipvip_jax.encode"
@@ -294,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="allow loading an original checkpoint holding Python objects besides tensors (trusted files)")
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--videos", metavar="DIR", help="folder of video files and/or frame-image folders")
-  source.add_argument("--shards", metavar="DIR", help="shard folder (build_shards, TFDS export or synthetic)")
+  source.add_argument("--shards", metavar="DIR", help="shard folder with manifest.json (build_shards, data_pipelines.synthetic)")
   source.add_argument("--texts", metavar="FILE", help="UTF-8 text file, one text per line")
   p.add_argument("--split", default="test", help="split of --shards to encode (default %(default)s)")
   p.add_argument("--out", required=True, metavar="DIR", help="output folder for embeddings.npy + index.json")
@@ -373,6 +373,7 @@ def _run(argv: Sequence[str] | None) -> int:
   from clipvip_jax.embedding_index import write_index
   from clipvip_jax.retrieval_model import load_model
   args = _parser().parse_args(argv)
+  quiet_library_logs()
   inputs = _check_inputs(args)
   model = load_model(args.checkpoint, args.config, step=args.step, trust_pickle=args.trust_pickle)
   _check_model(model, args)
@@ -394,7 +395,8 @@ def _run(argv: Sequence[str] | None) -> int:
   out = write_index(args.out, encoded.embeddings, _index_meta(model, args, modality, encoded, source),
                     force=args.force)
   skipped = f", {len(encoded.skipped)} skipped (listed in index.json)" if encoded.skipped else ""
-  print(f"encoded {len(encoded.ids)} {what}{skipped} with the {model.kind} model {model.checkpoint} -> "
+  step = f" (step {model.step})" if model.step is not None else ""
+  print(f"encoded {len(encoded.ids)} {what}{skipped} with the {model.kind} model {model.checkpoint}{step} -> "
         f"{out}/embeddings.npy {tuple(encoded.embeddings.shape)}")
   return 0
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clipvip_jax.cli_errors import ArgumentParser, UsageError, run_cli
+from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.embedding_index import EmbeddingIndex, read_index
 from clipvip_jax.retrieval_model import RetrievalModel
 
@@ -146,6 +146,7 @@ def _print_rankings(index: EmbeddingIndex, queries: list[str], rankings: list[Ra
 
 def _run(argv: Sequence[str] | None) -> int:
   args = _parser().parse_args(argv)
+  quiet_library_logs()
   queries, top_k = check_queries(args.queries), check_top_k(args.top_k)
   index = read_index(args.index)
   if args.checkpoint is None and (args.config is not None or args.step is not None):
