@@ -294,7 +294,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="allow loading an original checkpoint holding Python objects besides tensors (trusted files)")
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--videos", metavar="DIR", help="folder of video files and/or frame-image folders")
-  source.add_argument("--shards", metavar="DIR", help="shard folder with manifest.json (build_shards, data_pipelines.synthetic)")
+  source.add_argument("--shards", metavar="DIR",
+                      help="shard folder with manifest.json (build_shards, data_pipelines.synthetic)")
   source.add_argument("--texts", metavar="FILE", help="UTF-8 text file, one text per line")
   p.add_argument("--split", default="test", help="split of --shards to encode (default %(default)s)")
   p.add_argument("--out", required=True, metavar="DIR", help="output folder for embeddings.npy + index.json")
