@@ -224,3 +224,26 @@ def test_init_from_clip_copies_text_layers_as_the_original():
   np.testing.assert_array_equal(model.clip.logit_scale[...], clip_params["logit_scale"])
   with pytest.raises(ValueError, match="temporal_layers = 3 exceeds the CLIP's 2 text layers"):
     convert_c2v.init_from_clip(clip_params, clip_cfg, temporal_layers=3)
+
+
+# ---- the recipes ----
+
+@pytest.mark.parametrize("recipe,center_k", [("msrvtt", 5), ("msvd", 5), ("vatex", 7)])
+def test_recipe_configs_build(recipe, center_k):
+  """Each recipe gives a valid data config and the spec's CLIP2Video on ViT-B/32 (checked abstractly)."""
+  import importlib.util
+  import pathlib
+  from clipvip_jax.train import model_init
+  from data_pipelines.pipeline import DataConfig
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"clip2video_{recipe}.py"
+  spec = importlib.util.spec_from_file_location(f"clip2video_{recipe}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  assert f"--config configs/clip2video_{recipe}.py" in module.__doc__
+  DataConfig.from_config({**c.data.to_dict(), "shard_dir": "shards"})
+  cfg = model_init.model_config(c.model)
+  assert (cfg.center_k, cfg.temporal_layers, cfg.temporal_heads, cfg.frame_positions, cfg.width) == (center_k, 4, 8,
+                                                                                                       77, 512)
+  assert (c.data.num_frames, c.data.max_text_len, c.data.batch_size, c.optim.name) == (12, 32, 128, "bert_adam")
+  assert model_init.model_config(module.get_config("runlocal").model).width == 64
