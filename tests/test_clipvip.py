@@ -89,6 +89,28 @@ def test_fixture_parity_through_load_pretrained(fixtures_dir, fixture):
   np.testing.assert_allclose(sim, np.asarray(text) @ np.asarray(video).T, atol=1e-6)
 
 
+def test_fp16_file_through_cli_and_converted_dir(fixtures_dir, fixture, tmp_path):
+  """A float16 `clipmodel.` file (as released checkpoints may be) -> `python -m clipvip_jax.convert` -> a
+  converted directory that load_pretrained reads back with the same config."""
+  from clipvip_jax.api import load_pretrained
+  from clipvip_jax.convert.__main__ import main as convert_main
+  from clipvip_jax.convert.formats import detect_format
+  sd, config, io = fixture
+  assert detect_format(sd) == "clipvip"
+  half = {k: torch.from_numpy(v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in sd.items()}
+  torch.save(half, tmp_path / "half.pt")
+  out = tmp_path / "converted"
+  assert convert_main([str(tmp_path / "half.pt"), "--out", str(out),
+                       "--config", str(fixtures_dir / "clipvip_tiny_config.json")]) == 0
+  model = load_pretrained(out)
+  assert model.kind == "clipvip" and model.config == convert_clipvip.convert(sd, config, "fp32").config
+  video = model.encode_video(_video(io, 6))
+  np.testing.assert_allclose(video, io["video_T6_embeds"], atol=1e-2)  # fp16 weights: close, not exact
+  flat = params_lib.flat_params(model.model)
+  np.testing.assert_array_equal(flat["vision/temporal_embedding"],
+                                half["clipmodel.vision_model.embeddings.temporal_embedding"].float().numpy())
+
+
 @pytest.mark.parametrize("src,dst", [(12, 1), (12, 32), (12, 7), (4, 6), (4, 1), (5, 3), (3, 8), (1, 5), (7, 7)])
 def test_temporal_resampling_matches_torch(src, dst):
   embed = np.random.default_rng(src * 100 + dst).normal(size=(src, 5)).astype(np.float32)
