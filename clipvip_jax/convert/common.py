@@ -67,6 +67,10 @@ def _to_numpy(value, key: str, path: PathLike) -> np.ndarray:
   return value.contiguous().numpy().copy()
 
 
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _is_torchscript(path: pathlib.Path) -> bool:
   # A TorchScript archive is a zip holding the module's code and constants; torch.save zips hold only data.pkl.
   if not zipfile.is_zipfile(path):
@@ -104,14 +108,14 @@ def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Mapping[str, Any]:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     if "Weights only load failed" not in str(e) or not _is_pickle_container(path):
-      raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+      raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
     if not trust_pickle:
       raise ConversionError(
           f"{path} holds Python objects besides tensors, which are only loaded from trusted files; "
           "pass trust_pickle=True (CLI: --trust-pickle) if you trust it") from None
     obj = torch.load(str(path), map_location="cpu", weights_only=False)
   except (RuntimeError, EOFError, KeyError, ValueError) as e:  # what torch raises for truncated or foreign files
-    raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
   return _unwrap(obj, path)
 
 
