@@ -47,13 +47,15 @@ class Encoded:
 def find_videos(videos_dir: str | os.PathLike) -> list[tuple[str, pathlib.Path]]:
   """(id, path) of every clip under `videos_dir`, in natural name order: video files (video_io's extensions)
   anywhere below it, and folders of frame images (a folder holding image files is one clip). The id is the path
-  relative to `videos_dir` without the video extension."""
+  relative to `videos_dir` without the video extension. Hidden entries (".DS_Store", macOS "._clip.mp4"
+  resource forks, ".git") are not clips and are passed over."""
   from data_pipelines import video_io
   root = pathlib.Path(videos_dir)
   found: list[tuple[str, pathlib.Path]] = []
 
   def visit(folder: pathlib.Path) -> None:
-    entries = sorted(folder.iterdir(), key=lambda p: video_io.natural_sort_key(p.name))
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")),
+                     key=lambda p: video_io.natural_sort_key(p.name))
     for entry in entries:
       if entry.is_dir():
         if any(f.suffix.lower() in video_io.IMAGE_EXTENSIONS for f in entry.iterdir() if f.is_file()):

@@ -119,6 +119,7 @@ def test_encode_videos_skips_and_reports_a_corrupt_file(checkpoint, model, tmp_p
   rh.write_video(videos / "clip_a.mp4", seed=2)
   (videos / "broken.mp4").write_bytes(np.random.default_rng(0).bytes(2000))
   (videos / "notes.txt").write_text("not a video")
+  (videos / "._clip_a.mp4").write_bytes(b"\x00\x05\x16\x07 a macOS resource fork")  # hidden: not a clip
   frames = videos / "frames"
   frames.mkdir()
   from PIL import Image
