@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.progress_bar = False
   c.peak_flops_per_device = 0.0
   c.prefetch = 2
+  c.compilation_cache_dir = ""  # a folder enables jax's persistent compilation cache (fast restarts)
 
   c.mesh = (-1, 1, 1)
   c.sharding_rules = tuple(DEFAULT_RULES)

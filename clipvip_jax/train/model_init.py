@@ -156,11 +156,19 @@ def load_checkpoint_params(path: str, config: Any = None) -> tuple[str, Any, dic
   return c.kind, c.config, c.params
 
 
-def init_model(config: Any, mesh, rules) -> ModelState:
-  """The model of config.model, initialised per config.init, with parameters sharded over `mesh`."""
+def init_model(config: Any, mesh, rules, initial_params: Mapping[str, np.ndarray] | None = None) -> ModelState:
+  """The model of config.model, initialised per config.init (or from `initial_params`, a flat {name: array} dict
+  of the same model held in memory), with parameters sharded over `mesh`."""
   model_cfg, init_cfg = config.model, config.get("init") or {}
   kind, seed = model_cfg["kind"], int(config.get("seed", 0))
   checkpoint = init_cfg.get("checkpoint")
+  if initial_params is not None:
+    cfg = model_config(model_cfg)
+    graphdef, rest, shardings = param_shardings(kind, cfg, mesh, rules)
+    from clipvip_jax.params import check_params, shapes
+    check_params(shapes(abstract_model(kind, cfg)), initial_params, source="initial_params")
+    return ModelState(kind, cfg, graphdef, rest, place_params(initial_params, shardings), shardings,
+                      source="initial_params")
   if not checkpoint:
     cfg = model_config(model_cfg)
     graphdef, rest, shardings = param_shardings(kind, cfg, mesh, rules)

@@ -79,6 +79,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.mode = {config.mode!r}; known: {step_lib.MODES}")
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Fails before any compilation when the shards of the training or evaluation split or the initial checkpoint
+  are missing (FileNotFoundError naming the folder and split)."""
+  from data_pipelines import sources
+  sources.shard_paths(config.data.shard_dir, config.data.get("split", "train"))
+  eval_cfg = config.get("eval") or {}
+  if eval_cfg.get("split"):
+    eval_dir = (eval_cfg.get("data") or {}).get("shard_dir") or config.data.shard_dir
+    sources.shard_paths(eval_dir, eval_cfg.split)
+  checkpoint = (config.get("init") or {}).get("checkpoint")
+  if checkpoint and not pathlib.Path(checkpoint).exists():
+    raise FileNotFoundError(f"config.init.checkpoint {checkpoint} does not exist")
+
+
 def total_steps_of(config: ml_collections.ConfigDict) -> int:
   """config.total_steps, else ceil(num_epochs * training clips / global batch) as the originals count."""
   if config.get("total_steps"):
@@ -150,13 +164,50 @@ def _make_evaluator(config, ms: model_init.ModelState, mesh, rules):
   return Evaluator(pipeline.make_eval_dataset(data_cfg), ms.graphdef, ms.rest, ms.shardings, mesh, rules)
 
 
+@dataclasses.dataclass
+class TrainingSetup:
+  model: model_init.ModelState
+  tx: Any
+  schedule: optim.Schedule
+  param_rules: Any
+  opt_state: Any
+  opt_shardings: Any
+  objective: step_lib.Objective
+  train_step: step_lib.TrainStep
+
+
+def setup_training(config: ml_collections.ConfigDict, mesh, rules, total_steps: int,
+                   initial_params: Mapping[str, np.ndarray] | None = None) -> TrainingSetup:
+  """Model (sharded init, config.init.checkpoint or `initial_params`), optimiser, its sharded state, the step."""
+  ms = model_init.init_model(config, mesh, rules, initial_params)
+  for line in sharding.describe_shardings(ms.shardings, ms.params)[:20]:
+    log.info("sharded: %s", line)
+  tx, schedule, param_rules = optim.make_optimizer(config.optim, ms.params, total_steps)
+  for line in optim.describe_rules(param_rules):
+    log.info("%s", line)
+  opt_shardings = step_lib.opt_state_shardings(jax.eval_shape(tx.init, ms.params), ms.params, ms.shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(ms.params)
+  objective = step_lib.make_objective(config.mode, config.get("loss"))
+  train_step = step_lib.make_train_step(ms.graphdef, ms.rest, objective, tx, param_rules,
+                                        grad_accum=int(config.get("grad_accum", 1)), param_shardings=ms.shardings,
+                                        opt_shardings=opt_shardings,
+                                        batch_sharding=sharding.batch_sharding(mesh, rules, 1))
+  return TrainingSetup(ms, tx, schedule, param_rules, opt_state, opt_shardings, objective, train_step)
+
+
 def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run of `config` in `workdir`; returns a summary with the final metrics."""
   from data_pipelines import pipeline
   config = as_config_dict(config)
   check_config(config)
+  check_inputs(config)
   hooks = hooks or Hooks()
   maybe_initialize_distributed()
+  if config.get("compilation_cache_dir"):  # restarts (preemptions, resumed runs) then skip recompilation
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update("jax_compilation_cache_dir", str(config.compilation_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # jax settles the cache at its first compile: start it over with this folder
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
@@ -175,16 +226,10 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
   total_steps = total_steps_of(config)
   log.info("mesh %s on %d devices, %d steps", dict(mesh.shape), mesh.size, total_steps)
 
-  # Model, optimiser, checkpoint (resume from the latest when there is one).
-  ms = model_init.init_model(config, mesh, rules)
-  for line in sharding.describe_shardings(ms.shardings, ms.params)[:20]:
-    log.info("sharded: %s", line)
-  tx, schedule, rules_p = optim.make_optimizer(config.optim, ms.params, total_steps)
-  for line in optim.describe_rules(rules_p):
-    log.info("%s", line)
-  opt_shardings = step_lib.opt_state_shardings(jax.eval_shape(tx.init, ms.params), ms.params, ms.shardings, mesh)
-  params = ms.params
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  # Model, optimiser and the compiled step; then resume from the latest checkpoint when there is one.
+  state = setup_training(config, mesh, rules, total_steps)
+  ms, tx, schedule, opt_shardings = state.model, state.tx, state.schedule, state.opt_shardings
+  params, opt_state, objective, train_step = ms.params, state.opt_state, state.objective, state.train_step
   ckpt_cfg = config.get("checkpoint") or {}
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(ckpt_cfg.get("keep", 3)),
                                        best_metric=ckpt_cfg.get("best_metric"),
@@ -204,10 +249,6 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
     host_iter = _MappedIterator(host_iter, hooks.transform_host_batch, step + 1)
   batches = pipeline.prefetch_to_device(host_iter, batch_sharding, size=int(config.get("prefetch", 2)))
 
-  objective = step_lib.make_objective(config.mode, config.get("loss"))
-  train_step = step_lib.make_train_step(ms.graphdef, ms.rest, objective, tx, rules_p, grad_accum=grad_accum,
-                                        param_shardings=ms.shardings, opt_shardings=opt_shardings,
-                                        batch_sharding=batch_sharding)
   evaluator = _make_evaluator(config, ms, mesh, rules)
   eval_every = int((config.get("eval") or {}).get("every", 0) or 0)
   ckpt_every = int(ckpt_cfg.get("every", 0) or 0)
