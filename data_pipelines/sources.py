@@ -25,6 +25,9 @@ class RecordSource(Protocol):
   def __getitem__(self, index: int) -> bytes: ...
 
 
+TFDS_PREFIX = "tfds:"
+
+
 def shard_paths(shard_dir: str | pathlib.Path, split: str) -> list[str]:
   """The ArrayRecord files of one split, in shard order.
 
@@ -33,6 +36,15 @@ def shard_paths(shard_dir: str | pathlib.Path, split: str) -> list[str]:
   falls back to the files named `{split}-{i:05d}-of-{n:05d}.array_record`. Raises FileNotFoundError naming the
   folder and split when there are none, or when the shard set is incomplete.
   """
+  if str(shard_dir).startswith(TFDS_PREFIX):
+    # A TFDS-prepared dataset: check that the split opens and is non-empty; its files are TFDS's business.
+    try:
+      n = len(open_split(shard_dir, split))
+    except Exception as e:  # tfds raises several types for a missing dataset, config or split
+      raise FileNotFoundError(f"{shard_dir}: split {split!r} cannot be opened ({e})") from e
+    if n == 0:
+      raise FileNotFoundError(f"{shard_dir}: split {split!r} is empty")
+    return [f"{shard_dir}#{split}"]
   root = pathlib.Path(shard_dir)
   if not root.is_dir():
     raise FileNotFoundError(f"shard folder {root} does not exist")
@@ -57,7 +69,20 @@ def shard_paths(shard_dir: str | pathlib.Path, split: str) -> list[str]:
 
 
 def open_split(shard_dir: str | pathlib.Path, split: str) -> RecordSource:
-  """An ArrayRecordDataSource over every shard of `split` (picklable: each worker reopens the files)."""
+  """The records of `split`, picklable (each worker reopens the files).
+
+  `shard_dir` is a folder of our shards (build_shards, synthetic) or, for datasets prepared by the TFDS builders
+  in data_pipelines/tfds, `tfds:NAME[@DATA_DIR]` (e.g. `tfds:msrvtt/9k@/data/tfds`) or `tfds:/path/to/version/dir`:
+  every reader of `data.shard_dir` (trainer, eval, encode) takes either form.
+  """
+  spec = str(shard_dir)
+  if spec.startswith(TFDS_PREFIX):
+    from data_pipelines.tfds.common import TfdsRecordSource  # deferred: tfds is heavy to import
+
+    name, _, data_dir = spec[len(TFDS_PREFIX):].partition("@")
+    if not name:
+      raise ValueError(f"data.shard_dir {spec!r}: expected tfds:NAME[@DATA_DIR]")
+    return TfdsRecordSource(name, split, data_dir or None)
   import grain  # deferred: keeps `sources` importable for tools that only list shards
 
   return grain.sources.ArrayRecordDataSource(shard_paths(shard_dir, split))

@@ -313,3 +313,18 @@ def test_grain_pipeline_reads_a_tfds_dataset(tmp_path):
   assert sorted(batch["clip_index"].tolist()) == [0, 1]
   # The paragraphs "a girl walks in later she waves" and "a dog barks", not single sentences.
   assert sorted(batch["text_mask"].sum(axis=1).tolist()) == [3, 7]
+
+
+def test_shard_dir_names_a_tfds_dataset(tmp_path):
+  """Every reader of data.shard_dir (trainer, eval, encode) accepts tfds:NAME@DATA_DIR."""
+  from data_pipelines import sources
+
+  didemo_manual(tmp_path / "manual")
+  build(clip_tfds.Didemo, tmp_path / "manual", tmp_path / "data")
+  spec = f"tfds:didemo/paragraph@{tmp_path / 'data'}"
+  assert sources.shard_paths(spec, "train") == [f"{spec}#train"]
+  source = sources.open_split(spec, "train")
+  direct = clip_tfds.TfdsRecordSource("didemo/paragraph", "train", data_dir=str(tmp_path / "data"))
+  assert len(source) == len(direct) == 2 and source[1] == direct[1]
+  with pytest.raises(FileNotFoundError, match="split 'nope'"):
+    sources.shard_paths(spec, "nope")
