@@ -12,7 +12,11 @@ parameters, on all but biases: logit_scale is decayed as in CLIP4Clip), lr 1e-4 
 1e-4 x 1e-3 for the CLIP towers, CLIP4Clip's warmup_cosine (10% warmup on the progress of the whole run, the
 first update at lr 0), global-norm clip 1.0; frozen: patch embedding, class and visual position embeddings,
 pre-LayerNorm, token embedding and text position embedding. Temporal modules start from the CLIP text layers.
-Loss 0.5 L_global + 0.5 L_TAB. K = 5 TAB centres (7 for VATEX: --config.model.config.center_k=7).
+Loss 0.5 L_global + 0.5 L_TAB. K = 5 TAB centres (configs/clip2video_vatex.py: 7).
+
+`get_config("runlocal")`: the same recipe on a tiny random CLIP2Video for 4 steps, a CPU smoke run on any shards
+(e.g. `python -m data_pipelines.synthetic --out /tmp/synth --clips 64 --frames 4 --size 32`, then
+`--config configs/clip2video_msrvtt.py:runlocal --config.data.shard_dir=/tmp/synth --config.init.checkpoint=`).
 """
 
 import ml_collections
@@ -24,7 +28,6 @@ FROZEN = (r"^clip/vision/patch_embedding/", r"^clip/vision/class_embedding$", r"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
   c = ml_collections.ConfigDict()
   c.seed = 42
   c.mode = "clip2video"
@@ -58,4 +61,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.mesh = (-1, 1, 1)
   c.sharding_rules = tuple(DEFAULT_RULES)
+  if arg == "runlocal":
+    runlocal(c)
   return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+  """A 64-wide random CLIP2Video (1 temporal layer, 3 centres) for 4 steps on CPU, the recipe otherwise unchanged."""
+  c.total_steps, c.num_epochs, c.log_every = 4, 0, 1
+  c.data.update(shard_dir="", num_frames=4, image_size=32, max_text_len=16, batch_size=8, worker_count=0,
+                dtype="float32")
+  c.model.update(variant="tiny", dtype="float32",
+                 clip=dict(text=dict(width=64, heads=1, mlp_dim=256), projection_dim=64))
+  c.model.config.update(temporal_layers=1, center_k=3)
+  c.init.checkpoint = ""
+  c.optim.lr = 1e-3
+  c.eval.update(every=0, batch_size=8)
+  c.checkpoint.update(every=0, async_save=False)
+  c.progress_bar = False

@@ -8,6 +8,11 @@
   over valid tokens, L2-normalised per centre, averaged, L2-normalised.
 - `mean_pool_frames` (meanP, from models/meanp.py): L2 per frame, masked mean, L2.
 
+Padded frames: masks are key masks everywhere and masked tokens are left out of every pooling, but a difference
+token d_i = f_{i+1} - f_i carries frame i's mask (spec TDB step 3), so the difference between the last valid frame
+and the first padded one counts, exactly as in the original; parity therefore needs padded frames to be what the
+original feeds (zero images), which is what the data pipeline produces.
+
 Masks are batch-major: sample b's key mask only ever reaches sample b's attention rows. The original repeats
 its [B, S, S] masks head-major for a [B * heads] batch, so a sample can receive another sample's mask when frame
 masks differ within a batch; that defect is deliberately not reproduced.
