@@ -199,7 +199,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, spli
   else:
     kind, cfg, flat = model_init.load_checkpoint_params(checkpoint, (config.get("init") or {}).get("config"))
   cfg = kinds.replace_in_config(cfg, dtype=dtype)
-  mesh = sharding.make_mesh(tuple(config.get("mesh", (-1, 1, 1))))
+  from clipvip_jax.train.trainer import make_mesh
+  mesh = make_mesh(config.get("mesh", (-1, 1, 1)))
   rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
   graphdef, rest, shardings = model_init.param_shardings(kind, cfg, mesh, rules)
   params = model_init.place_params(flat, shardings)

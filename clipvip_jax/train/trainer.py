@@ -102,6 +102,18 @@ def total_steps_of(config: ml_collections.ConfigDict) -> int:
   return math.ceil(config.num_epochs * num_clips / config.data.batch_size)
 
 
+def make_mesh(shape) -> Any:
+  """sharding.make_mesh over all devices; on one host, a fully specified mesh smaller than the device count uses
+  the first devices (a small run on a big machine, tests on simulated devices)."""
+  shape = tuple(int(x) for x in shape)
+  needed = math.prod(shape)
+  devices = jax.devices()
+  if -1 not in shape and needed < len(devices) and jax.process_count() == 1:
+    log.warning("mesh %s uses %d of the %d devices", shape, needed, len(devices))
+    devices = devices[:needed]
+  return sharding.make_mesh(shape, devices)
+
+
 def batch_devices(mesh, rules) -> int:
   axes = sharding.batch_sharding(mesh, rules, 1).spec[0]
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
@@ -215,7 +227,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
   started = time.time()
 
   # Mesh and logical-axis rules.
-  mesh = sharding.make_mesh(tuple(config.get("mesh", (-1, 1, 1))))
+  mesh = make_mesh(config.get("mesh", (-1, 1, 1)))
   rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
   batch_sharding = sharding.batch_sharding(mesh, rules, 1)
   grad_accum = int(config.get("grad_accum", 1))
