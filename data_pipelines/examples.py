@@ -130,6 +130,26 @@ class TrainExample(grain.transforms.RandomMap):
     return example
 
 
+class GroupExample(grain.transforms.RandomMap):
+  """A group of (key, bytes) -> one example per record stacked on a new leading axis; None if any is corrupt."""
+
+  def __init__(self, example: TrainExample):
+    self._example = example
+
+  def random_map(self, group: list[tuple[int, bytes]], rng: np.random.Generator) -> dict[str, Any] | None:
+    members = [self._example.random_map(element, rng) for element in group]
+    if any(m is None for m in members):
+      return None
+    return {k: np.stack([m[k] for m in members]) for k in members[0]}
+
+
+class FlattenGroups(grain.transforms.Map):
+  """[B/G, G, ...] batches of grouped examples -> [B, ...], each group's members adjacent."""
+
+  def map(self, batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
 class DropCorrupt(grain.transforms.Filter):
   def filter(self, element: Any) -> bool:
     return element is not None

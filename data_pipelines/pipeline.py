@@ -37,6 +37,9 @@ Config keys (dict or ml_collections.ConfigDict; unknown keys are an error):
   pretraining    add subtitle_ids/mask, caption_ids/mask and image (CLIP-ViP pretraining)   (False)
   shuffle        shuffle training records                                      (True)
   num_epochs     training epochs before StopIteration, None = repeat forever  (None)
+  group_size     G > 1 shuffles groups of G consecutive records and keeps each group inside one batch: hard
+                 negatives that share a batch (the synthetic set's time-reversed twins; clips cut from the same
+                 video). A group with a corrupt record is dropped whole.                               (1)
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class DataConfig:
   pretraining: bool = False
   shuffle: bool = True
   num_epochs: int | None = None
+  group_size: int = 1
 
   @classmethod
   def from_config(cls, config: Any) -> "DataConfig":
@@ -110,6 +114,9 @@ class DataConfig:
     if self.sampling not in sampling.SAMPLERS:
       raise ValueError(f"data.sampling must be one of {sorted(sampling.SAMPLERS)}, got {self.sampling!r}")
     transforms.video_dtype(self.dtype)
+    if not isinstance(self.group_size, int) or self.group_size < 1 or self.batch_size % self.group_size:
+      raise ValueError(f"data.group_size must be a positive int dividing batch_size {self.batch_size}, "
+                       f"got {self.group_size!r}")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"data.num_epochs must be None or >= 1, got {self.num_epochs!r}")
 
@@ -198,16 +205,25 @@ def make_train_loader(config_data: Any, *, source: sources.RecordSource | None =
   """The training DataLoader. shard_options defaults to ShardByJaxProcess (drop_remainder: equal host shards)."""
   cfg = DataConfig.from_config(config_data)
   data = sources.KeyedSource(_open_source(cfg, source))
+  example = examples.TrainExample(cfg.example_spec(), tokenize_fn or examples.DefaultTokenize())
+  if cfg.group_size > 1:
+    data = sources.GroupedSource(data, cfg.group_size)
+    example = examples.GroupExample(example)
   shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
   if len(data) < shard_options.shard_count:
     raise ValueError(f"{len(data)} clips cannot be split over {shard_options.shard_count} hosts")
   sampler = grain.samplers.IndexSampler(num_records=len(data), shard_options=shard_options, shuffle=cfg.shuffle,
                                         num_epochs=cfg.num_epochs, seed=cfg.seed)
+  per_host = _per_host_batch(cfg.batch_size, shard_options.shard_count)
+  if per_host % cfg.group_size:
+    raise ValueError(f"per-host batch {per_host} is not divisible by data.group_size {cfg.group_size}")
   operations = [
-      examples.TrainExample(cfg.example_spec(), tokenize_fn or examples.DefaultTokenize()),
+      example,
       examples.DropCorrupt(),
-      grain.transforms.Batch(_per_host_batch(cfg.batch_size, shard_options.shard_count), drop_remainder=True),
+      grain.transforms.Batch(per_host // cfg.group_size, drop_remainder=True),
   ]
+  if cfg.group_size > 1:
+    operations.append(examples.FlattenGroups())
   if cfg.worker_count:
     _allow_grain_workers_outside_absl_app()
   return grain.DataLoader(data_source=data, sampler=sampler, operations=operations, worker_count=cfg.worker_count,

@@ -322,3 +322,28 @@ def test_shard_paths_manifest_and_pattern(shard_dir, tmp_path):
       {"schema_version": 1, "splits": {"train": {"shards": ["a.array_record"]}},
        "shards": [{"file": "a.array_record", "split": "train", "records": 0}]}))
   assert sources.shard_paths(listed, "train") == [str(listed / "a.array_record")]
+
+
+def test_group_size_keeps_consecutive_records_in_one_batch(shard_dir):
+  config = _config(shard_dir, batch_size=4, group_size=2, num_epochs=1)
+  with pipeline.make_train_iterator(config, tokenize_fn=fake_tokenize) as it:
+    batches = list(it)
+  seen = []
+  for b in batches:
+    assert b["video"].shape == (4, T, S, S, 3) and b["text_ids"].shape == (4, L)
+    idx = b["clip_index"].tolist()
+    # Members of a group sit next to each other: (2j, 2j+1).
+    assert all(idx[i] % 2 == 0 and idx[i + 1] == idx[i] + 1 for i in (0, 2)), idx
+    seen += idx
+  # 11 groups of 2 (record 22 is left out), 5 full batches of 2 groups: 20 distinct records.
+  assert len(seen) == len(set(seen)) == 20 and set(seen) <= set(range(22))
+  with pytest.raises(ValueError, match="group_size"):
+    pipeline.make_train_iterator(_config(shard_dir, batch_size=4, group_size=3), tokenize_fn=fake_tokenize)
+
+
+def test_group_with_a_corrupt_record_is_dropped_whole(shard_dir):
+  # "corrupt" split: record 3 does not decode, so group (2, 3) is dropped; record 7's frames fail: (6, 7) too.
+  config = _config(shard_dir, split="corrupt", batch_size=2, group_size=2, num_epochs=1, shuffle=False)
+  with pipeline.make_train_iterator(config, tokenize_fn=fake_tokenize) as it:
+    seen = [b["clip_index"].tolist() for b in it]
+  assert seen == [[0, 1], [4, 5], [8, 9], [10, 11]]
