@@ -292,7 +292,10 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
       return
     fetched = jax.device_get([m for _, m in pending])
     now = time.time()
-    for (at, _), m in zip(pending, fetched):
+    skipped_before = len(nonfinite_steps)
+    # The lr of each step from one vectorised schedule call (the schedule counts applied updates).
+    lrs = np.asarray(schedule(np.asarray([max(at - 1 - skipped_before, 0) for at, _ in pending])))
+    for (at, _), m, lr in zip(pending, fetched, lrs):
       if not bool(m["finite"]):
         consecutive += 1
         nonfinite_steps.append(at)
@@ -301,7 +304,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
       else:
         consecutive = 0
       values = {k: float(v) for k, v in m.items() if k != "finite"}
-      values["lr"] = float(schedule(max(at - 1 - len(nonfinite_steps), 0)))
+      values["lr"] = float(lr)
       logger.scalars(at, values)
       last_train = values
     step_time = (now - window_start) / max(window_steps, 1)
