@@ -83,17 +83,10 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   """Fails before any compilation when the shards of the training or evaluation split or the initial checkpoint
   are missing (FileNotFoundError naming the folder and split)."""
   from data_pipelines import sources
-
-  def check(shard_dir: str, split: str) -> None:
-    if str(shard_dir).startswith(sources.TFDS_PREFIX):  # a TFDS-built dataset: its reader checks on open
-      sources.open_split(shard_dir, split)
-    else:
-      sources.shard_paths(shard_dir, split)
-
-  check(config.data.shard_dir, config.data.get("split", "train"))
+  sources.shard_paths(config.data.shard_dir, config.data.get("split", "train"))  # also tfds:NAME sources
   eval_cfg = config.get("eval") or {}
   if eval_cfg.get("split"):
-    check((eval_cfg.get("data") or {}).get("shard_dir") or config.data.shard_dir, eval_cfg.split)
+    sources.shard_paths((eval_cfg.get("data") or {}).get("shard_dir") or config.data.shard_dir, eval_cfg.split)
   checkpoint = (config.get("init") or {}).get("checkpoint")
   if checkpoint and not pathlib.Path(checkpoint).exists():
     raise FileNotFoundError(f"config.init.checkpoint {checkpoint} does not exist")
