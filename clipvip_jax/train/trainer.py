@@ -262,6 +262,11 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
 
   evaluator = _make_evaluator(config, ms, mesh, rules)
   eval_every = int((config.get("eval") or {}).get("every", 0) or 0)
+  # Evaluation metrics are named by their split ("val/t2v/R@1"); checkpoint.best_metric names one of them, so a
+  # best checkpoint is chosen on the split it names, and a "test/" metric is flagged.
+  eval_prefix = f"{(config.get('eval') or {}).get('split') or 'val'}/"
+  if str(ckpt_cfg.get("best_metric") or "").startswith("test/"):
+    log.warning("checkpoint.best_metric %s selects checkpoints on the test split", ckpt_cfg.best_metric)
   ckpt_every = int(ckpt_cfg.get("every", 0) or 0)
   log_every = max(int(config.get("log_every", 50)), 1)
   max_consecutive = int(config.get("max_nonfinite_steps", 10))
@@ -346,8 +351,8 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
       if evaluator is not None and eval_every and step % eval_every == 0 and step < total_steps:
         flush()
         last_eval = evaluator(params)
-        eval_metrics = {f"val/{k}": v for k, v in _scalars(last_eval).items()}
-        logger.scalars(step, _scalars(last_eval), prefix="val/")
+        eval_metrics = {f"{eval_prefix}{k}": v for k, v in _scalars(last_eval).items()}
+        logger.scalars(step, _scalars(last_eval), prefix=eval_prefix)
         logger.message(f"step {step}: val t2v R@1 {last_eval['t2v/R@1']:.1f}, v2t R@1 {last_eval['v2t/R@1']:.1f}")
         window_start, window_steps = time.time(), 0
       if ((ckpt_every and step % ckpt_every == 0) or eval_metrics is not None) and step < total_steps:
@@ -362,9 +367,9 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
       flush()
       if evaluator is not None and step >= total_steps:
         last_eval = evaluator(params)
-        logger.scalars(step, _scalars(last_eval), prefix="val/")
+        logger.scalars(step, _scalars(last_eval), prefix=eval_prefix)
         logger.message(f"final val t2v R@1 {last_eval['t2v/R@1']:.1f}, v2t R@1 {last_eval['v2t/R@1']:.1f}")
-      save(step, {f"val/{k}": v for k, v in _scalars(last_eval).items()} if last_eval else None)
+      save(step, {f"{eval_prefix}{k}": v for k, v in _scalars(last_eval).items()} if last_eval else None)
   finally:
     preemption.restore()
     checkpointer.close()
