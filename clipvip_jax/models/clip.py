@@ -123,7 +123,8 @@ class PatchEmbedding(nnx.Module):
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     p, c = cfg.patch_size, cfg.channels
-    self.kernel = layers.param(layers.normal_init(rngs, (p, p, c, cfg.width), (p * p * c)**-0.5),
+    # std 0.02 as HF CLIP initialises it: patch content then does not drown the position and temporal signal.
+    self.kernel = layers.param(layers.normal_init(rngs, (p, p, c, cfg.width), 0.02),
                                (None, None, None, "embed"))
     self.patch_size = p
     self.dtype = dtype

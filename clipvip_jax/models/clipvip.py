@@ -32,6 +32,10 @@ class CLIPViPConfig:
   use_temporal_embed: bool = True  # if_use_temporal_embed
   logit_scale_init: float = 4.6  # the original overwrites CLIP's logit_scale with this at construction
   attention_pattern: str = "block_sparse"  # or "dense": the masked S x S reference (same values, more FLOPs)
+  # The original zero-initialises the temporal embedding (it starts from a pretrained CLIP). Trained from scratch,
+  # zeros make a clip and its time reverse encode identically, a saddle that plain SGD leaves only slowly; a small
+  # random init breaks that symmetry (the demo uses 0.02, as the position embeddings).
+  temporal_init_std: float = 0.0
 
   def __post_init__(self):
     if self.num_proxies < 1:
@@ -123,7 +127,9 @@ class VideoProxyVisionTower(clip.VisionTower):
     # Proxies 1..M-1: a new parameter drawn N(0, 1) as the original does (not a copy of the class token).
     self.added_cls = layers.param(layers.normal_init(rngs, (cfg.num_proxies - 1, width), 1.0), (None, "embed"))
     self.temporal_embedding = (
-        layers.param(jnp.zeros((1, cfg.temporal_size, width), jnp.float32), (None, None, "embed"))
+        layers.param(layers.normal_init(rngs, (1, cfg.temporal_size, width), cfg.temporal_init_std)
+                     if cfg.temporal_init_std else jnp.zeros((1, cfg.temporal_size, width), jnp.float32),
+                     (None, None, "embed"))
         if cfg.use_temporal_embed else None)
 
   def embed_video(self, video: Array) -> Array:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 from typing import Any, Mapping
 
@@ -81,9 +82,13 @@ class Checkpointer:
   def _update_best(self, step: int, value: float) -> None:
     path = self.workdir / BEST_FILE
     best = json.loads(path.read_text()) if path.exists() else None
-    better = best is None or (value > best["value"] if self.best_mode == "max" else value < best["value"])
+    # Ties go to the later step, as Orbax's BestN does (a stable sort keeping the last n): best.json must name the
+    # checkpoint that the preservation policy actually keeps.
+    better = best is None or (value >= best["value"] if self.best_mode == "max" else value <= best["value"])
     if better:
-      path.write_text(json.dumps({"step": int(step), "metric": self.best_metric, "value": float(value)}) + "\n")
+      tmp = path.with_suffix(".json.tmp")
+      tmp.write_text(json.dumps({"step": int(step), "metric": self.best_metric, "value": float(value)}) + "\n")
+      os.replace(tmp, path)
 
   def restore(self, step: int, params: Any, param_shardings: Any, opt_state: Any,
               opt_shardings: Any) -> tuple[Any, Any, Any, dict[str, Any]]:

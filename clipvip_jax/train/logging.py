@@ -1,4 +1,5 @@
-"""What a run reports: TensorBoard scalars (tensorboardX), a tqdm progress bar with ETA, and the MFU estimate.
+"""What a run reports: TensorBoard scalars (tensorboardX), the same scalars as JSON lines (WORKDIR/metrics.jsonl,
+for plots and scripts without TensorBoard), a tqdm progress bar with ETA, and the MFU estimate.
 
 Only process 0 writes. The trainer hands over host values at log steps only (one device->host transfer per
 log interval), so logging never adds a synchronisation to the steps in between.
@@ -6,6 +7,7 @@ log interval), so logging never adds a synchronisation to the steps in between.
 
 from __future__ import annotations
 
+import json
 import logging as std_logging
 import pathlib
 from typing import Any, Mapping
@@ -55,6 +57,8 @@ class RunLogger:
     if self.is_main and tensorboard:
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+    # Appended to across resumes: a resumed run's lines repeat steps after its last checkpoint; readers keep the last.
+    self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a") if self.is_main else None
     self.bar = None
     if self.is_main and progress:
       from tqdm.auto import tqdm
@@ -70,6 +74,9 @@ class RunLogger:
     if self.writer is not None:
       for k, v in values.items():
         self.writer.add_scalar(prefix + k, float(v), step)
+    if self.jsonl is not None:
+      self.jsonl.write(json.dumps({"step": int(step), **{prefix + k: float(v) for k, v in values.items()}}) + "\n")
+      self.jsonl.flush()
     if self.bar is not None and prefix == "train/":
       shown = {k: values[k] for k in ("loss", "lr", "logit_scale") if k in values}
       self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -80,6 +87,8 @@ class RunLogger:
     log.info(text)
 
   def close(self) -> None:
+    if self.jsonl is not None:
+      self.jsonl.close()
     if self.writer is not None:
       self.writer.flush()
       self.writer.close()
