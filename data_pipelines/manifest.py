@@ -94,4 +94,5 @@ def shard_paths(shard_dir: str, split: str | None = None, manifest: dict[str, An
   manifest = manifest or read_manifest(shard_dir)
   if split is not None and split not in manifest["splits"]:
     raise ValueError(f"{shard_dir} has no split {split!r} (it has {sorted(manifest['splits'])})")
-  return [os.path.join(shard_dir, s["file"]) for s in manifest["shards"] if split is None or s["split"] == split]
+  root = os.path.abspath(shard_dir)
+  return [os.path.join(root, s["file"]) for s in manifest["shards"] if split is None or s["split"] == split]

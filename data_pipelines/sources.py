@@ -49,7 +49,7 @@ def shard_paths(shard_dir: str | pathlib.Path, split: str) -> list[str]:
   if not root.is_dir():
     raise FileNotFoundError(f"shard folder {root} does not exist")
   if (root / manifest.MANIFEST_NAME).exists():
-    names = manifest.shard_paths(str(root), split)
+    names = [pathlib.Path(p).name for p in manifest.shard_paths(str(root), split)]
   else:
     found = sorted((m.group("index"), m.group("count"), p.name) for p in root.iterdir()
                    if (m := _SHARD_NAME.match(p.name)) and m.group("split") == split)

@@ -3,6 +3,7 @@
 
 import io
 import json
+import pathlib
 
 import grain
 import jax
@@ -322,6 +323,14 @@ def test_shard_paths_manifest_and_pattern(shard_dir, tmp_path):
       {"schema_version": 1, "splits": {"train": {"shards": ["a.array_record"]}},
        "shards": [{"file": "a.array_record", "split": "train", "records": 0}]}))
   assert sources.shard_paths(listed, "train") == [str(listed / "a.array_record")]
+  # A relative folder (as `make demo` passes demo_out/data) resolves to the same files.
+  import os
+  cwd = os.getcwd()
+  try:
+    os.chdir(tmp_path)
+    assert [pathlib.Path(p).resolve() for p in sources.shard_paths("listed", "train")] == [listed / "a.array_record"]
+  finally:
+    os.chdir(cwd)
 
 
 def test_group_size_keeps_consecutive_records_in_one_batch(shard_dir):
