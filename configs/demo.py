@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.mode = "nce"
   c.loss = ""
-  c.total_steps = 1200
+  c.total_steps = 1000
   c.num_epochs = 0
   c.grad_accum = 1
 
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = dict(kind=kind, dtype="float32", remat="none", attention="xla",
                  clip=dict(vision=dict(**tower, patch_size=8, image_size=IMAGE_SIZE),
                            text=dict(**tower, max_len=32), projection_dim=64),
-                 config=dict(num_proxies=4, temporal_size=NUM_FRAMES) if kind == "clipvip" else {})
+                 config=dict(num_proxies=4, temporal_size=NUM_FRAMES, temporal_init_std=0.02) if kind == "clipvip" else {})
   c.init = dict(checkpoint="", config="", skip=())
 
   c.optim = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05, grad_clip_norm=1.0,
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  no_decay=(r"(^|/)bias$", r"(^|/)logit_scale$"), lr_multipliers=(), frozen=())
 
   # Model selection on the validation split; the demo reports the held-out test split.
-  c.eval = dict(split="val", every=400, batch_size=100)
+  c.eval = dict(split="val", every=250, batch_size=100)
   c.checkpoint = dict(every=0, keep=1, best_metric="val/t2v/R@1", best_mode="max", async_save=False)
   c.log_every = 25
   c.max_nonfinite_steps = 3
