@@ -1,0 +1,77 @@
+"""Analytic FLOP counts of one training step per clip, for CLIP-ViP and for the per-frame meanP peer.
+
+Counted: every matrix product (a multiply-add is 2 FLOPs) — q/k/v/out projections and the MLP (2n(4d^2 + 2dm)
+per layer of n tokens), attention scores and the weighted sum (2 x 2 x pairs x d per layer, pairs = the
+(query, key) pairs the implementation actually computes), the patch embedding, the two projections and the
+contrastive logits. Not counted: LayerNorm, softmax, activations, the optimiser (O(params) element-wise, under
+1% here). Training = 3 x forward: the backward pass computes a gradient for the activations and one for the
+weights, each as expensive as the forward product ("model FLOPs": recomputation under remat is not counted).
+
+Attention pairs per clip of T frames with L patches each:
+  CLIP-ViP block-sparse  M*S + T*L*(M+L), S = M + T*L   (proxies see all tokens; patches see proxies + own frame)
+  CLIP-ViP dense mask    S^2                            (the reference computes every pair, then masks)
+  meanP peer             T*(1+L)^2                      (each frame is its own [CLS + L] sequence)
+  text                   n^2                            (the causal mask is applied to a full n x n product)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from clipvip_jax.models.clip import CLIPConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  vision: float
+  text: float
+  loss: float
+
+  @property
+  def forward(self) -> float:
+    return self.vision + self.text + self.loss
+
+  @property
+  def train(self) -> float:
+    return 3.0 * self.forward
+
+
+def _layer_flops(tokens: int, pairs: int, width: int, mlp: int) -> float:
+  return 2.0 * tokens * (4 * width * width + 2 * width * mlp) + 4.0 * pairs * width
+
+
+def text_forward(cfg: CLIPConfig, text_len: int) -> float:
+  t = cfg.text
+  return t.layers * _layer_flops(text_len, text_len * text_len, t.width, t.mlp_dim) + 2.0 * t.width * cfg.projection_dim
+
+
+def _patch_embed(cfg: CLIPConfig, frames: int) -> float:
+  v = cfg.vision
+  return 2.0 * frames * v.num_patches * v.patch_size**2 * v.channels * v.width
+
+
+def clipvip_vision_forward(cfg: CLIPConfig, frames: int, num_proxies: int, pattern: str = "block_sparse") -> float:
+  v = cfg.vision
+  m, l = num_proxies, v.num_patches
+  s = m + frames * l
+  pairs = m * s + frames * l * (m + l) if pattern == "block_sparse" else s * s
+  return (_patch_embed(cfg, frames) + v.layers * _layer_flops(s, pairs, v.width, v.mlp_dim)
+          + 2.0 * v.width * cfg.projection_dim)
+
+
+def meanp_vision_forward(cfg: CLIPConfig, frames: int) -> float:
+  v = cfg.vision
+  n = 1 + v.num_patches
+  return (_patch_embed(cfg, frames) + frames * v.layers * _layer_flops(n, n * n, v.width, v.mlp_dim)
+          + frames * 2.0 * v.width * cfg.projection_dim)
+
+
+def clipvip_step(cfg: CLIPConfig, *, frames: int, text_len: int, num_proxies: int, batch: int,
+                 pattern: str = "block_sparse") -> StepFlops:
+  """Per-clip FLOPs of a CLIP-ViP train step (the B x B logits shared out over the batch)."""
+  return StepFlops(clipvip_vision_forward(cfg, frames, num_proxies, pattern), text_forward(cfg, text_len),
+                   2.0 * batch * cfg.projection_dim)
+
+
+def meanp_step(cfg: CLIPConfig, *, frames: int, text_len: int, batch: int) -> StepFlops:
+  return StepFlops(meanp_vision_forward(cfg, frames), text_forward(cfg, text_len), 2.0 * batch * cfg.projection_dim)
