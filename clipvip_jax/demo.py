@@ -125,8 +125,11 @@ def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS,
     workdirs[name] = workdir
     print(f"\n== training {name} ({config.total_steps} steps) -> {workdir}")
     t0 = time.time()
-    trainer.train(config, workdir)
+    summary = trainer.train(config, workdir)
     timings[name] = time.time() - t0
+    if summary["preempted"]:
+      raise SystemExit(f"stopped: {name} was interrupted at step {summary['step']} (checkpoint saved); "
+                       f"run the demo again to resume")
     which = "best" if (workdir / "best.json").exists() else "latest"
     test = train_cli.evaluate_checkpoint(config, str(workdir), "test", which=which)
     results[name] = {k: float(v) for k, v in test.items() if k.startswith(("t2v/", "v2t/", "dsl_"))}

@@ -15,3 +15,24 @@ def test_best_checkpoint_survives_retention_with_ties(tmp_path):
   best = checkpoint.resolve_step(tmp_path, "best")
   assert best.name == "3" and best.exists()
   assert sorted(ckpt.all_steps()) == [3, 5]  # the best (latest of the tie) and the latest
+
+
+def test_workdir_params_load_through_a_relative_path(tmp_path, monkeypatch):
+  from clipvip_jax.models import clip
+  from clipvip_jax.params import flat_params
+  from flax import nnx
+
+  cfg = clip.clip_config("tiny")
+  model = clip.CLIP(cfg, rngs=nnx.Rngs(0))
+  graph, params = nnx.split(model, nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  ckpt = checkpoint.Checkpointer(tmp_path / "run", keep=1, async_save=False)
+  ckpt.save(3, pure, {"m": jnp.zeros((1,))}, "{}", {"kind": "meanp", "model": cfg.to_dict()}, {})
+  ckpt.close()
+  monkeypatch.chdir(tmp_path)
+  kind, loaded_cfg, flat = checkpoint.load_workdir_params("run", "latest")
+  assert kind == "meanp" and loaded_cfg == cfg
+  expected = {k: v for k, v in flat_params(model).items()}
+  assert flat.keys() == expected.keys()
+  for k in flat:
+    assert (flat[k] == expected[k]).all(), k

@@ -128,8 +128,11 @@ def _step_dir(path: pathlib.Path, step: int | None) -> pathlib.Path:
 
 
 def resolve_step(path: str | pathlib.Path, which: str | int | None = None) -> pathlib.Path:
-  """The step directory of a workdir: `which` = None/"latest", "best" (best.json) or a step number."""
-  root = pathlib.Path(path)
+  """The step directory of a workdir: `which` = None/"latest", "best" (best.json) or a step number.
+
+  Absolute, because Orbax reads no item metadata through a relative path.
+  """
+  root = pathlib.Path(path).absolute()
   if which == "best":
     best = root / BEST_FILE
     if not best.exists():
