@@ -145,6 +145,9 @@ class GroupedSource:
   def __len__(self) -> int:
     return len(self._source) // self._group_size
 
+  def __repr__(self) -> str:  # Grain validates a restored iterator's source by its repr
+    return f"GroupedSource({self._source!r}, group_size={self._group_size})"
+
   def __getitem__(self, index: int) -> list[Any]:
     start = int(index) * self._group_size
     return [self._source[start + i] for i in range(self._group_size)]
