@@ -4,7 +4,9 @@ options, Grain input) against the PyTorch peer (CLIPModel as CLIP4Clip meanP, bf
   python -m benchmarks.gpu_train_step [--variant B/16] [--batch 32] [--remat none,dots_no_batch,full]
   python -m benchmarks.gpu_train_step --tiny     # CPU smoke run of every code path at a toy size
 
-Steps, per remat policy: build the trainer's step (benchmarks/ours.py) in bfloat16 with float32 parameters,
+Steps, per variant of ours (the repository's step, and with the proposed scan over layers of
+benchmarks/experiments.py) and per remat policy: build the trainer's step (benchmarks/ours.py) in bfloat16 with
+float32 parameters (cuDNN attention; XLA's if cuDNN rejects a shape, said in the row),
 time `--steps` back-to-back steps on one device-resident batch (no input cost: the model's own rate), then the
 same with batches from the Grain pipeline (synthetic JPEG shards written first; data_pipelines.pipeline
 .make_train_iterator + prefetch_to_device, as the trainer feeds it): a gap between the two rates is an input
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common, model_flops, ours as ours_lib
+from benchmarks import common, experiments, model_flops, ours as ours_lib
 
 MFU_GOAL, PEER_GOAL = 0.45, 1.5
 TINY_CLIP = dict(vision=dict(width=32, layers=1, heads=2, mlp_dim=64, patch_size=8, image_size=32),
@@ -88,6 +90,21 @@ def time_steps(step, batches: Iterator[Any] | Any, *, warmup: int, steps: int, w
   return (time.perf_counter() - t0) / steps
 
 
+def build_with_fallback(section: dict[str, Any], batch: dict[str, np.ndarray],
+                        variant_name: str) -> tuple[ours_lib.OursStep, str]:
+  """Our step for `section`; if cuDNN rejects an attention shape at compile time, the same step with XLA's
+  attention (the row says which one ran)."""
+  try:
+    with experiments.variant(variant_name):
+      return ours_lib.build(section, batch, devices=jax.devices()[:1]), section["attention"]
+  except Exception as e:  # noqa: BLE001 — reported, then retried with the portable implementation
+    if section["attention"] == "xla":
+      raise
+    print(f"  {section['attention']} attention failed to compile ({type(e).__name__}: {str(e)[:200]}); using xla")
+    with experiments.variant(variant_name):
+      return ours_lib.build(dict(section, attention="xla"), batch, devices=jax.devices()[:1]), "xla"
+
+
 def device_peak_bytes() -> int | None:
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
@@ -102,6 +119,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--text-len", type=int, default=50)
   p.add_argument("--num-proxies", type=int, default=4)
   p.add_argument("--remat", default="none,dots_no_batch,full", help="remat policies to compare")
+  p.add_argument("--ours-variants", default="base,scan_layers",
+                 help="our step as in the repository (base) and with proposed changes (benchmarks/experiments.py)")
   p.add_argument("--attention", default="", help="cudnn (default on GPU) or xla (default elsewhere)")
   p.add_argument("--attention-pattern", default="block_sparse", choices=["block_sparse", "dense"])
   p.add_argument("--steps", type=int, default=20)
@@ -113,6 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--shard-dir", default="", help="reuse shards here instead of writing a temporary set")
   p.add_argument("--no-peer", action="store_true")
   p.add_argument("--peer-compile", action="store_true", help="torch.compile the peer's loss (off by default)")
+  p.add_argument("--peer-remat", action="store_true", help="HF gradient checkpointing for the peer")
   p.add_argument("--peak-n", type=int, default=8192, help="matmul size for the measured peak")
   p.add_argument("--peak-repeats", type=int, default=5)
   p.add_argument("--tiny", action="store_true", help="CPU smoke run: 1-layer width-32 model, 2 frames of 32x32")
@@ -145,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                                      num_proxies=args.num_proxies, batch=args.batch,
                                                      pattern=args.attention_pattern).train
   flops_peer = args.batch * model_flops.meanp_step(cfg, frames=frames, text_len=text_len, batch=args.batch).train
-  print(f"{args.variant}: batch {args.batch}, {frames} frames {size}x{size}, text {text_len}, bf16 compute, "
+  print(f"{args.variant}{' (tiny overrides)' if args.tiny else ''}: batch {args.batch}, {frames} frames {size}x{size}, text {text_len}, bf16 compute, "
         f"attention {attention} / {args.attention_pattern}; model GFLOP per step: ours {flops_ours / 1e9:.0f}, "
         f"peer {flops_peer / 1e9:.0f}", flush=True)
 
@@ -154,29 +174,38 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   shard_dir = args.shard_dir or shard_ctx.name
   os.makedirs(shard_dir, exist_ok=True)
   try:
-    for remat in filter(None, args.remat.split(",")):
-      section = dict(base, remat=remat)
-      ours = ours_lib.build(section, batch, devices=jax.devices()[:1])
-      device_batch = ours.put(batch)
-      step = lambda b: ours.step(b)  # noqa: E731
-      seconds = time_steps(step, device_batch, warmup=args.warmup, steps=args.steps)
-      row = {"impl": "ours", "remat": remat, "input": "device-resident", "step_s": seconds,
-             "clips_per_s": args.batch / seconds, "mfu": flops_ours / (seconds * peak),
-             "xla_flops": ours.cost_flops, "xla_temp": ours.memory.temp_size_in_bytes,
-             "device_peak": device_peak_bytes(), "compile_s": ours.compile_seconds}
-      rows.append(row)
-      print(f"  ours remat={remat}: {1000 * seconds:.1f} ms/step, MFU {100 * row['mfu']:.1f}%", flush=True)
-      if not args.no_grain:
-        it = grain_iterator(args, shard_dir, ours.batch_sharding, frames, size, text_len)
-        keys = ours.objective.batch_keys
-        grain_step = lambda b: ours.step({k: b[k] for k in keys})  # noqa: E731
-        seconds = time_steps(grain_step, it, warmup=args.warmup, steps=args.steps)
-        rows.append(dict(row, input="grain", step_s=seconds, clips_per_s=args.batch / seconds,
-                         mfu=flops_ours / (seconds * peak)))
-        print(f"  ours remat={remat} + Grain: {1000 * seconds:.1f} ms/step", flush=True)
-        if hasattr(it, "close"):
-          it.close()
-      del ours, device_batch
+    for variant_name in filter(None, args.ours_variants.split(",")):
+      impl = "ours" if variant_name == "base" else f"ours+{variant_name}"
+      for remat in filter(None, args.remat.split(",")):
+        try:
+          ours, used_attention = build_with_fallback(dict(base, remat=remat), batch, variant_name)
+          device_batch = ours.put(batch)
+          step = lambda b: ours.step(b)  # noqa: E731
+          seconds = time_steps(step, device_batch, warmup=args.warmup, steps=args.steps)
+        except Exception as e:  # noqa: BLE001 — e.g. out of memory at this batch: report it, go on with the rest
+          print(f"  {impl} remat={remat}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
+          rows.append({"impl": impl, "remat": remat, "attention": attention, "input": "failed", "step_s": float("nan"),
+                       "clips_per_s": float("nan"), "mfu": float("nan"), "xla_flops": None, "xla_temp": None,
+                       "device_peak": None, "compile_s": None, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+          continue
+        row = {"impl": impl, "remat": remat, "attention": used_attention, "input": "device-resident",
+               "step_s": seconds, "clips_per_s": args.batch / seconds, "mfu": flops_ours / (seconds * peak),
+               "xla_flops": ours.cost_flops, "xla_temp": ours.memory.temp_size_in_bytes,
+               "device_peak": device_peak_bytes(), "compile_s": ours.compile_seconds}
+        rows.append(row)
+        print(f"  {impl} remat={remat} ({used_attention}): {1000 * seconds:.1f} ms/step, MFU {100 * row['mfu']:.1f}%",
+              flush=True)
+        if not args.no_grain:
+          it = grain_iterator(args, shard_dir, ours.batch_sharding, frames, size, text_len)
+          keys = ours.objective.batch_keys
+          grain_step = lambda b: ours.step({k: b[k] for k in keys})  # noqa: E731
+          seconds = time_steps(grain_step, it, warmup=args.warmup, steps=args.steps)
+          rows.append(dict(row, input="grain", step_s=seconds, clips_per_s=args.batch / seconds,
+                           mfu=flops_ours / (seconds * peak)))
+          print(f"  {impl} remat={remat} + Grain: {1000 * seconds:.1f} ms/step", flush=True)
+          if hasattr(it, "close"):
+            it.close()
+        del ours, device_batch
   finally:
     if shard_ctx is not None:
       shard_ctx.cleanup()
@@ -185,31 +214,40 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from benchmarks.torch_peer import MeanPPeer  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    peer = MeanPPeer(cfg, device=device, autocast_dtype="bfloat16")
-    if args.peer_compile:
-      peer.loss = torch.compile(peer.loss)
-    tb = peer.to_torch({k: np.asarray(v, np.float32) if k == "video" else v for k, v in batch.items()})
-    if device == "cuda":
-      torch.cuda.reset_peak_memory_stats()
+    name = ("peer (torch bf16 autocast, SDPA" + (", torch.compile" if args.peer_compile else "")
+            + (", HF gradient checkpointing" if args.peer_remat else "") + ")")
+    try:
+      peer = MeanPPeer(cfg, device=device, autocast_dtype="bfloat16")
+      if args.peer_remat:
+        peer.model.gradient_checkpointing_enable()
+      if args.peer_compile:
+        peer.loss = torch.compile(peer.loss)
+      tb = peer.to_torch({k: np.asarray(v, np.float32) if k == "video" else v for k, v in batch.items()})
+      if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+      seconds = time_steps(peer.step, tb, warmup=args.warmup, steps=args.steps, wait=float)  # float(): a sync
+      rows.append({"impl": name, "remat": "-", "attention": "sdpa", "input": "device-resident", "step_s": seconds,
+                   "clips_per_s": args.batch / seconds, "mfu": flops_peer / (seconds * peak), "xla_flops": None,
+                   "xla_temp": None, "compile_s": None,
+                   "device_peak": torch.cuda.max_memory_allocated() if device == "cuda" else None})
+      peer_rate = rows[-1]["clips_per_s"]
+      for r in rows[:-1]:
+        if r["input"] != "failed":
+          r["vs_peer"] = r["clips_per_s"] / peer_rate
+    except Exception as e:  # noqa: BLE001 — e.g. out of memory: say so; --peer-remat may fit
+      print(f"  peer failed ({type(e).__name__}: {str(e)[:300]}); try --peer-remat", flush=True)
 
-    seconds = time_steps(peer.step, tb, warmup=args.warmup, steps=args.steps, wait=float)  # float(): a sync
-    rows.append({"impl": "peer (torch bf16 autocast, SDPA)" + (" compiled" if args.peer_compile else ""),
-                 "remat": "-", "input": "device-resident", "step_s": seconds, "clips_per_s": args.batch / seconds,
-                 "mfu": flops_peer / (seconds * peak), "xla_flops": None, "xla_temp": None,
-                 "device_peak": torch.cuda.max_memory_allocated() if device == "cuda" else None, "compile_s": None})
-    peer_rate = rows[-1]["clips_per_s"]
-    for r in rows[:-1]:
-      r["vs_peer"] = r["clips_per_s"] / peer_rate
-
-  header = ["impl", "remat", "input", "step ms", "clips/s", "MFU (model FLOPs)", "vs peer", "XLA temp",
-            "device peak"]
+  header = ["impl", "remat", "attention", "input", "step ms", "clips/s", "MFU (model FLOPs)", "vs peer", "XLA temp",
+            "device peak (process so far)"]
   print(common.markdown_table(header, [
-      [r["impl"], r["remat"], r["input"], f"{1000 * r['step_s']:.1f}", f"{r['clips_per_s']:.2f}",
+      [r["impl"], r["remat"], r.get("attention", "-"), r["input"], f"{1000 * r['step_s']:.1f}", f"{r['clips_per_s']:.2f}",
        f"{100 * r['mfu']:.1f}%", f"{r['vs_peer']:.2f}x" if r.get("vs_peer") else "",
        common.fmt_bytes(r["xla_temp"]), common.fmt_bytes(r["device_peak"])] for r in rows]))
-  best = max((r for r in rows if r["impl"] == "ours"), key=lambda r: r["clips_per_s"])
-  print(f"best ours: remat={best['remat']} ({best['input']}): MFU {100 * best['mfu']:.1f}% (goal "
-        f"{100 * MFU_GOAL:.0f}%), {best.get('vs_peer', float('nan')):.2f}x the peer (goal {PEER_GOAL}x)")
+  best = max((r for r in rows if r["impl"].startswith("ours") and r["input"] != "failed"),
+             key=lambda r: r["clips_per_s"], default=None)
+  if best is not None:
+    print(f"best: {best['impl']} remat={best['remat']} ({best['input']}): MFU {100 * best['mfu']:.1f}% (goal "
+          f"{100 * MFU_GOAL:.0f}%), {best.get('vs_peer', float('nan')):.2f}x the peer (goal {PEER_GOAL}x)")
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"peak_flops": peak, "vendor_peak": vendor, "rows": rows}, f, indent=2, default=float)

@@ -62,7 +62,8 @@ def test_memory_scaling_main_tiny():
   if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
   from benchmarks import memory_scaling
-  result = memory_scaling.main(["--models", "B/16", "--tiny", "--remat", "none,full", "--loss-batches", "64,256"])
+  result = memory_scaling.main(["--models", "B/16", "--tiny", "--layouts", "data,fsdp", "--remat", "none,full",
+                                "--loss-batches", "64,256"])
   rows = {(r["layout"], r["remat"]): r for r in result["rows"]}
   assert set(rows) == {("data", "none"), ("data", "full"), ("fsdp", "none"), ("fsdp", "full")}
   # FSDP splits parameters and optimiser state over the 8 devices (a few small tensors stay whole).
@@ -72,6 +73,16 @@ def test_memory_scaling_main_tiny():
     assert r["per_clip"] > 0 and r["peak_b1"] > r["params"] + r["optimizer"]
     assert r["max_batch_80gb"] >= r["max_batch_16gb"] > 0
   assert len(result["loss"]) == 2 and all(r["temp"] > 0 for r in result["loss"])
+  # Saved activations per clip: full remat keeps only block inputs, so less than no remat.
+  saved = {e["remat"]: e["saved_per_clip"] for e in result["estimates"]}
+  assert 0 < saved["full"] < saved["dots"] <= saved["none"]
+
+
+def test_loss_memory_main_reports_per_device_bytes():
+  from benchmarks import loss_memory
+  rows = loss_memory.main(["--batches", f"{8 * jax.device_count()},{32 * jax.device_count()}", "--dim", "16"])
+  assert [r["devices"] for r in rows] == [jax.device_count()] * 2
+  assert all(r["temp"] > 0 for r in rows) and rows[1]["temp"] > rows[0]["temp"]
 
 
 @pytest.mark.slow
@@ -81,6 +92,7 @@ def test_gpu_train_step_main_tiny_on_cpu():
                               "--peak-repeats", "1"])
   impls = [(r["impl"], r["remat"], r["input"]) for r in rows]
   assert ("ours", "none", "device-resident") in impls and ("ours", "full", "grain") in impls
+  assert ("ours+scan_layers", "full", "device-resident") in impls
   assert rows[-1]["impl"].startswith("peer")
   for r in rows:
     assert r["step_s"] > 0 and r["clips_per_s"] > 0 and 0 < r["mfu"] < 10
