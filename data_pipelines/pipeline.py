@@ -31,6 +31,8 @@ Config keys (dict or ml_collections.ConfigDict; unknown keys are an error):
   seed           shuffle and sampling seed, 0 <= seed < 2**32                  (42)
   worker_count   Grain worker processes, 0 = in the calling process            (0)
   worker_buffer_size  batches each worker prepares ahead                       (2)
+  read_threads   threads per process that read and transform clips (Grain ReadOptions)  (16)
+  read_buffer    clips those threads prepare ahead (Grain ReadOptions)           (500)
   dtype          video dtype: "float32" | "bfloat16" | "uint8" (not normalised: use transforms.normalize_video on
                  device)                                                       ("float32")
   paragraph      join all captions of a clip into one text (DiDeMo, ActivityNet)   (False)
@@ -74,6 +76,8 @@ class DataConfig:
   seed: int = 42
   worker_count: int = 0
   worker_buffer_size: int = 2
+  read_threads: int = 16
+  read_buffer: int = 500
   dtype: str = "float32"
   paragraph: bool = False
   pretraining: bool = False
@@ -107,6 +111,10 @@ class DataConfig:
         raise ValueError(f"data.{name} must be a positive int, got {value!r}")
     if not isinstance(self.worker_count, int) or self.worker_count < 0:
       raise ValueError(f"data.worker_count must be an int >= 0, got {self.worker_count!r}")
+    for name in ("read_threads", "read_buffer"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < (0 if name == "read_threads" else 1):
+        raise ValueError(f"data.{name} must be an int >= {0 if name == 'read_threads' else 1}, got {value!r}")
     if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
       raise ValueError(f"data.seed must be an int in [0, 2**32), got {self.seed!r}")
     if self.resize_mode not in transforms.RESIZE_MODES:
@@ -227,7 +235,9 @@ def make_train_loader(config_data: Any, *, source: sources.RecordSource | None =
   if cfg.worker_count:
     _allow_grain_workers_outside_absl_app()
   return grain.DataLoader(data_source=data, sampler=sampler, operations=operations, worker_count=cfg.worker_count,
-                          worker_buffer_size=cfg.worker_buffer_size, shard_options=shard_options)
+                          worker_buffer_size=cfg.worker_buffer_size, shard_options=shard_options,
+                          read_options=grain.ReadOptions(num_threads=cfg.read_threads,
+                                                         prefetch_buffer_size=cfg.read_buffer))
 
 
 def make_train_iterator(config_data: Any, *, source: sources.RecordSource | None = None,

@@ -30,6 +30,10 @@ class VisionConfig:
   channels: int = 3
   act: str = "quick_gelu"
   eps: float = 1e-5
+  # Std of the position embedding's random init. 0.02 is the HF initializer_range (a pretrained checkpoint
+  # overwrites it anyway). Trained from scratch, 0.02 leaves positions ~15x smaller than the patch embeddings and
+  # the model barely sees where things are; the demo uses 1.0 (order of the patch embeddings) to learn motion.
+  position_init_std: float = 0.02
 
   @property
   def grid(self) -> int:
@@ -153,7 +157,7 @@ class VisionTower(nnx.Module):
     self.patch_embedding = PatchEmbedding(v, rngs=rngs, dtype=dtype)
     self.class_embedding = layers.param(layers.normal_init(rngs, (v.width,), v.width**-0.5), ("embed",))
     self.position_embedding = layers.param(
-        layers.normal_init(rngs, (1 + v.num_patches, v.width), 0.02), (None, "embed"))
+        layers.normal_init(rngs, (1 + v.num_patches, v.width), v.position_init_std), (None, "embed"))
     self.pre_layrnorm = layers.LayerNorm(v.width, eps=v.eps)
     self.encoder = layers.Encoder(v.width, v.layers, v.heads, v.mlp_dim, act=v.act, eps=v.eps, remat=cfg.remat,
                                   rngs=rngs, dtype=dtype)
