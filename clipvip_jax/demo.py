@@ -8,6 +8,8 @@
    Each keeps its best checkpoint by validation t2v R@1.
 3. Evaluates both best checkpoints on the held-out test split and prints the table (t2v and v2t R@1/5/10, MdR,
    MnR), writes OUT/results.json, TensorBoard logs (OUT/<model>/tensorboard) and OUT/training_curves.png.
+4. Encodes the test clips with the CLIP-ViP checkpoint (python -m clipvip_jax.encode -> OUT/index) and searches
+   the index with every test caption (clipvip_jax.search): how often each caption finds its own clip.
 
 Every synthetic clip has a time-reversed twin whose caption differs only in the motion words, so a model that
 ignores frame order can at best guess between the twins: meanP tops out near half of the pairs, CLIP-ViP can not.
@@ -102,6 +104,30 @@ def plot_curves(out: pathlib.Path, workdirs: dict[str, pathlib.Path]) -> pathlib
   return path
 
 
+def search_check(index_dir: pathlib.Path, workdir: pathlib.Path, data_dir: pathlib.Path,
+                 top_k: int = 5) -> dict[str, Any]:
+  """The encode and search commands on the demo's own checkpoint: every test caption is a query; the share of
+  queries whose own clip comes first / in the top k, and one example ranking."""
+  from clipvip_jax import embedding_index, encode, search
+
+  which = "best" if (workdir / "best.json").exists() else "latest"
+  code = encode.main(["--checkpoint", str(workdir), "--step", which, "--shards", str(data_dir), "--split", "test",
+                      "--out", str(index_dir), "--force", "--quiet"])
+  if code:
+    raise SystemExit(f"stopped: encoding the test split with {workdir} failed (exit {code})")
+  index = embedding_index.read_index(index_dir)
+  queries, truth = [], []
+  for clip_id, captions in zip(index.meta["ids"], index.meta["captions"]):
+    for caption in captions if isinstance(captions, list) else [captions]:
+      queries.append(caption)
+      truth.append(clip_id)
+  rankings = search.search(index_dir, queries, top_k)
+  first = sum(ranking[0][0] == clip_id for ranking, clip_id in zip(rankings, truth))
+  in_top = sum(clip_id in [hit for hit, _ in ranking] for ranking, clip_id in zip(rankings, truth))
+  return {"queries": len(queries), "top1": 100.0 * first / len(queries), f"top{top_k}": 100.0 * in_top / len(queries),
+          "example": {"query": queries[0], "truth": truth[0], "ranking": [list(hit) for hit in rankings[0]]}}
+
+
 def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS, force: bool = False) -> dict:
   from clipvip_jax.train import cli as train_cli
   from clipvip_jax.train import trainer
@@ -147,6 +173,8 @@ def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS,
       "workdirs": {k: str(v) for k, v in workdirs.items()},
   }
   curves = plot_curves(out, workdirs)
+  print(f"\n== encode + search: the test clips with the CLIP-ViP checkpoint -> {out / 'index'}")
+  summary["search"] = search_check(out / "index", workdirs[MODELS[0][1]], data_dir)
   tmp = out / "results.json.tmp"
   tmp.write_text(json.dumps(summary, indent=2) + "\n")
   os.replace(tmp, out / "results.json")
@@ -154,6 +182,11 @@ def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS,
   print(table)
   ratio = f"{vip / base:.2f}x" if base else "n/a"
   print(f"\nCLIP-ViP / meanP t2v R@1: {ratio}")
+  found, example = summary["search"], summary["search"]["example"]
+  print(f"search (python -m clipvip_jax.search --index {out / 'index'} \"QUERY\"): each of the {found['queries']} test "
+        f"captions finds its own clip first for {found['top1']:.1f}% and in the top 5 for {found['top5']:.1f}%; e.g.\n"
+        f"  \"{example['query']}\" ({example['truth']}) -> " +
+        ", ".join(f"{clip_id} {score:.3f}" for clip_id, score in example["ranking"][:3]))
   print(f"results: {out / 'results.json'}  curves: {curves}  TensorBoard: tensorboard --logdir {out}")
   return summary
 
