@@ -121,9 +121,12 @@ def test_normalisation_values_and_dtypes(shard_dir):
 def test_same_seed_same_batches_other_seed_other_batches(shard_dir):
   with pipeline.make_train_iterator(_config(shard_dir), tokenize_fn=fake_tokenize) as a, \
        pipeline.make_train_iterator(_config(shard_dir), tokenize_fn=fake_tokenize) as b, \
-       pipeline.make_train_iterator(_config(shard_dir, seed=4), tokenize_fn=fake_tokenize) as c:
-    first, second, other = _take(a, 3), _take(b, 3), _take(c, 3)
+       pipeline.make_train_iterator(_config(shard_dir, seed=4), tokenize_fn=fake_tokenize) as c, \
+       pipeline.make_train_iterator(_config(shard_dir, read_threads=0, read_buffer=1),
+                                    tokenize_fn=fake_tokenize) as d:
+    first, second, other, unthreaded = _take(a, 3), _take(b, 3), _take(c, 3), _take(d, 3)
   _assert_same_batches(first, second)
+  _assert_same_batches(first, unthreaded)  # read threads change the speed, never the batches
   assert any((x["clip_index"] != y["clip_index"]).any() for x, y in zip(first, other))
 
 
@@ -283,6 +286,10 @@ def test_config_dict_errors_and_sources(shard_dir):
     pipeline.DataConfig.from_config(_config(shard_dir, num_frame=8))
   with pytest.raises(ValueError, match="resize_mode"):
     pipeline.DataConfig.from_config(_config(shard_dir, resize_mode="pad"))
+  with pytest.raises(ValueError, match="data.read_threads"):
+    pipeline.DataConfig.from_config(_config(shard_dir, read_threads=-1))
+  with pytest.raises(ValueError, match="data.read_buffer"):
+    pipeline.DataConfig.from_config(_config(shard_dir, read_buffer=0))
   with pytest.raises(FileNotFoundError, match="validation"):
     pipeline.make_train_iterator(_config(shard_dir, split="validation"), tokenize_fn=fake_tokenize)
   # Any random-access sequence of record bytes is a source (a tfds.data_source wrapper plugs in here).
