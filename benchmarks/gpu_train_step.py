@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           seconds = time_steps(grain_step, it, warmup=warmup, steps=args.steps)
           source = (f"grain ({args.grain_dtype}{', normalised on device' if args.grain_dtype == 'uint8' else ''}, "
                     f"{args.grain_workers} workers x {args.grain_read_threads} threads)")
-          rows.append(dict(row, input=source, step_s=seconds, clips_per_s=args.batch / seconds,
+          rows.append(dict(row, input="grain", input_detail=source, step_s=seconds, clips_per_s=args.batch / seconds,
                            mfu=flops_ours / (seconds * peak)))
           print(f"  {impl} remat={remat} + {source}: {1000 * seconds:.1f} ms/step", flush=True)
           if hasattr(it, "close"):
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   header = ["impl", "remat", "attention", "input", "step ms", "clips/s", "MFU (model FLOPs)", "vs peer", "XLA temp",
             "device peak (process so far)"]
   print(common.markdown_table(header, [
-      [r["impl"], r["remat"], r.get("attention", "-"), r["input"], f"{1000 * r['step_s']:.1f}", f"{r['clips_per_s']:.2f}",
+      [r["impl"], r["remat"], r.get("attention", "-"), r.get("input_detail", r["input"]), f"{1000 * r['step_s']:.1f}", f"{r['clips_per_s']:.2f}",
        f"{100 * r['mfu']:.1f}%", f"{r['vs_peer']:.2f}x" if r.get("vs_peer") else "",
        common.fmt_bytes(r["xla_temp"]), common.fmt_bytes(r["device_peak"])] for r in rows]))
   best = max((r for r in rows if r["impl"].startswith("ours") and r["input"] != "failed"),

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 resize_mode="crop")
 
   c.model = dict(kind="clip2video", variant="B/32", dtype="bfloat16", remat="none", attention="xla", clip={},
+                 scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(sim_type="seqTransf", temporal_type="TDB", center_type="TAB", center_proj="TAB_TDB",
                              center_k=5, center_weight=0.5, temporal_layers=4))
   c.init = dict(checkpoint="converted/openai-clip-b32", config="", skip=())
@@ -55,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.mesh = (-1, 1, 1)
   c.sharding_rules = tuple(DEFAULT_RULES)
+  c.constrain_activations = False  # True with FSDP: keeps activations batch-split (less memory)
   if arg == "runlocal":
     runlocal(c)
   return c

@@ -32,6 +32,7 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
                 paragraph=True)
 
   c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="full", attention="xla", clip={},
+                 scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(num_proxies=4, temporal_size=12))
   # The post-pretrained CLIP-ViP (converted); its weights fix the architecture.
   c.init = dict(checkpoint=f"converted/clipvip-{variant.replace('/', '').lower()}", config="", skip=())
@@ -52,4 +53,5 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
 
   c.mesh = (-1, 1, 1)
   c.sharding_rules = tuple(DEFAULT_RULES)
+  c.constrain_activations = False  # True with FSDP: keeps activations batch-split (less memory)
   return c

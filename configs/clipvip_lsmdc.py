@@ -28,6 +28,7 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
                 batch_size=128, seed=42, worker_count=8, dtype="bfloat16", sampling="clipvip", resize_mode="squash")
 
   c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="none", attention="xla", clip={},
+                 scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(num_proxies=4, temporal_size=12))
   # The post-pretrained CLIP-ViP (converted); its weights fix the architecture.
   c.init = dict(checkpoint=f"converted/clipvip-{variant.replace('/', '').lower()}", config="", skip=())
@@ -48,4 +49,5 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
 
   c.mesh = (-1, 1, 1)
   c.sharding_rules = tuple(DEFAULT_RULES)
+  c.constrain_activations = False  # True with FSDP: keeps activations batch-split (less memory)
   return c

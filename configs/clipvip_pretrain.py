@@ -36,6 +36,7 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
                 pretraining=True)
 
   c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="full", attention="xla", clip={},
+                 scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(num_proxies=4, temporal_size=12))
   # OpenAI CLIP (converted); the CLIP part of the architecture comes from its weights.
   c.init = dict(checkpoint=f"converted/clip-{variant.replace('/', '').lower()}", config="", skip=(r"^logit_scale$",))
@@ -57,4 +58,5 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
 
   c.mesh = (-1, 1, 1)
   c.sharding_rules = tuple(DEFAULT_RULES)
+  c.constrain_activations = False  # True with FSDP: keeps activations batch-split (less memory)
   return c

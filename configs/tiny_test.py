@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model: 1-layer towers of width 32, 2 video proxies, temporal embedding of 4 frames.
   c.model = dict(kind=arg or "clipvip", variant="tiny", dtype="float32", remat="none", attention="xla",
+                 scan_layers=False,
                  clip=dict(vision=dict(width=32, layers=1, heads=2, mlp_dim=64, patch_size=8, image_size=32),
                            text=dict(width=32, layers=1, heads=2, mlp_dim=64, max_len=16), projection_dim=16),
                  config=dict(num_proxies=2, temporal_size=4) if (arg or "clipvip") == "clipvip" else {})
@@ -50,4 +51,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.mesh = (-1, 1, 1)
   c.sharding_rules = tuple(DEFAULT_RULES)
+  c.constrain_activations = False  # pin each block's residual stream to batch sharding (useful under FSDP)
   return c

@@ -66,6 +66,7 @@ class CLIPConfig:
   dtype: str = "float32"  # compute dtype; parameters are always float32
   attention: str = "xla"  # "xla" or "cudnn" (jax.nn.dot_product_attention implementation)
   remat: str = "none"  # see layers.REMAT_POLICIES
+  scan_layers: bool = False  # run each tower's blocks with jax.lax.scan (layers.Encoder); same parameters
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -160,7 +161,7 @@ class VisionTower(nnx.Module):
         layers.normal_init(rngs, (1 + v.num_patches, v.width), v.position_init_std), (None, "embed"))
     self.pre_layrnorm = layers.LayerNorm(v.width, eps=v.eps)
     self.encoder = layers.Encoder(v.width, v.layers, v.heads, v.mlp_dim, act=v.act, eps=v.eps, remat=cfg.remat,
-                                  rngs=rngs, dtype=dtype)
+                                  scan_layers=cfg.scan_layers, rngs=rngs, dtype=dtype)
     self.post_layernorm = layers.LayerNorm(v.width, eps=v.eps)
     self.projection = layers.Dense(v.width, cfg.projection_dim, ("embed", "proj"), use_bias=False, rngs=rngs,
                                    dtype=dtype)
@@ -196,7 +197,7 @@ class TextTower(nnx.Module):
     self.token_embedding = layers.param(layers.normal_init(rngs, (t.vocab_size, t.width), 0.02), ("vocab", "embed"))
     self.position_embedding = layers.param(layers.normal_init(rngs, (t.max_len, t.width), 0.01), (None, "embed"))
     self.encoder = layers.Encoder(t.width, t.layers, t.heads, t.mlp_dim, act=t.act, eps=t.eps, remat=cfg.remat,
-                                  rngs=rngs, dtype=dtype)
+                                  scan_layers=cfg.scan_layers, rngs=rngs, dtype=dtype)
     self.final_layer_norm = layers.LayerNorm(t.width, eps=t.eps)
     self.projection = layers.Dense(t.width, cfg.projection_dim, ("embed", "proj"), use_bias=False, rngs=rngs,
                                    dtype=dtype)

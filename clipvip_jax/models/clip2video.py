@@ -147,11 +147,11 @@ class CLIP2Video(nnx.Module):
   def __init__(self, cfg: CLIP2VideoConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.clip = CLIP(cfg.clip, rngs=rngs)
-    width, dtype, remat = cfg.width, jnp.dtype(cfg.clip.dtype), cfg.clip.remat
+    width, dtype, remat, scan = cfg.width, jnp.dtype(cfg.clip.dtype), cfg.clip.remat, cfg.clip.scan_layers
 
     def transformer(num_layers: int) -> TemporalTransformer:
       return TemporalTransformer(width, num_layers, cfg.temporal_heads, cfg.temporal_mlp_dim, eps=cfg.temporal_eps,
-                                 remat=remat, rngs=rngs, dtype=dtype)
+                                 remat=remat, scan_layers=scan, rngs=rngs, dtype=dtype)
 
     self.frame_position_embeddings = (
         layers.param(layers.normal_init(rngs, (cfg.frame_positions, width), 0.02), (None, "embed"))
@@ -159,7 +159,8 @@ class CLIP2Video(nnx.Module):
     self.difference = (TemporalDifferenceBlock(width, cfg.temporal_heads, cfg.temporal_mlp_dim,
                                                encoding=cfg.temporal_proj, attention_layers=cfg.difference_layers,
                                                eps=cfg.temporal_eps,
-                                               norm_eps=cfg.difference_norm_eps, remat=remat, rngs=rngs, dtype=dtype)
+                                               norm_eps=cfg.difference_norm_eps, remat=remat, scan_layers=scan,
+                                               rngs=rngs, dtype=dtype)
                        if cfg.uses_tdb else None)
     self.temporal_transformer = transformer(cfg.temporal_layers) if cfg.sim_type == "seqTransf" else None
     self.action_transformer = transformer(cfg.action_layers) if cfg.uses_action_transformer else None

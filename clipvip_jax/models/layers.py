@@ -12,7 +12,9 @@ Kernel layouts (what the converters produce):
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,20 +65,33 @@ class Dense(nnx.Module):
     return y
 
 
-class LayerNorm(nnx.Module):
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
   """LayerNorm over the last axis, statistics in float32, output in the input dtype."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+  return y.astype(x.dtype)
 
-  def __init__(self, dim: int, *, eps: float = 1e-5, name: str = "embed"):
+
+# The same function, recomputed in the backward pass from its inputs instead of keeping its float32
+# intermediates (remat "elementwise").
+layer_norm_recomputed = jax.checkpoint(layer_norm, static_argnums=(3,))
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in float32, output in the input dtype. `recompute`: keep only the
+  input for the backward pass and recompute the rest (same values)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, name: str = "embed", recompute: bool = False):
     self.scale = param(jnp.ones((dim,), jnp.float32), (name,))
     self.bias = param(jnp.zeros((dim,), jnp.float32), (name,))
     self.eps = eps
+    self.recompute = recompute
 
   def __call__(self, x: Array) -> Array:
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(x.dtype)
+    fn = layer_norm_recomputed if self.recompute else layer_norm
+    return fn(x, self.scale[...], self.bias[...], self.eps)
 
 
 class HeadProjection(nnx.Module):
@@ -137,56 +152,123 @@ class MultiHeadAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, width: int, mlp_dim: int, act: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  """fc2(act(fc1(x))). `recompute_act`: the activation keeps only its input for the backward pass (quick_gelu
+  would otherwise keep its sigmoid and two products, 3 more [tokens, mlp_dim] arrays) and is recomputed."""
+
+  def __init__(self, width: int, mlp_dim: int, act: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               recompute_act: bool = False):
     if act not in ACTIVATIONS:
       raise ValueError(f"unknown activation {act!r}; known: {sorted(ACTIVATIONS)}")
     self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
     self.act = act
+    self.recompute_act = recompute_act
 
   def __call__(self, x: Array) -> Array:
-    return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+    act = ACTIVATIONS[self.act]
+    return self.fc2((jax.checkpoint(act) if self.recompute_act else act)(self.fc1(x)))
+
+
+# Activation sharding: the trainer sets a function (x [batch, seq, width] -> x with a sharding constraint) while
+# the step is traced (`activation_constraint`), and every ResidualBlock applies it to the residual stream at its
+# input, middle and output. Under FSDP it keeps activations split by batch, so the partitioner gathers weights
+# instead of resharding activations. Outside such a context (eval, tests, single device) nothing is constrained.
+_ACTIVATION_CONSTRAINT: contextvars.ContextVar[Callable[[Array], Array] | None] = contextvars.ContextVar(
+    "activation_constraint", default=None)
+
+
+@contextlib.contextmanager
+def activation_constraint(fn: Callable[[Array], Array] | None) -> Iterator[None]:
+  """Within the block, ResidualBlocks traced apply `fn` to their residual stream (None: nothing)."""
+  token = _ACTIVATION_CONSTRAINT.set(fn)
+  try:
+    yield
+  finally:
+    _ACTIVATION_CONSTRAINT.reset(token)
+
+
+def constrain_activation(x: Array) -> Array:
+  fn = _ACTIVATION_CONSTRAINT.get()
+  return x if fn is None else fn(x)
 
 
 class ResidualBlock(nnx.Module):
-  """Pre-LN transformer block: x += attn(ln_1(x)); x += mlp(ln_2(x))."""
+  """Pre-LN transformer block: x += attn(ln_1(x)); x += mlp(ln_2(x)). `recompute_elementwise`: both LayerNorms
+  and the MLP activation are recomputed in the backward pass (remat "elementwise")."""
 
   def __init__(self, width: int, heads: int, mlp_dim: int, *, act: str = "quick_gelu", eps: float = 1e-5,
-               rngs: nnx.Rngs, dtype=jnp.float32):
-    self.ln_1 = LayerNorm(width, eps=eps)
+               rngs: nnx.Rngs, dtype=jnp.float32, recompute_elementwise: bool = False):
+    self.ln_1 = LayerNorm(width, eps=eps, recompute=recompute_elementwise)
     self.attn = MultiHeadAttention(width, heads, rngs=rngs, dtype=dtype)
-    self.ln_2 = LayerNorm(width, eps=eps)
-    self.mlp = MLP(width, mlp_dim, act, rngs=rngs, dtype=dtype)
+    self.ln_2 = LayerNorm(width, eps=eps, recompute=recompute_elementwise)
+    self.mlp = MLP(width, mlp_dim, act, rngs=rngs, dtype=dtype, recompute_act=recompute_elementwise)
 
   def __call__(self, x: Array, attention_fn: AttentionFn) -> Array:
-    x = x + self.attn(self.ln_1(x), attention_fn)
-    return x + self.mlp(self.ln_2(x))
+    x = constrain_activation(x)
+    x = constrain_activation(x + self.attn(self.ln_1(x), attention_fn))
+    return constrain_activation(x + self.mlp(self.ln_2(x)))
 
 
+# Rematerialisation, per block: a jax.checkpoint policy for the whole block, or for "elementwise" none (the block
+# is not checkpointed; inside it the two LayerNorms and the MLP activation are, so the backward pass keeps only
+# their inputs and the matmuls' operands and recomputes the elementwise work: same values, about a quarter fewer
+# saved bytes per block in float32 and no recomputed matmul). On XLA:CPU "elementwise" also keeps the backward
+# pass from fusing the LayerNorm-backward chain across layers: a B/32 step runs 2x faster (docs/performance.md).
 REMAT_POLICIES = {
     "none": None,
+    "elementwise": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+BLOCK_REMAT = ("full", "dots", "dots_no_batch")  # the policies that checkpoint whole blocks
 
 
 class Encoder(nnx.Module):
-  """A stack of residual blocks, optionally rematerialised per block to trade compute for activation memory."""
+  """A stack of residual blocks, optionally rematerialised per block to trade compute for activation memory.
+
+  `scan_layers`: run the blocks with `jax.lax.scan` over their parameters, stacked on a new leading axis inside
+  the call (the module still holds `blocks/0`, `blocks/1`, ...: parameter names, converters and checkpoints do
+  not change). Same function, one traced block instead of `layers` copies: the compiled program and the
+  compilation time stop growing with depth, and XLA can no longer fuse the backward pass across layers (on
+  XLA:CPU that cross-layer fusion duplicates the gradient's elementwise chain into every layer's weight-gradient
+  products: B/32 steps 1.4-1.7x faster with the scan; docs/performance.md). The remat policy applies to the scanned
+  body. Costs a copy of the block weights per call and stacked residual buffers.
+  """
 
   def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, *, act: str = "quick_gelu",
-               eps: float = 1e-5, remat: str = "none", rngs: nnx.Rngs, dtype=jnp.float32):
+               eps: float = 1e-5, remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs,
+               dtype=jnp.float32):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)}")
     self.blocks = nnx.List([
-        ResidualBlock(width, heads, mlp_dim, act=act, eps=eps, rngs=rngs, dtype=dtype) for _ in range(layers)
+        ResidualBlock(width, heads, mlp_dim, act=act, eps=eps, rngs=rngs, dtype=dtype,
+                      recompute_elementwise=remat == "elementwise") for _ in range(layers)
     ])
     self.remat = remat
+    self.scan_layers = bool(scan_layers)
 
   def __call__(self, x: Array, attention_fn: AttentionFn) -> Array:
+    if self.scan_layers and len(self.blocks) > 1:
+      return self._scanned(x, attention_fn)
     for block in self.blocks:
-      if self.remat == "none":
+      if self.remat not in BLOCK_REMAT:
         x = block(x, attention_fn)
       else:
         x = nnx.remat(lambda b, y: b(y, attention_fn), policy=REMAT_POLICIES[self.remat])(block, x)
     return x
+
+  def _scanned(self, x: Array, attention_fn: AttentionFn) -> Array:
+    blocks = list(self.blocks)
+    graphdef = nnx.graphdef(blocks[0])
+    if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
+      raise ValueError("scan_layers needs blocks of one structure")
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+
+    def body(y, state):
+      return nnx.merge(graphdef, state)(y, attention_fn), None
+
+    if self.remat in BLOCK_REMAT:
+      # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation away.
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    return jax.lax.scan(body, x, stacked)[0]

@@ -57,8 +57,9 @@ class TemporalTransformer(layers.Encoder):
   """
 
   def __init__(self, width: int, num_layers: int, heads: int, mlp_dim: int, *, eps: float = TEMPORAL_EPS,
-               remat: str = "none", rngs: nnx.Rngs, dtype=jnp.float32):
-    super().__init__(width, num_layers, heads, mlp_dim, act="quick_gelu", eps=eps, remat=remat, rngs=rngs, dtype=dtype)
+               remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
+    super().__init__(width, num_layers, heads, mlp_dim, act="quick_gelu", eps=eps, remat=remat,
+                     scan_layers=scan_layers, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: Array, mask: Array) -> Array:  # type: ignore[override]
     attention = functools.partial(layers.dot_product_attention, bias=key_padding_bias(mask).astype(x.dtype),
@@ -86,13 +87,14 @@ class TemporalDifferenceBlock(nnx.Module):
 
   def __init__(self, width: int, heads: int, mlp_dim: int, *, encoding: str = "sigmoid_selfA",
                attention_layers: int = 1, eps: float = TEMPORAL_EPS, norm_eps: float = 1e-5, remat: str = "none",
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               scan_layers: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
     if encoding not in DIFFERENCE_ENCODINGS:
       raise ValueError(f"unknown TDB difference encoding (temporal_proj) {encoding!r}; known: {DIFFERENCE_ENCODINGS}")
     self.encoding = encoding
     self.type_embedding = layers.param(layers.normal_init(rngs, (2, width), 0.02), (None, "embed"))
-    self.attention = (TemporalTransformer(width, attention_layers, heads, mlp_dim, eps=eps, remat=remat, rngs=rngs,
-                                          dtype=dtype) if encoding == "sigmoid_selfA" else None)
+    self.attention = (TemporalTransformer(width, attention_layers, heads, mlp_dim, eps=eps, remat=remat,
+                                          scan_layers=scan_layers, rngs=rngs, dtype=dtype)
+                      if encoding == "sigmoid_selfA" else None)
     self.projection = (layers.Dense(width, width, ("embed", "embed"), use_bias=False, std=64**-0.5,
                                     rngs=rngs, dtype=dtype) if encoding == "sigmoid_mlp" else None)
     self.norm = layers.LayerNorm(width, eps=norm_eps) if encoding != "default" else None

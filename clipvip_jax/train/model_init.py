@@ -7,8 +7,9 @@ config.model:
   clip        nested overrides of the CLIP config ({"vision": {"layers": 1}, "text": {...}})
   config      fields of the kind's own config (CLIPViPConfig: num_proxies, temporal_size, ...; CLIP2VideoConfig:
               center_k, temporal_layers, ...)
-  dtype, remat, attention   compute dtype ("bfloat16" for training; parameters stay float32), remat policy
-              (layers.REMAT_POLICIES), attention implementation; applied in every case
+  dtype, remat, attention, scan_layers   compute dtype ("bfloat16" for training; parameters stay float32), remat
+              policy (layers.REMAT_POLICIES), attention implementation, and whether each transformer runs its
+              blocks with jax.lax.scan (layers.Encoder; same parameters and names); applied in every case
 config.init:
   checkpoint  None (random init) | a converted directory | an original checkpoint file (converted on the fly) |
               a training workdir of this project (its latest checkpoint's params)
@@ -40,6 +41,8 @@ from clipvip_jax.models import clip
 log = logging.getLogger(__name__)
 
 TRAINABLE_KINDS = ("clipvip", "clip2video", "meanp")
+# config.model keys that set how a model computes, not its shapes: applied whatever the checkpoint says.
+RUNTIME_KEYS = ("dtype", "remat", "attention", "scan_layers")
 
 
 def _classes(kind: str) -> tuple[type, type]:
@@ -65,7 +68,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _runtime(model_cfg: Any) -> dict[str, Any]:
-  return {k: model_cfg[k] for k in ("dtype", "remat", "attention") if model_cfg.get(k) is not None}
+  return {k: model_cfg[k] for k in RUNTIME_KEYS if model_cfg.get(k) is not None}
 
 
 def model_config(model_cfg: Any, clip_cfg: clip.CLIPConfig | None = None) -> Any:

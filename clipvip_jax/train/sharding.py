@@ -112,6 +112,12 @@ def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None, rule
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 
+def activation_constraint(mesh: Mesh, rules):
+  """x [batch, ...] -> x split along its leading axis as the logical "batch" axis, the rest replicated: what the
+  trainer hands the model (layers.activation_constraint) when config.constrain_activations is set."""
+  return lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh, rules)
+
+
 def describe_shardings(shardings, state) -> list[str]:
   """Human-readable lines 'path shape -> spec' for the parameters that are actually split."""
   lines = []

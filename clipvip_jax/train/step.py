@@ -18,11 +18,16 @@ forward pass. Plain accumulation of per-micro-batch contrastive losses would ins
 
 The step is a pure function of (params, opt_state, batch) built from a graphdef split once; it is jitted with
 explicit in/out shardings and donated parameter and optimiser buffers. A non-finite loss or gradient norm keeps
-params and opt_state unchanged (jnp.where on every leaf) and is reported through metrics["finite"].
+params and opt_state unchanged and is reported through metrics["finite"]: the optimiser update runs under
+jax.lax.cond, so a skipped step does no update work and a normal one makes no extra select pass over the
+parameters and both Adam moments (jnp.where on every leaf kept old and new copies of all three alive at once).
+With `constrain_activations` (a function of an activation, sharding.activation_constraint), every transformer
+block pins its residual stream to it while the step is traced (layers.activation_constraint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, Mapping
@@ -34,6 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipvip_jax import losses
+from clipvip_jax.models import layers
 from clipvip_jax.train import optim
 
 Array = jax.Array
@@ -130,6 +136,11 @@ def _whole_batch(x: Array) -> Array:
   return y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])
 
 
+def skip_unless(finite: Array, update: Callable, keep: Callable, operands: Any) -> Any:
+  """update(operands) when `finite`, else keep(operands); only the branch taken runs (jax.lax.cond)."""
+  return jax.lax.cond(finite, update, keep, operands)
+
+
 @dataclasses.dataclass
 class TrainStep:
   """`fn(params, opt_state, batch) -> (params, opt_state, metrics)`, jitted; and what built it."""
@@ -143,7 +154,8 @@ class TrainStep:
 
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx: optax.GradientTransformation,
                     rules: Any, *, grad_accum: int = 1, param_shardings: Any = None, opt_shardings: Any = None,
-                    batch_sharding: NamedSharding | None = None) -> TrainStep:
+                    batch_sharding: NamedSharding | None = None,
+                    constrain_activations: Callable[[Array], Array] | None = None) -> TrainStep:
   """The jitted step. `rules` (optim.param_rules) marks frozen parameters: their gradients are never computed
   (stop_gradient), so XLA prunes that part of the backward pass."""
   if grad_accum < 1:
@@ -188,16 +200,23 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
     grads, _ = jax.lax.scan(accumulate, direct, (micro, feature_grads))
     return loss, parts, grads
 
+  def update(operands):
+    params, opt_state, grads = operands
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    return clamp_logit_scale(optim.apply_updates(params, updates)), new_opt_state
+
+  def keep(operands):
+    params, opt_state, _ = operands
+    return params, opt_state
+
   def step(params, opt_state, batch):
-    loss, parts, grads = gradients(params, batch)
+    with (layers.activation_constraint(constrain_activations) if constrain_activations is not None
+          else contextlib.nullcontext()):
+      loss, parts, grads = gradients(params, batch)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = clamp_logit_scale(optim.apply_updates(params, updates))
     # A non-finite step changes nothing: parameters and optimiser state (moments, count) are kept as they were.
-    keep = lambda new, old: jnp.where(finite, new, old)
-    new_params = jax.tree.map(keep, new_params, params)
-    new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    new_params, new_opt_state = skip_unless(finite, update, keep, (params, opt_state, grads))
     metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm.astype(jnp.float32), "finite": finite,
                "logit_scale": logit_scale_of(new_params).astype(jnp.float32),
                **{k: v.astype(jnp.float32) for k, v in parts.items()}}

@@ -202,7 +202,9 @@ def setup_training(config: ml_collections.ConfigDict, mesh, rules, total_steps: 
   train_step = step_lib.make_train_step(ms.graphdef, ms.rest, objective, tx, param_rules,
                                         grad_accum=int(config.get("grad_accum", 1)), param_shardings=ms.shardings,
                                         opt_shardings=opt_shardings,
-                                        batch_sharding=sharding.batch_sharding(mesh, rules, 1))
+                                        batch_sharding=sharding.batch_sharding(mesh, rules, 1),
+                                        constrain_activations=(sharding.activation_constraint(mesh, rules)
+                                                               if config.get("constrain_activations") else None))
   return TrainingSetup(ms, tx, schedule, param_rules, opt_state, opt_shardings, objective, train_step)
 
 
