@@ -1,24 +1,18 @@
-"""Proposed model changes, measured in the benchmarks before they land in the model files.
+"""Variants of our step that are not (or no longer) the repository's default, for before/after rows in one table.
 
-Each entry is a context manager that swaps one method while a step is traced and compiled; the compiled step
+Each entry is a context manager that swaps one function while a step is traced and compiled; the compiled step
 keeps the variant, and the repository's code is restored on exit. Nothing here changes parameters, their names
-or the maths: only how XLA is asked to compute the same function (the smoke test checks equal losses).
+or the maths: only how XLA is asked to compute the same function (the smoke tests check equal losses).
 
-scan_layers — proposed for clipvip_jax/models/layers.py, Encoder.__call__:
-  Run the blocks with jax.lax.scan over their parameters stacked on a new leading axis (stacked on the fly, so
-  parameter names and checkpoints stay as they are), instead of a Python loop that unrolls 12 (24) blocks into
-  one graph. Why (profile of the CLIP-ViP B/32 train step on XLA:CPU, docs/performance.md): in the unrolled
-  backward pass XLA fuses the elementwise LayerNorm-backward + residual-add chain of the gradient across layers
-  and duplicates it into every consumer, so the fusions that feed each layer's weight-gradient products re-read
-  the contributions of all later layers (fan-in ~90 operands, quadratic in depth): 43% of the step's op time.
-  Inside a scan the loop-carried gradient is materialised once per layer.
+where_skip — the non-finite-step guard as it was before it moved to jax.lax.cond (clipvip_jax/train/step.py,
+  skip_unless): compute the update unconditionally, then jnp.where(finite, new, old) on every leaf of the
+  parameters and both Adam moments. Kept so the benchmarks can show what the change bought.
 
-constrain_activations — proposed for clipvip_jax/models/layers.py, ResidualBlock.__call__ (with the mesh and
-  rules reaching the model through a context the trainer sets, e.g. sharding.constrain on logical names
-  ("batch", None, None)): pin the residual stream [B, S, D] to batch sharding at each block's input, middle and
-  output. Why (memory_scaling, 8 simulated devices, B/16 bf16): under FSDP ("embed" -> fsdp) nothing tells the
-  partitioner that activations stay batch-sharded, and for a per-device batch of 1-2 clips it prefers to
-  reshard activations rather than gather weights: 1.2 GiB per clip per device instead of 0.5 GiB (2 layers).
+Landed, kept as shims for scripts that still name them (benchmarks/gpu_train_step.py):
+  scan_layers            = config.model.scan_layers=True (layers.Encoder scans its blocks). New code: set the
+                           config key (benchmarks/ours.py model_section(scan_layers=True)).
+  constrain_activations  = config.constrain_activations=True (sharding.activation_constraint handed to
+                           step.make_train_step). New code: pass it to make_train_step.
 """
 
 from __future__ import annotations
@@ -28,33 +22,24 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from clipvip_jax.models import layers
+from clipvip_jax.train import sharding
+from clipvip_jax.train import step as step_lib
 
-VARIANTS = ("base", "scan_layers", "constrain_activations")
-
-
-def _scanned_encoder_call(self: layers.Encoder, x: jax.Array, attention_fn: layers.AttentionFn) -> jax.Array:
-  blocks = list(self.blocks)
-  graphdef = nnx.graphdef(blocks[0])
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
-
-  def body(y, state):
-    return nnx.merge(graphdef, state)(y, attention_fn), None
-
-  if self.remat != "none":
-    body = jax.checkpoint(body, policy=layers.REMAT_POLICIES[self.remat], prevent_cse=False)
-  return jax.lax.scan(body, x, stacked)[0]
+VARIANTS = ("base", "where_skip", "scan_layers", "constrain_activations")
 
 
-def _batch_constrained_block_call(spec: NamedSharding):
-  def call(self: layers.ResidualBlock, x: jax.Array, attention_fn: layers.AttentionFn) -> jax.Array:
-    x = jax.lax.with_sharding_constraint(x, spec)
-    x = jax.lax.with_sharding_constraint(x + self.attn(self.ln_1(x), attention_fn), spec)
-    return jax.lax.with_sharding_constraint(x + self.mlp(self.ln_2(x)), spec)
-  return call
+def _where_skip(finite, update, keep, operands):
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), update(operands), keep(operands))
+
+
+def _scanning_encoder_call(self: layers.Encoder, x: jax.Array, attention_fn: layers.AttentionFn) -> jax.Array:
+  return self._scanned(x, attention_fn) if len(self.blocks) > 1 else _UNSCANNED_CALL(self, x, attention_fn)
+
+
+_UNSCANNED_CALL = layers.Encoder.__call__
 
 
 @contextlib.contextmanager
@@ -66,16 +51,21 @@ def variant(name: str, mesh: Mesh | None = None, batch_axes: Any = ("data", "fsd
   if name == "base":
     yield
     return
-  if name == "scan_layers":
-    owner, method, replacement = layers.Encoder, "__call__", _scanned_encoder_call
-  else:
+  if name == "constrain_activations":
     if mesh is None:
       raise ValueError("variant 'constrain_activations' needs the mesh")
-    owner, method = layers.ResidualBlock, "__call__"
-    replacement = _batch_constrained_block_call(NamedSharding(mesh, P(batch_axes, None, None)))
-  original = getattr(owner, method)
-  setattr(owner, method, replacement)
+    with layers.activation_constraint(sharding.activation_constraint(mesh, (("batch", batch_axes),))):
+      yield
+    return
+  swaps = {
+      "where_skip": [(step_lib, "skip_unless", _where_skip)],
+      "scan_layers": [(layers.Encoder, "__call__", _scanning_encoder_call)],
+  }[name]
+  originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in swaps]
+  for owner, attr, replacement in swaps:
+    setattr(owner, attr, replacement)
   try:
     yield
   finally:
-    setattr(owner, method, original)
+    for owner, attr, original in originals:
+      setattr(owner, attr, original)

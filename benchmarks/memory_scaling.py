@@ -5,8 +5,8 @@
 
 Part 1, compiled. For each model (B/16, L/14: 12 frames of 224x224, text length 70, 4 proxies, bfloat16 compute
 with float32 parameters) x parameter layout (data: parameters and optimiser state replicated on every device;
-fsdp: split over the 8 devices along their "embed" axis; fsdp_constrained: fsdp plus the proposed batch-sharding
-constraint on the residual stream, benchmarks/experiments.py) x remat (none: every block's activations kept for
+fsdp: split over the 8 devices along their "embed" axis; fsdp_constrained: fsdp plus the batch-sharding
+constraint on the residual stream, config.constrain_activations) x remat (none: every block's activations kept for
 the backward pass; full: only each block's input kept, the block recomputed) the trainer's own train step
 (step.make_train_step with explicit shardings and donated parameters/optimiser state) is lowered with abstract
 inputs (jax.ShapeDtypeStruct carrying shardings: nothing of the model is ever allocated) and compiled for the 8
@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from benchmarks import common, experiments, loss_memory, ours as ours_lib  # noqa: E402
+from benchmarks import common, loss_memory, ours as ours_lib  # noqa: E402
 from clipvip_jax.train import model_init, optim, sharding  # noqa: E402
 from clipvip_jax.train import step as step_lib  # noqa: E402
 
@@ -59,13 +59,13 @@ GiB = 2**30
 CAPACITIES_GB = (16, 80)
 DATA_RULES = tuple((k, None) if k == "embed" else (k, v) for k, v in sharding.DEFAULT_RULES)
 LAYOUTS = {
-    # mesh (data, fsdp, tensor), rules, experiments.variant: "batch" is split over all devices in every layout;
-    # FSDP also splits every "embed" axis.
-    "data": ((-1, 1, 1), DATA_RULES, "base"),
-    "fsdp": ((1, -1, 1), sharding.DEFAULT_RULES, "base"),
-    "fsdp_constrained": ((1, -1, 1), sharding.DEFAULT_RULES, "constrain_activations"),
+    # mesh (data, fsdp, tensor), rules, config.constrain_activations: "batch" is split over all devices in every
+    # layout; FSDP also splits every "embed" axis.
+    "data": ((-1, 1, 1), DATA_RULES, False),
+    "fsdp": ((1, -1, 1), sharding.DEFAULT_RULES, False),
+    "fsdp_constrained": ((1, -1, 1), sharding.DEFAULT_RULES, True),
 }
-REMAT_FOR_ESTIMATE = ("none", "dots_no_batch", "dots", "full")
+REMAT_FOR_ESTIMATE = ("none", "elementwise", "dots_no_batch", "dots", "full")
 TINY_CLIP = dict(vision=dict(width=64, layers=2, heads=4, mlp_dim=128, patch_size=8, image_size=32),
                  text=dict(width=64, layers=2, heads=4, mlp_dim=128, max_len=16), projection_dim=32)
 
@@ -81,7 +81,7 @@ def _tree_shard_bytes(tree: Any, shardings: Any) -> int:
 def abstract_step(model: dict[str, Any], layout: str, per_device_batch: int, *, frames: int, image_size: int,
                   text_len: int, input_dtype: str) -> dict[str, Any]:
   """Compiles the trainer's step for abstract sharded inputs; returns the per-device memory figures."""
-  mesh_shape, rules, variant = LAYOUTS[layout]
+  mesh_shape, rules, constrain = LAYOUTS[layout]
   mesh = sharding.make_mesh(mesh_shape)
   kind = model["kind"]
   cfg = model_init.model_config(ml_collections.ConfigDict(model))
@@ -104,10 +104,11 @@ def abstract_step(model: dict[str, Any], layout: str, per_device_batch: int, *, 
            "text_mask": jax.ShapeDtypeStruct((n, text_len), jnp.int32, sharding=batch_sharding)}
   train_step = step_lib.make_train_step(graphdef, rest, step_lib.make_objective("nce"), tx, param_rules,
                                         param_shardings=shardings, opt_shardings=opt_shardings,
-                                        batch_sharding=batch_sharding)
+                                        batch_sharding=batch_sharding,
+                                        constrain_activations=(sharding.activation_constraint(mesh, rules)
+                                                               if constrain else None))
   t0 = time.perf_counter()
-  with experiments.variant(variant, mesh=mesh):
-    compiled = train_step.fn.lower(params, opt_state, batch).compile()
+  compiled = train_step.fn.lower(params, opt_state, batch).compile()
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   args = mem.argument_size_in_bytes
@@ -156,7 +157,7 @@ def activation_estimates(name: str, overrides: dict, args: argparse.Namespace, f
       nnx.state(model_init.abstract_model("clipvip", cfg), nnx.Param)))
   one_block = per_clip["none"] / cfg.clip.vision.layers  # the recomputed block's activations (vision dominates)
   for remat, saved in per_clip.items():
-    working = 0.0 if remat == "none" else one_block
+    working = 0.0 if remat in ("none", "elementwise") else one_block  # no block is recomputed
     row = {"model": name, "remat": remat, "num_params": num_params, "saved_per_clip": saved,
            "working_per_clip": working}
     for devices in (1, 8, 256):

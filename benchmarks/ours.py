@@ -23,9 +23,10 @@ OPTIM = dict(name="adamw", lr=1e-6, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
 
 def model_section(variant: str, *, kind: str = "clipvip", frames: int = 12, num_proxies: int = 4,
                   dtype: str = "float32", remat: str = "none", attention: str = "xla",
-                  attention_pattern: str = "block_sparse", clip_overrides: dict | None = None) -> dict[str, Any]:
+                  attention_pattern: str = "block_sparse", clip_overrides: dict | None = None,
+                  scan_layers: bool = False) -> dict[str, Any]:
   """config.model for model_init: a CLIP variant with CLIP-ViP's fields (temporal_size = the frame count)."""
-  section = dict(kind=kind, variant=variant, dtype=dtype, remat=remat, attention=attention,
+  section = dict(kind=kind, variant=variant, dtype=dtype, remat=remat, attention=attention, scan_layers=scan_layers,
                  clip=dict(clip_overrides or {}), config={})
   if kind == "clipvip":
     section["config"] = dict(num_proxies=num_proxies, temporal_size=frames, attention_pattern=attention_pattern)
@@ -82,10 +83,11 @@ class OursStep:
 
 def build(model: dict[str, Any], example_batch: dict[str, np.ndarray], *, mode: str = "nce", seed: int = 0,
           mesh_shape: tuple[int, int, int] = (-1, 1, 1), rules=sharding.DEFAULT_RULES,
-          optim_cfg: dict | None = None, devices=None, compiler_options: dict[str, Any] | None = None) -> OursStep:
+          optim_cfg: dict | None = None, devices=None, compiler_options: dict[str, Any] | None = None,
+          constrain_activations: bool = False) -> OursStep:
   """The trainer's state and step for `model` (a config.model section), compiled for `example_batch`'s shapes.
   `compiler_options` are XLA debug options for this one compilation (e.g. {"xla_cpu_...": ...}), so variants can
-  be compared in one process."""
+  be compared in one process. `constrain_activations` as config.constrain_activations."""
   config = ml_collections.ConfigDict(dict(seed=seed, model=model, init=dict(checkpoint="")))
   mesh = sharding.make_mesh(mesh_shape, devices)
   ms = model_init.init_model(config, mesh, rules)
@@ -96,7 +98,9 @@ def build(model: dict[str, Any], example_batch: dict[str, np.ndarray], *, mode: 
   objective = step_lib.make_objective(mode)
   train_step = step_lib.make_train_step(ms.graphdef, ms.rest, objective, tx, param_rules,
                                         param_shardings=ms.shardings, opt_shardings=opt_shardings,
-                                        batch_sharding=batch_sharding)
+                                        batch_sharding=batch_sharding,
+                                        constrain_activations=(sharding.activation_constraint(mesh, rules)
+                                                               if constrain_activations else None))
   ours = OursStep(ms, ms.params, opt_state, None, batch_sharding, 0.0, objective)
   t0 = time.perf_counter()
   ours.compiled = train_step.fn.lower(ms.params, opt_state, ours.put(example_batch)).compile(

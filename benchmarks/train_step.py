@@ -5,12 +5,14 @@
 One step = forward of both towers on the same batch (T frames of HxW, text of n tokens), the symmetric NCE loss,
 backward, global-norm clipping and AdamW, float32. Ours is the trainer's own jitted step (benchmarks/ours.py:
 model_init -> optim -> step.make_train_step, compiled once ahead of time, donated buffers); the peer is
-benchmarks/torch_peer.py. `--ours-variants` adds our step with a proposed model change
-(benchmarks/experiments.py: scan_layers) as its own row, so before and after sit in the same table. All run in
-this process with the same number of threads (torch.set_num_threads = the cores XLA's CPU client uses, all usable
-cores), and their steps are interleaved (ours, ours+scan, peer, ours, ...) so that the load of a shared machine
-falls on all alike; the figure is the median over `--repeats` steps after `--warmup` steps. Each variant
-(B/32, B/16) runs in its own child process.
+benchmarks/torch_peer.py. `--ours-variants` lists the rows of ours, each a '+'-joined set of options: "base" (the
+repository's defaults), "scan_layers" (config.model.scan_layers=True), KEY=VALUE (config.model.KEY, e.g.
+"remat=elementwise"), and at most one variant of benchmarks/experiments.py (e.g. "where_skip", the non-finite
+guard as it was before lax.cond), so before and after sit in the same table. All run in this process with the
+same number of threads (torch.set_num_threads = the cores XLA's CPU client uses, all usable cores), and their
+steps are interleaved (ours, ours+scan_layers, peer, ours, ...) so that the load of a shared machine falls on all
+alike; the figure is the median over `--repeats` steps after `--warmup` steps. Each variant (B/32, B/16) runs in
+its own child process. `--malloc keep` starts those processes with common.MALLOC_KEEP (no per-step page faults).
 
 Columns: clips/s = batch / median step time; "vs peer" = our clips/s over the peer's; step peak RSS = the rise of
 the process's peak resident memory above what it held when the step started, in one extra untimed step per side
@@ -37,6 +39,7 @@ import numpy as np
 from benchmarks import common, experiments, model_flops, ours as ours_lib
 
 DEFAULT_BATCH = {"B/32": 4, "B/16": 2, "L/14": 1, "tiny": 4}
+CONFIG_OPTIONS = ("scan_layers",)  # boolean config.model keys a row of --ours-variants may switch on
 GOAL = 1.3
 TINY = dict(frames=2, image_size=32, text_len=8,
             clip=dict(vision=dict(width=32, layers=1, heads=2, mlp_dim=64, patch_size=8, image_size=32),
@@ -83,9 +86,15 @@ def run_variant(variant: str, args: argparse.Namespace, compiles: list[float]) -
 
   ours, fns, device_batches = {}, {}, {}
   for name in filter(None, args.ours_variants.split(",")):
-    impl = "ours" if name == "base" else f"ours+{name}"
-    with experiments.variant(name):  # every variant starts from the same seed: same parameters
-      ours[impl] = ours_lib.build(section, batch, devices=jax.devices()[:1])
+    options = [o for o in name.split("+") if o != "base"]
+    config_options = {o: True for o in options if o in CONFIG_OPTIONS}
+    config_options.update(dict(o.split("=", 1) for o in options if "=" in o))
+    experiment = [o for o in options if o not in CONFIG_OPTIONS and "=" not in o]
+    if len(experiment) > 1:
+      raise ValueError(f"--ours-variants: one experiment per row, got {experiment} in {name!r}")
+    impl = "+".join(["ours", *options])
+    with experiments.variant(experiment[0] if experiment else "base"):  # same seed everywhere: same parameters
+      ours[impl] = ours_lib.build({**section, **config_options}, batch, devices=jax.devices()[:1])
     device_batches[impl] = ours[impl].put(batch)
     fns[impl] = lambda impl=impl: ours[impl].step(device_batches[impl])
   peer = None
@@ -127,6 +136,7 @@ def run_variant(variant: str, args: argparse.Namespace, compiles: list[float]) -
         "compile_s": o.compile_seconds if o is not None else None,
         "dispatch_s": dispatch.get(name), "recompiles": recompiles if o is not None else None,
         "first_loss": first_losses[name],
+        "malloc": "keep" if common.malloc_keep_active() else "default",
     })
   if peer is not None:
     peer_rate = next(r["clips_per_s"] for r in rows if r["impl"] == "peer")
@@ -138,8 +148,8 @@ def run_variant(variant: str, args: argparse.Namespace, compiles: list[float]) -
   return rows
 
 
-def run_in_child(variant: str, argv: list[str]) -> list[dict[str, Any]]:
-  """This script for one variant in a child process (same arguments otherwise); its rows."""
+def run_in_child(variant: str, argv: list[str], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+  """This script for one variant in a child process (same arguments otherwise, environment `env`); its rows."""
   keep, skip = [], False
   for a in argv:  # drop --variants/--json (and their values) from the parent's arguments
     if skip:
@@ -154,7 +164,7 @@ def run_in_child(variant: str, argv: list[str]) -> list[dict[str, Any]]:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "rows.json")
     subprocess.run([sys.executable, "-m", "benchmarks.train_step", *keep, "--variants", variant, "--json", out],
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, env=env)
     with open(out, encoding="utf-8") as f:
       return json.load(f)
 
@@ -186,8 +196,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--repeats", type=int, default=3, help="timed steps per side (interleaved)")
   p.add_argument("--threads", type=int, default=common.usable_cores(), help="torch threads (XLA uses all cores)")
   p.add_argument("--peer-foreach", action="store_true", help="torch AdamW(foreach=True) instead of its default")
-  p.add_argument("--ours-variants", default="base,scan_layers",
-                 help="our step as in the repository (base) and/or with proposed changes (benchmarks/experiments.py)")
+  p.add_argument("--ours-variants", default="base,scan_layers,remat=elementwise",
+                 help="rows of ours: base, scan_layers (config.model.scan_layers) and/or benchmarks/experiments.py "
+                      "variants, '+'-joined within a row (e.g. base,where_skip,scan_layers,remat=elementwise)")
+  p.add_argument("--malloc", default="default", choices=["default", "keep"],
+                 help="host allocator of the process (both sides): glibc's default, or keep (common.MALLOC_KEEP: "
+                      "no per-step page faults; each variant then runs in a child process started with it)")
   p.add_argument("--no-peer", action="store_true")
   p.add_argument("--tiny", action="store_true", help="a 1-layer width-32 model on 2 frames of 32x32 (smoke test)")
   p.add_argument("--json", default="", help="also write the rows here")
@@ -201,14 +215,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   print(f"threads: XLA CPU client = {common.usable_cores()} (all usable cores), torch = {torch.get_num_threads()}")
   rows = []
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  keep_env = common.malloc_keep_env() if args.malloc == "keep" else None
   for variant in variants:
-    if len(variants) > 1:  # a fresh process per variant: memory_mode() must not change the next one's timing
-      new = run_in_child(variant, argv if argv is not None else sys.argv[1:])
+    # A fresh process per variant: memory_mode() must not change the next one's timing; and glibc reads its
+    # tunables only at process start.
+    if len(variants) > 1 or (keep_env is not None and not common.malloc_keep_active()):
+      new = run_in_child(variant, argv if argv is not None else sys.argv[1:], keep_env)
     else:
       new = run_variant(variant, args, compiles)
     r = new[0]
     print(f"{variant}: batch {r['batch']}, {r['frames']} frames {r['image_size']}x{r['image_size']}, text "
-          f"{r['text_len']}; {r['recompiles']} compilations during the timed steps", flush=True)
+          f"{r['text_len']}; host allocator {r['malloc']}; {r['recompiles']} compilations during the timed steps",
+          flush=True)
     for r in new:
       if r["compile_s"] is not None:
         print(f"  {r['impl']}: compiled in {r['compile_s']:.1f}s, dispatch {1000 * r['dispatch_s']:.1f} ms/step, "

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipvip_jax import metrics
+from clipvip_jax.train import step as step_lib
 
 
 def protocol_of(text_video_index: np.ndarray, num_videos: int) -> str:
@@ -57,6 +58,7 @@ class Evaluator:
       return nnx.merge(graphdef, params, rest)
 
     def encode_video(params, video, frame_mask, clip_index, valid):
+      video = step_lib.pixels(video, frame_mask)  # uint8 input (data.dtype "uint8") is normalised on device
       return model(params).encode_video(video, frame_mask).astype(jnp.float32), clip_index, valid
 
     def encode_text(params, ids, mask):

@@ -33,8 +33,8 @@ Config keys (dict or ml_collections.ConfigDict; unknown keys are an error):
   worker_buffer_size  batches each worker prepares ahead                       (2)
   read_threads   threads per process that read and transform clips (Grain ReadOptions)  (16)
   read_buffer    clips those threads prepare ahead (Grain ReadOptions)           (500)
-  dtype          video dtype: "float32" | "bfloat16" | "uint8" (not normalised: use transforms.normalize_video on
-                 device)                                                       ("float32")
+  dtype          video dtype: "float32" | "bfloat16" | "uint8" (raw frames, a quarter of float32's bytes; the
+                 train step and the evaluator normalise them on the device)    ("float32")
   paragraph      join all captions of a clip into one text (DiDeMo, ActivityNet)   (False)
   pretraining    add subtitle_ids/mask, caption_ids/mask and image (CLIP-ViP pretraining)   (False)
   shuffle        shuffle training records                                      (True)

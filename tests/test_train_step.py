@@ -129,3 +129,27 @@ def test_non_finite_batch_is_skipped_with_params_and_optimizer_state_unchanged()
   # The run goes on: the next good batch is applied normally.
   params, opt_state, m3 = setup.train_step(params, opt_state, good)
   assert bool(m3["finite"]) and int(after[1][1].count) + 1 == int(opt_state[1].count)
+
+
+def test_uint8_frames_are_normalised_on_device_as_the_host_pipeline_does():
+  """data.dtype "uint8" ships raw frames; the step normalises them (padded frames zeroed) to the same loss and
+  gradients as frames normalised by the host pipeline."""
+  from clipvip_jax.train import step as step_lib
+  from data_pipelines import transforms
+
+  rng = np.random.default_rng(1)
+  raw = rng.integers(0, 256, (BATCH, FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+  mask = np.ones((BATCH, FRAMES), np.int32)
+  mask[0, -1] = 0
+  host = transforms.normalize_frames(raw, mask, np.float32)
+  np.testing.assert_allclose(np.asarray(step_lib.pixels(jax.numpy.asarray(raw), mask)), host, rtol=0, atol=2e-6)
+  assert step_lib.pixels(jax.numpy.asarray(host)) is not None and step_lib.pixels(host) is host  # float: as is
+
+  setup, mesh = _setup((1, 1, 1))
+  out = []
+  for video in (host, raw):
+    params, opt_state = _fresh_state(setup)
+    batch = dict(_batch(), video=video, frame_mask=mask)
+    _, _, metrics = setup.train_step(params, opt_state, _place_batch(mesh, _rules(_config()), batch))
+    out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  assert out[1] == pytest.approx(out[0], rel=1e-5)

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clipvip_jax import losses
 from clipvip_jax.models import layers
 from clipvip_jax.train import optim
+from data_pipelines import transforms
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -55,8 +56,15 @@ class Objective:
   loss: Callable[[nnx.Module, Mapping[str, Array]], tuple[Array, dict[str, Array]]]
 
 
+def pixels(x: Array, frame_mask: Array | None = None) -> Array:
+  """Frames as the model takes them. uint8 frames (data.dtype "uint8": one byte a pixel through the input
+  workers and the host-to-device copy, a quarter of float32's) are CLIP-normalised here, on the device, with
+  padded frames zeroed as the host pipeline does; float frames arrive normalised and pass through."""
+  return transforms.normalize_video(x, frame_mask, xp=jnp) if x.dtype == jnp.uint8 else x
+
+
 def _nce_features(model, batch):
-  return {"video": model.encode_video(batch["video"], batch["frame_mask"]),
+  return {"video": model.encode_video(pixels(batch["video"], batch["frame_mask"]), batch["frame_mask"]),
           "text": model.encode_text(batch["text_ids"], batch["text_mask"])}
 
 
@@ -65,15 +73,15 @@ def _nce_loss(model, f):
 
 
 def _omnisource_features(model, batch):
-  return {"video": model.encode_video(batch["video"], batch["frame_mask"]),
+  return {"video": model.encode_video(pixels(batch["video"], batch["frame_mask"]), batch["frame_mask"]),
           "subtitle": model.encode_text(batch["subtitle_ids"], batch["subtitle_mask"]),
           "caption": model.encode_text(batch["caption_ids"], batch["caption_mask"]),
-          "frame": model.encode_image(batch["image"])}
+          "frame": model.encode_image(pixels(batch["image"]))}
 
 
 def _clip2video_features(model, batch):
   text = model.text_features(batch["text_ids"], batch["text_mask"])
-  video = model.video_features(batch["video"], batch["frame_mask"])
+  video = model.video_features(pixels(batch["video"], batch["frame_mask"]), batch["frame_mask"])
   keep = ("text_global", "tab_text", "video_global", "tab_video")
   return {k: v for k, v in {**text, **video}.items() if k in keep}
 
