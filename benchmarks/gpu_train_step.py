@@ -4,8 +4,7 @@ options, Grain input) against the PyTorch peer (CLIPModel as CLIP4Clip meanP, bf
   python -m benchmarks.gpu_train_step [--variant B/16] [--batch 32] [--remat none,dots_no_batch,full]
   python -m benchmarks.gpu_train_step --tiny     # CPU smoke run of every code path at a toy size
 
-Steps, per variant of ours (the repository's step, and with the proposed scan over layers of
-benchmarks/experiments.py) and per remat policy: build the trainer's step (benchmarks/ours.py) in bfloat16 with
+Steps, per variant of ours (the repository's step, and with config.model.scan_layers) and per remat policy: build the trainer's step (benchmarks/ours.py) in bfloat16 with
 float32 parameters (cuDNN attention; XLA's if cuDNN rejects a shape, said in the row),
 time `--steps` back-to-back steps on one device-resident batch (no input cost: the model's own rate), then the
 same with batches from the Grain pipeline (synthetic JPEG shards written first; data_pipelines.pipeline
@@ -102,7 +101,10 @@ def time_steps(step, batches: Iterator[Any] | Any, *, warmup: int, steps: int, w
 def build_with_fallback(section: dict[str, Any], batch: dict[str, np.ndarray],
                         variant_name: str) -> tuple[ours_lib.OursStep, str]:
   """Our step for `section`; if cuDNN rejects an attention shape at compile time, the same step with XLA's
-  attention (the row says which one ran)."""
+  attention (the row says which one ran). "scan_layers" is the config option; other names are
+  benchmarks/experiments.py variants."""
+  if variant_name == "scan_layers":
+    section, variant_name = dict(section, scan_layers=True), "base"
   try:
     with experiments.variant(variant_name):
       return ours_lib.build(section, batch, devices=jax.devices()[:1]), section["attention"]
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--num-proxies", type=int, default=4)
   p.add_argument("--remat", default="none,dots_no_batch,full", help="remat policies to compare")
   p.add_argument("--ours-variants", default="base,scan_layers",
-                 help="our step as in the repository (base) and with proposed changes (benchmarks/experiments.py)")
+                 help="our step as in the repository (base), with config.model.scan_layers (scan_layers), or "
+                      "with a benchmarks/experiments.py variant")
   p.add_argument("--attention", default="", help="cudnn (default on GPU) or xla (default elsewhere)")
   p.add_argument("--attention-pattern", default="block_sparse", choices=["block_sparse", "dense"])
   p.add_argument("--steps", type=int, default=20)

@@ -121,7 +121,7 @@ def search_check(index_dir: pathlib.Path, workdir: pathlib.Path, data_dir: pathl
     for caption in captions if isinstance(captions, list) else [captions]:
       queries.append(caption)
       truth.append(clip_id)
-  rankings = search.search(index_dir, queries, top_k)
+  rankings = search.rank(search.load_index_model(index), index, queries, top_k)  # the index read once
   first = sum(ranking[0][0] == clip_id for ranking, clip_id in zip(rankings, truth))
   in_top = sum(clip_id in [hit for hit, _ in ranking] for ranking, clip_id in zip(rankings, truth))
   return {"queries": len(queries), "top1": 100.0 * first / len(queries), f"top{top_k}": 100.0 * in_top / len(queries),

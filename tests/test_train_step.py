@@ -119,6 +119,8 @@ def test_non_finite_batch_is_skipped_with_params_and_optimizer_state_unchanged()
   good = _place_batch(mesh, rules, batch)
   params, opt_state, m1 = setup.train_step(params, opt_state, good)
   before = jax.tree.map(np.array, (params, opt_state))
+  # A copy: on CPU device_put may alias the host array, and `good` must stay good for the third step.
+  batch = dict(batch, video=batch["video"].copy())
   batch["video"][3, 1, 2, 2, 0] = np.nan  # one pixel of one clip
   params, opt_state, m2 = setup.train_step(params, opt_state, _place_batch(mesh, rules, batch))
   assert bool(m1["finite"]) and not bool(m2["finite"])

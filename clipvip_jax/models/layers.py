@@ -221,7 +221,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-BLOCK_REMAT = ("full", "dots", "dots_no_batch")  # the policies that checkpoint whole blocks
+BLOCK_REMAT = tuple(k for k, policy in REMAT_POLICIES.items() if policy is not None)  # checkpoint whole blocks
 
 
 class Encoder(nnx.Module):
