@@ -27,7 +27,6 @@ block pins its residual stream to it while the step is traced (layers.activation
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, Mapping
@@ -218,8 +217,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
     return params, opt_state
 
   def step(params, opt_state, batch):
-    with (layers.activation_constraint(constrain_activations) if constrain_activations is not None
-          else contextlib.nullcontext()):
+    with layers.activation_constraint(constrain_activations):  # None: nothing constrained
       loss, parts, grads = gradients(params, batch)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
