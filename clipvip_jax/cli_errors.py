@@ -61,9 +61,42 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def quiet_library_logs() -> None:
   """Orbax and friends log through absl at WARNING for routine events ("Metadata file does not exist" when reading
-  a checkpoint written without it); a command's user needs none of that between its own messages."""
+  a checkpoint written without it); a command's user needs none of that between its own messages.
+
+  A failed Orbax save or restore (a full disk, a damaged checkpoint) is also logged by each of Orbax's background
+  threads with its traceback, and the TensorStore reads or writes still in flight when Orbax's event loop closes
+  each print an "Event loop is closed" traceback: hundreds of lines around the one error the command reports
+  itself, in one sentence. Both are dropped here (CLIPVIP_DEBUG=1 keeps them)."""
   import logging
   logging.getLogger("absl").setLevel(logging.ERROR)
+  if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    return
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxErrorFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxErrorFilter())
+  if not isinstance(sys.unraisablehook, _ClosedLoopFilter):
+    sys.unraisablehook = _ClosedLoopFilter(sys.unraisablehook)
+
+
+class _OrbaxErrorFilter:
+  """Drops Orbax's log records: its errors reach the caller as exceptions, which the command reports."""
+
+  def filter(self, record) -> bool:
+    return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+class _ClosedLoopFilter:
+  """An unraisable-exception hook that drops asyncio's "Event loop is closed" (TensorStore completing an I/O of an
+  Orbax operation that has already failed) and hands everything else to the previous hook."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable) -> None:
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    self.previous(unraisable)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *,

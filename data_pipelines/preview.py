@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data_pipelines.manifest import read_manifest, shard_paths
 from data_pipelines.records import ClipRecord
 from data_pipelines.shard_writer import read_records
+from data_pipelines.sources import check_shard
 from data_pipelines.video_io import decode_jpeg
 
 CELL_HEIGHT = 96  # frames are drawn this tall: 32-px synthetic frames become visible, 224-px ones shrink
@@ -31,7 +32,10 @@ LABEL_WIDTH_CHARS = 110
 
 
 def iter_split_records(shard_dir: str, split: str, manifest: dict[str, Any]) -> Iterator[ClipRecord]:
-  for path in shard_paths(shard_dir, split, manifest):
+  paths = shard_paths(shard_dir, split, manifest)
+  for path in paths:  # all up front (milliseconds each): a truncated shard reads as empty, name it instead
+    check_shard(path)
+  for path in paths:
     yield from read_records(path)
 
 

@@ -65,7 +65,37 @@ def shard_paths(shard_dir: str | pathlib.Path, split: str) -> list[str]:
   missing = [p for p in paths if not pathlib.Path(p).exists()]
   if missing:
     raise FileNotFoundError(f"{root}: split {split!r} lists missing shard file(s) {missing[:3]}")
+  for path in paths:
+    check_shard(path)
   return paths
+
+
+class DamagedShardError(ValueError):
+  """A shard file that ArrayRecord cannot open (truncated by a failed copy, a full disk, a killed writer)."""
+
+
+def check_shard(path: str | pathlib.Path) -> None:
+  """Raises DamagedShardError naming `path` when its ArrayRecord footer does not read back.
+
+  A truncated file opens without an exception and reports zero records (`ok()` is False); the Riegeli error
+  only comes when the reader is closed, deep inside Grain, without the file's name. Opening reads the footer
+  and the chunk index only (milliseconds per shard), so every reader checks its shards up front.
+  """
+  from array_record.python.array_record_module import ArrayRecordReader  # deferred, like grain below
+  detail = ""
+  try:
+    reader = ArrayRecordReader(str(path))
+    ok = reader.ok()
+    try:
+      reader.close()
+    except RuntimeError as e:  # the reason of a failed open surfaces here
+      ok, detail = False, str(e)
+  except (RuntimeError, OSError) as e:
+    ok, detail = False, str(e)
+  if not ok:
+    # Riegeli's reason ends "...; at byte N; Failed to read RiegeliPostscript": its first clause is enough.
+    reason = detail.split(";")[0].strip() or "its footer does not read back"
+    raise DamagedShardError(f"shard file {path} is damaged or truncated ({reason}); copy or rebuild it again")
 
 
 def open_split(shard_dir: str | pathlib.Path, split: str) -> RecordSource:

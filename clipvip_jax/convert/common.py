@@ -103,7 +103,11 @@ def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Mapping[str, Any]:
   import torch
   if _is_torchscript(path):
     # OpenAI's released CLIP .pt files are TorchScript archives; their parameters are the state dict.
-    return torch.jit.load(str(path), map_location="cpu").state_dict()
+    try:
+      return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:  # a zip with code/ but no model
+      raise ConversionError(f"{path} looks like a TorchScript archive but does not load as one "
+                            f"({_first_line(e).split('  (Could this')[0]})") from None
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
@@ -112,7 +116,8 @@ def _torch_load(path: pathlib.Path, trust_pickle: bool) -> Mapping[str, Any]:
     if not trust_pickle:
       raise ConversionError(
           f"{path} holds Python objects besides tensors, which are only loaded from trusted files; "
-          "pass trust_pickle=True (CLI: --trust-pickle) if you trust it") from None
+          f"if you trust it, convert it once (python -m clipvip_jax.convert {path} --out DIR --trust-pickle) and "
+          "use DIR, or pass trust_pickle=True") from None
     obj = torch.load(str(path), map_location="cpu", weights_only=False)
   except (RuntimeError, EOFError, KeyError, ValueError) as e:  # what torch raises for truncated or foreign files
     raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None

@@ -119,20 +119,27 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
     config = config_from_args(args.config, overrides)
-    from clipvip_jax.train import trainer
+    from clipvip_jax.train import run_config, trainer
     trainer.check_config(config)
+    run_config.check_values(config)
   except UsageError as e:
     return _fail(prog, str(e))
   except ValueError as e:
     return _fail(prog, f"invalid config: {e}")
-  import logging
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from clipvip_jax.cli_errors import one_sentence, quiet_library_logs
+  from clipvip_jax.train import checkpoint as ckpt_lib
+  from clipvip_jax.train import logging as run_logging
+  from clipvip_jax.train import workdir_lock
+  from data_pipelines import sources
+  run_logging.log_to_terminal()
+  quiet_library_logs()
   try:
     summary = trainer.train(config, args.workdir)
-  except trainer.NonFiniteError as e:
-    return _fail(prog, str(e))
+  except (trainer.NonFiniteError, workdir_lock.WorkdirLockedError, ckpt_lib.CheckpointSaveError,
+          run_config.NotResumableError, ckpt_lib.DamagedCheckpointError, sources.DamagedShardError) as e:
+    return _fail(prog, one_sentence(e))  # each names the workdir, step or process itself
   except (FileNotFoundError, ValueError) as e:  # missing shards, mismatched checkpoint and config, ...
-    return _fail(prog, f"{type(e).__name__}: {e}")
+    return _fail(prog, f"{type(e).__name__}: {one_sentence(e)}")
   print(json.dumps({k: summary[k] for k in ("step", "preempted", "val", "perf") if k in summary}, default=float))
   return 0
 
@@ -157,7 +164,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if args.config:
       config = config_from_args(args.config, overrides)
     elif (ckpt / "config.json").is_file() and ckpt_lib.is_workdir(ckpt):
-      config = ml_collections.ConfigDict(json.loads((ckpt / "config.json").read_text()))
+      from clipvip_jax.train import run_config
+      try:
+        config = ml_collections.ConfigDict(run_config.read(ckpt / "config.json"))
+      except ValueError as e:  # names the file; a config file can stand in for it
+        raise UsageError(f"{e}; pass --config with the run's config file instead") from None
       for key, value in overrides:
         apply_override(config, key, value)
     else:
@@ -165,12 +176,22 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     split = args.split or (config.get("eval") or {}).get("split")
     if not split:
       raise UsageError("no evaluation split: give --split or set config.eval.split")
+    from clipvip_jax.train import run_config
+    if args.dtype not in run_config.FLOAT_DTYPES:
+      raise UsageError(f"--dtype {args.dtype} is not one of {', '.join(run_config.FLOAT_DTYPES)}")
+    from clipvip_jax.cli_errors import quiet_library_logs
+    quiet_library_logs()
     from clipvip_jax.evaluate import dump, format_table
     result = evaluate_checkpoint(config, str(ckpt), split, which=args.which, dtype=args.dtype)
   except UsageError as e:
     return _fail(prog, str(e))
   except (FileNotFoundError, ValueError) as e:
-    return _fail(prog, f"{type(e).__name__}: {e}")
+    from clipvip_jax.cli_errors import one_sentence
+    from clipvip_jax.train import checkpoint as ckpt_lib
+    from data_pipelines import sources
+    if isinstance(e, (ckpt_lib.DamagedCheckpointError, sources.DamagedShardError)):
+      return _fail(prog, one_sentence(e))  # names the step or file itself
+    return _fail(prog, f"{type(e).__name__}: {one_sentence(e)}")
   print(format_table(result))
   output = args.output
   if output is None and ckpt_lib.is_workdir(ckpt):

@@ -10,11 +10,40 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import pathlib
+import sys
 from typing import Any, Mapping
 
 import jax
 
 log = std_logging.getLogger("clipvip_jax.train")
+
+
+class _TerminalHandler(std_logging.StreamHandler):
+  """stderr through tqdm.write, so that a line lands above a live progress bar instead of through it."""
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    try:
+      from tqdm import tqdm
+      tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # noqa: BLE001 — logging must never raise
+      self.handleError(record)
+
+
+def log_to_terminal(level: int = std_logging.INFO) -> None:
+  """Sends this project's log lines ("clipvip_jax.*": resumed from, preempted, damaged checkpoints, changed
+  settings) to stderr. The command lines call it; a library user configures logging as they like. Other
+  libraries' loggers are left alone (some install a root handler at import, which made basicConfig a no-op)."""
+  logger = std_logging.getLogger("clipvip_jax")
+  if not any(isinstance(h, _TerminalHandler) for h in logger.handlers):
+    handler = _TerminalHandler()
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+  logger.setLevel(level)
+  logger.propagate = False
+
+
+def _to_terminal() -> bool:
+  return any(isinstance(h, _TerminalHandler) for h in std_logging.getLogger("clipvip_jax").handlers)
 
 # Dense bf16 peak FLOP/s per device (vendor figures), for the MFU estimate. CPU: no meaningful peak.
 PEAK_FLOPS = {
@@ -82,7 +111,7 @@ class RunLogger:
       self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
   def message(self, text: str) -> None:
-    if self.bar is not None:
+    if self.bar is not None and not _to_terminal():  # else the terminal handler writes it above the bar
       self.bar.write(text)
     log.info(text)
 

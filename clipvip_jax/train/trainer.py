@@ -28,7 +28,7 @@ import numpy as np
 
 from clipvip_jax.train import checkpoint as ckpt_lib
 from clipvip_jax.train import logging as run_logging
-from clipvip_jax.train import model_init, optim, sharding
+from clipvip_jax.train import model_init, optim, run_config, sharding, workdir_lock
 from clipvip_jax.train import step as step_lib
 
 log = run_logging.log
@@ -223,8 +223,10 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
     compilation_cache.reset_cache()  # jax settles the cache at its first compile: start it over with this folder
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  lock = workdir_lock.WorkdirLock(workdir).acquire(report=log.warning)  # one run per workdir, before any write
+  run_config.check_resumable(workdir, config, report=log.warning)  # a model change stops here, config.json intact
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    run_config.write(workdir, config)
   started = time.time()
 
   # Mesh and logical-axis rules.
@@ -250,7 +252,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
                                        async_save=bool(ckpt_cfg.get("async_save", True)))
   host_iter = pipeline.make_train_iterator(config.data)
   step, nonfinite_steps = 0, []
-  latest = checkpointer.latest_step()
+  latest = checkpointer.restorable_step(report=log.warning)  # damaged newer steps: named, set aside
   if latest is not None:
     params, opt_state, data_state, meta = checkpointer.restore(latest, params, ms.shardings, opt_state,
                                                                opt_shardings)
@@ -376,6 +378,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
     preemption.restore()
     checkpointer.close()
     logger.close()
+    lock.release()
   summary = {"step": step, "total_steps": total_steps, "preempted": preempted, "workdir": str(workdir),
              "nonfinite_steps": list(nonfinite_steps), "seconds": round(time.time() - started, 1),
              "train": last_train, "perf": timing, "val": last_eval}

@@ -1,0 +1,164 @@
+"""One trainer per workdir: WORKDIR/run.lock names the run that holds it.
+
+  lock = WorkdirLock(workdir)
+  lock.acquire(report=log.warning)   # WorkdirLockedError naming host and pid when another live run holds it
+  ...
+  lock.release()
+
+The lock file is created with O_EXCL (atomic on local disks and NFSv3+) and holds JSON: host, pid, the process's
+start time (from /proc, so that a recycled pid is not mistaken for the holder), the start of the run and the
+command line. A second trainer on the same workdir fails with one sentence naming the holder, before it writes
+anything. A lock left by a process that died (same host, pid gone or started at another time) is taken over, with
+a message. A lock from another host cannot be checked from here: the message says so and names the file to delete
+once that run is known to be gone.
+
+Several JAX processes (one run on many hosts) share one workdir: only process 0 takes the lock, the others trust
+it. Process 0's outcome is broadcast, so that every process of a second run fails together instead of the others
+waiting forever in the next collective.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import pathlib
+import socket
+import sys
+import time
+from typing import Callable
+
+LOCK_NAME = "run.lock"
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live run holds the workdir's lock; the message names it (host, pid, start) and the lock file."""
+
+
+def _start_time(pid: int) -> str | None:
+  """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None where /proc is absent."""
+  try:
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+  except OSError:
+    return None
+  return stat.rsplit(")", 1)[1].split()[19]  # fields after "(comm)": state is field 3, starttime field 22
+
+
+def _alive(pid: int, start: str | None) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    pass
+  now_start = _start_time(pid)
+  return start is None or now_start is None or now_start == start
+
+
+def _describe(holder: dict) -> str:
+  started = holder.get("started")
+  when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+  return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since {when})"
+
+
+class WorkdirLock:
+  """The lock of one workdir, held by this process between acquire() and release()."""
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = pathlib.Path(workdir).absolute() / LOCK_NAME
+    self.held = False
+
+  def _record(self) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_time(os.getpid()),
+            "started": time.time(), "command": " ".join(sys.argv)[:500]}
+
+  def _create(self) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(json.dumps(self._record()) + "\n")
+    return True
+
+  def _holder(self) -> dict | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {}  # written halfway (the writer died between create and write): no one to ask, treat as stale
+
+  def _acquire_here(self, report: Callable[[str], None]) -> None:
+    for _ in range(3):  # lost races with another starting run: retry with what it wrote
+      if self._create():
+        self.held = True
+        atexit.register(self.release)
+        return
+      holder = self._holder()
+      if holder is None:
+        continue  # released between our attempts
+      same_host = holder.get("host") == socket.gethostname()
+      pid = holder.get("pid")
+      if holder and same_host and pid == os.getpid():
+        stale_reason = "an earlier run in this process"
+      elif not holder:
+        stale_reason = "an unreadable lock file"
+      elif same_host and isinstance(pid, int) and not _alive(pid, holder.get("pid_start")):
+        stale_reason = f"{_describe(holder)}, which is no longer running"
+      elif same_host:
+        raise WorkdirLockedError(f"workdir {self.path.parent} is in use by the training run of {_describe(holder)} "
+                                 f"(lock file {self.path}); wait for it to finish or stop it, or use another "
+                                 f"--workdir")
+      else:
+        raise WorkdirLockedError(f"workdir {self.path.parent} is in use by the training run of {_describe(holder)} "
+                                 f"(lock file {self.path}), which cannot be checked from host "
+                                 f"{socket.gethostname()}; delete the lock file once that run is known to be gone")
+      # Take over: move the stale file aside under a unique name first, so that of two runs taking over at once
+      # only one removes it, and the other finds the winner's lock on its next attempt.
+      aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+      try:
+        os.replace(self.path, aside)
+      except FileNotFoundError:
+        continue
+      aside.unlink(missing_ok=True)
+      if pid != os.getpid():  # an earlier train() of this process that ended in an error: nothing to say
+        report(f"took over the lock of workdir {self.path.parent} from {stale_reason}")
+    raise WorkdirLockedError(f"workdir {self.path.parent}: could not take its lock file {self.path} (other runs "
+                             "keep starting on it)")
+
+  def acquire(self, report: Callable[[str], None] = print) -> "WorkdirLock":
+    """Takes the lock on process 0 (the others wait for its outcome); raises WorkdirLockedError on every process
+    when another live run holds it."""
+    import jax
+    error = None
+    if jax.process_index() == 0:
+      try:
+        self._acquire_here(report)
+      except WorkdirLockedError as e:
+        error = e
+    if jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+      if failed and error is None:
+        error = WorkdirLockedError(f"workdir {self.path.parent} is in use by another training run (process 0 "
+                                   "names it)")
+    if error is not None:
+      raise error
+    return self
+
+  def release(self) -> None:
+    """Removes the lock file if this process still holds it (a no-op otherwise; safe to call twice)."""
+    if not self.held:
+      return
+    self.held = False
+    holder = self._holder()
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+      self.path.unlink(missing_ok=True)
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
