@@ -14,10 +14,10 @@ from typing import Any
 
 # public name -> module that defines it
 _EXPORTS = {
-    "load_pretrained": "clipvip_jax.api",
-    "Pretrained": "clipvip_jax.api",
+    "load_pretrained": "clipvip_jax.retrieval.pretrained",
+    "Pretrained": "clipvip_jax.retrieval.pretrained",
     "tokenize": "clipvip_jax.tokenizer",
-    "extract_embeddings": "clipvip_jax.embed",
+    "extract_embeddings": "clipvip_jax.retrieval.extraction",
     "CLIP": "clipvip_jax.models.clip",
     "CLIPConfig": "clipvip_jax.models.clip",
     "clip_config": "clipvip_jax.models.clip",

@@ -108,7 +108,9 @@ def search_check(index_dir: pathlib.Path, workdir: pathlib.Path, data_dir: pathl
                  top_k: int = 5) -> dict[str, Any]:
   """The encode and search commands on the demo's own checkpoint: every test caption is a query; the share of
   queries whose own clip comes first / in the top k, and one example ranking."""
-  from clipvip_jax import embedding_index, encode, search
+  from clipvip_jax import encode
+  from clipvip_jax.retrieval import index as embedding_index
+  from clipvip_jax.retrieval import search
 
   which = "best" if (workdir / "best.json").exists() else "latest"
   code = encode.main(["--checkpoint", str(workdir), "--step", which, "--shards", str(data_dir), "--split", "test",
@@ -117,8 +119,9 @@ def search_check(index_dir: pathlib.Path, workdir: pathlib.Path, data_dir: pathl
     raise SystemExit(f"stopped: encoding the test split with {workdir} failed (exit {code})")
   index = embedding_index.read_index(index_dir)
   queries, truth = [], []
-  for clip_id, captions in zip(index.meta["ids"], index.meta["captions"]):
-    for caption in captions if isinstance(captions, list) else [captions]:
+  for row in range(index.count):
+    clip_id = index.id(row)
+    for caption in index.captions(row):
       queries.append(caption)
       truth.append(clip_id)
   rankings = search.rank(search.load_index_model(index), index, queries, top_k)  # the index read once

@@ -135,7 +135,7 @@ def test_import_is_lazy():
   code = "import sys, clipvip_jax; assert not {'jax', 'torch', 'transformers'} & set(sys.modules); " \
          "print(clipvip_jax.load_pretrained.__module__)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-  assert out.strip() == "clipvip_jax.api"
+  assert out.strip() == "clipvip_jax.retrieval.pretrained"
 
 
 @pytest.mark.slow  # duplicates tests/test_clipvip* parity; here it proves the API's video path

@@ -242,13 +242,13 @@ def test_search_index_folder_missing_files(capsys, inputs, tmp_path):
   partial = tmp_path / "partial"
   partial.mkdir()
   shutil.copy(inputs["index"] / "index.json", partial / "index.json")
-  assert "has no embeddings.npy" in _search(capsys, "--index", str(partial), "q")
+  assert "part-00000 is missing (the index is incomplete" in _search(capsys, "--index", str(partial), "q")
 
 
 def test_search_embeddings_that_disagree_with_the_index(capsys, inputs, tmp_path):
   broken = tmp_path / "broken"
   shutil.copytree(inputs["index"], broken)
-  np.save(broken / "embeddings.npy", np.zeros((2, 7), np.float32))
+  np.save(broken / "parts" / "part-00000" / "embeddings.npy", np.zeros((2, 7), np.float32))
   assert "has shape (2, 7) but" in _search(capsys, "--index", str(broken), "q")
 
 

@@ -72,7 +72,7 @@ def test_fixture_parity_through_convert(fixture):
 
 
 def test_fixture_parity_through_load_pretrained(fixtures_dir, fixture):
-  from clipvip_jax.api import load_pretrained
+  from clipvip_jax.retrieval.pretrained import load_pretrained
   _, _, io = fixture
   # The config file holds the HF dict under "clip_config"; pass it as a path and as the bare dict.
   bare = json.loads((fixtures_dir / "clipvip_tiny_config.json").read_text())["clip_config"]
@@ -92,7 +92,7 @@ def test_fixture_parity_through_load_pretrained(fixtures_dir, fixture):
 def test_fp16_file_through_cli_and_converted_dir(fixtures_dir, fixture, tmp_path):
   """A float16 `clipmodel.` file (as released checkpoints may be) -> `python -m clipvip_jax.convert` -> a
   converted directory that load_pretrained reads back with the same config."""
-  from clipvip_jax.api import load_pretrained
+  from clipvip_jax.retrieval.pretrained import load_pretrained
   from clipvip_jax.convert.__main__ import main as convert_main
   from clipvip_jax.convert.formats import detect_format
   sd, config, io = fixture

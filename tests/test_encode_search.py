@@ -9,10 +9,19 @@ import numpy as np
 import pytest
 
 import retrieval_helpers as rh
-from clipvip_jax import encode, search
-from clipvip_jax.embedding_index import read_index
-from clipvip_jax.retrieval_model import load_model
+from clipvip_jax import encode
+from clipvip_jax import search as search_command
+from clipvip_jax.retrieval import indexer, search, video_files
+from clipvip_jax.retrieval.index import read_index
+from clipvip_jax.retrieval.model import load_model
 from data_pipelines import manifest, shard_writer, synthetic
+
+
+def _encode(model, inputs, out, **options) -> np.ndarray:
+  """The library side of encode: the index's rows, float32."""
+  indexer.build_index(model, inputs, out, meta={"kind": model.kind, "checkpoint": model.checkpoint,
+                                                "modality": inputs.modality}, progress=False, **options)
+  return read_index(out).embeddings()
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +54,23 @@ def test_encode_shards_writes_ids_captions_and_normalised_embeddings(shard_index
   index = read_index(shard_index)
   records = [r for path in manifest.shard_paths(str(shards), "train") for r in shard_writer.read_records(path)]
   assert index.ids == [r.clip_id for r in records]
-  assert index.meta["captions"] == [r.captions for r in records]
-  assert index.embeddings.shape == (16, 32) and index.embeddings.dtype == np.float32
-  np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=1e-5)
-  assert index.kind == "clipvip" and index.modality == "video" and index.meta["skipped"] == []
+  assert [index.captions(r) for r in range(index.count)] == [r.captions for r in records]
+  assert index.embeddings().shape == (16, 32) and index.dtype == "float32"
+  np.testing.assert_allclose(np.linalg.norm(index.embeddings(), axis=1), 1.0, atol=1e-5)
+  assert index.kind == "clipvip" and index.modality == "video" and index.skipped() == []
   assert index.meta["checkpoint"] == str(checkpoint.absolute())
   options = index.meta["options"]
   assert (options["num_frames"], options["image_size"], options["sampling"], options["resize_mode"]) == \
       (4, 32, "clipvip", "squash")
-  assert not list(shard_index.parent.glob(".*tmp*"))  # the temporary folder was renamed away
+  assert not list(shard_index.parent.glob(".*"))  # the staging folder was renamed away
 
 
-def test_shard_embeddings_do_not_depend_on_batching(shard_index, shards, model):
+def test_shard_embeddings_do_not_depend_on_batching(shard_index, shards, model, tmp_path):
   # One batch of 16 against the CLI's batches of 5 (the last one padded with repeated rows).
-  whole = encode.encode_shards(model, shards, "train", batch_size=16, progress=False)
-  np.testing.assert_allclose(whole.embeddings, read_index(shard_index).embeddings, atol=1e-5)
+  whole = _encode(model, indexer.ShardClips(shards, "train", model.recipe), tmp_path / "whole", batch_size=16)
+  np.testing.assert_allclose(whole, read_index(shard_index).embeddings(), atol=1e-5)
   # Time-reversed twins hold the same frames in another order: a temporal model must tell them apart.
-  assert not np.allclose(whole.embeddings[0], whole.embeddings[1], atol=1e-4)
+  assert not np.allclose(whole[0], whole[1], atol=1e-4)
 
 
 def test_encode_texts_matches_the_model(model, checkpoint, tmp_path):
@@ -73,7 +82,7 @@ def test_encode_texts_matches_the_model(model, checkpoint, tmp_path):
   assert index.modality == "text"
   assert index.ids == ["a red circle moves left", "a blue square moves up", "something else"]
   ids, mask = model.tokenize(index.ids)
-  np.testing.assert_allclose(index.embeddings, np.asarray(model.encode_text(ids, mask)), atol=1e-5)
+  np.testing.assert_allclose(index.embeddings(), np.asarray(model.encode_text(ids, mask)), atol=1e-5)
 
 
 def test_search_ranks_by_the_models_similarity(shard_index, model):
@@ -81,7 +90,7 @@ def test_search_ranks_by_the_models_similarity(shard_index, model):
   rankings = search.search(shard_index, queries, top_k=5)
   index = read_index(shard_index)
   ids, mask = model.tokenize(queries)
-  direct = np.asarray(model.similarity(model.encode_text(ids, mask), index.embeddings))
+  direct = np.asarray(model.similarity(model.encode_text(ids, mask), index.embeddings()))
   assert len(rankings) == 2
   for row, ranking in enumerate(rankings):
     assert len(ranking) == 5
@@ -98,7 +107,7 @@ def test_search_top_k_beyond_the_index_returns_every_clip_once(shard_index, mode
 
 
 def test_search_command_prints_ranked_clips_with_captions(shard_index, capsys):
-  assert search.main(["--index", str(shard_index), "a yellow diamond moves down", "--top-k", "3"]) == 0
+  assert search_command.main(["--index", str(shard_index), "a yellow diamond moves down", "--top-k", "3"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[0] == "query: a yellow diamond moves down"
   assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3"]
@@ -106,7 +115,7 @@ def test_search_command_prints_ranked_clips_with_captions(shard_index, capsys):
 
 
 def test_search_json_output(shard_index, capsys):
-  assert search.main(["--index", str(shard_index), "q one", "q two", "--top-k", "2", "--json"]) == 0
+  assert search_command.main(["--index", str(shard_index), "q one", "q two", "--top-k", "2", "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   assert [r["query"] for r in result] == ["q one", "q two"]
   assert all(len(r["results"]) == 2 for r in result)
@@ -133,10 +142,10 @@ def test_encode_videos_skips_and_reports_a_corrupt_file(checkpoint, model, tmp_p
   assert "3 videos, 1 skipped" in captured.out
   index = read_index(out)
   assert index.ids == ["clip_a", "clip_b", "frames"]
-  assert [s["id"] for s in index.meta["skipped"]] == ["broken"]
-  assert index.meta["skipped"][0]["reason"]
-  video, mask = encode.load_video(videos / "clip_a.mp4", model.recipe, fps=5.0)
-  np.testing.assert_allclose(index.embeddings[0], np.asarray(model.encode_video(video[None], mask[None]))[0],
+  assert [s["id"] for s in index.skipped()] == ["broken"]
+  assert index.skipped()[0]["reason"]
+  video, mask = video_files.load_video(videos / "clip_a.mp4", model.recipe, fps=5.0)
+  np.testing.assert_allclose(index.embeddings()[0], np.asarray(model.encode_video(video[None], mask[None]))[0],
                              atol=1e-5)
 
 
@@ -157,10 +166,10 @@ def test_a_training_workdir_is_a_checkpoint_too(tmp_path, shards):
   model = load_model(workdir)
   assert (model.kind, model.step) == ("meanp", 7)
   assert (model.recipe.num_frames, model.recipe.sampling, model.recipe.max_text_len) == (8, "clipvip", 12)
-  encoded = encode.encode_shards(model, shards, "test", batch_size=2, progress=False)
-  assert encoded.embeddings.shape == (2, 32)
+  encoded = _encode(model, indexer.ShardClips(shards, "test", model.recipe), tmp_path / "index", batch_size=2)
+  assert encoded.shape == (2, 32)
   # meanP ignores frame order: the twins (all 8 frames, reversed) get the same embedding.
-  np.testing.assert_allclose(encoded.embeddings[0], encoded.embeddings[1], atol=1e-5)
+  np.testing.assert_allclose(encoded[0], encoded[1], atol=1e-5)
 
 
 def test_clip2video_index_scores_are_the_models_logits(shards, tmp_path, capsys):
@@ -176,7 +185,7 @@ def test_clip2video_index_scores_are_the_models_logits(shards, tmp_path, capsys)
   query = "a small green cross moves down slowly"
   (ranking,) = search.search(out, query, top_k=4, model=model)
   ids, mask = model.tokenize([query])
-  logits = np.asarray(model.pretrained.model.similarity(model.encode_text(ids, mask), index.embeddings))[0]
+  logits = np.asarray(model.pretrained.model.similarity(model.encode_text(ids, mask), index.embeddings()))[0]
   assert [clip_id for clip_id, _ in ranking] == [index.ids[j] for j in np.argsort(-logits)[:4]]
   np.testing.assert_allclose([s for _, s in ranking], np.sort(logits)[::-1][:4], rtol=1e-5)
   with pytest.raises(SystemExit) as exc:

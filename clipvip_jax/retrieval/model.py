@@ -54,7 +54,7 @@ class VideoRecipe:
 @dataclasses.dataclass
 class RetrievalModel:
   """A loaded model with what encode/search need: jitted encoders, similarity, tokenizer and recipe."""
-  pretrained: Any  # clipvip_jax.api.Pretrained
+  pretrained: Any  # clipvip_jax.retrieval.pretrained.Pretrained
   checkpoint: str  # absolute path it was loaded from
   recipe: VideoRecipe
   step: int | None = None  # the training step, for a workdir checkpoint
@@ -133,7 +133,7 @@ def recipe_from_run(recipe: VideoRecipe, data: Mapping[str, Any]) -> VideoRecipe
 
 def _build(kind: str, cfg: Any, params: Mapping[str, np.ndarray], source: str):
   """A Pretrained of `kind`; clip and meanp become the frame-mean-pooling model (same parameters as CLIP)."""
-  from clipvip_jax.api import Pretrained
+  from clipvip_jax.retrieval.pretrained import Pretrained
   if kind in ("clip", "meanp"):
     from flax import nnx
 
@@ -170,7 +170,7 @@ def _load(path: pathlib.Path, config, step, trust_pickle: bool) -> tuple[Any, Vi
   if path.is_dir() and not checkpoint_io.is_converted_dir(path) and not (path / "config.json").is_file():
     raise UsageError(f"{path} is neither a converted checkpoint (config.json + params/), a training workdir "
                      "(checkpoints/<step>/) nor an HF model directory")
-  from clipvip_jax.api import load_pretrained
+  from clipvip_jax.retrieval.pretrained import load_pretrained
   pretrained = load_pretrained(path, config, trust_pickle=trust_pickle)
   if pretrained.kind == "clip":  # an image CLIP indexes videos by mean pooling its frame embeddings
     pretrained = _build("clip", pretrained.config, flat_params(pretrained.model), str(path))

@@ -1,9 +1,14 @@
-"""Embedding extraction over many inputs with ONE compiled shape.
+"""Embedding extraction over many inputs with ONE compiled shape, split over every local device.
 
 `extract_embeddings(model.encode_text, {"ids": ids, "mask": mask}, batch_size=256)` runs the encoder over
 fixed-size batches; the last, short batch is padded (by repeating its last row, so no all-zero mask or empty
 input reaches the model) and the padded rows are dropped from the result. Every call therefore sees the same
 shape and jit compiles once, however many inputs there are. Evaluation, `encode` and search build on this.
+
+`device_encoder(pretrained, "encode_video")` is the same model method with its parameters replicated once on
+every local device and each batch split over them along its first axis (jax.sharding over jax.local_devices()),
+so `encode` uses all of a host's accelerators (or XLA's simulated CPU devices) with no change to the results
+beyond float rounding.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def extract_embeddings(encode_fn: Callable[..., Any], arrays: Mapping[str, Any] 
     iterable of such dicts with at most `batch_size` rows each (a data loader); `total` sizes the progress bar
     for an iterable.
   encode_fn: returns an array [B, ...] or a pytree of them (each gets concatenated); usually a method of
-    `clipvip_jax.api.Pretrained` or a jitted function.
+    `clipvip_jax.retrieval.pretrained.Pretrained`, `device_encoder(...)`, or a jitted function.
   Batches are dispatched before the previous result is copied to the host, so device work overlaps the copy.
   """
   if batch_size < 1:
@@ -84,3 +89,41 @@ def extract_embeddings(encode_fn: Callable[..., Any], arrays: Mapping[str, Any] 
 
 def _to_host(out: Any, n: int) -> Any:
   return jax.tree.map(lambda x: np.asarray(x)[:n], out)
+
+
+def device_encoder(pretrained: Any, method: str, devices: list[Any] | None = None) -> Callable[..., Any]:
+  """`f(**batch)`: `pretrained`'s jitted `method` (e.g. "encode_video", keyword names of the model method) with
+  the parameters replicated on `devices` (default: this process's local devices) and every batch split over them.
+
+  The batch size must be a multiple of len(devices) (`round_batch_size`). The parameters are placed once here,
+  not per call; with one device this is the plain jitted method.
+  """
+  import inspect
+
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  devices = list(jax.local_devices() if devices is None else devices)
+  fn = pretrained.jitted(method)
+  names = [n for n in inspect.signature(getattr(pretrained.model, method)).parameters]
+  mesh = Mesh(np.asarray(devices), ("batch",))
+  state = jax.device_put(pretrained.state, NamedSharding(mesh, PartitionSpec()))
+  rows = NamedSharding(mesh, PartitionSpec("batch"))
+
+  def encode(**batch):
+    unknown = set(batch) - set(names)
+    if unknown:
+      raise TypeError(f"{method} takes {names}, not {sorted(unknown)}")
+    args = []
+    for name in names:
+      value = batch.get(name)
+      if value is not None and len(value) % len(devices):
+        raise ValueError(f"a batch of {len(value)} rows does not split over {len(devices)} devices")
+      args.append(None if value is None else jax.device_put(np.asarray(value), rows))
+    return fn(state, *args)
+
+  encode.devices = devices  # type: ignore[attr-defined]
+  return encode
+
+
+def round_batch_size(batch_size: int, devices: int) -> int:
+  """The smallest multiple of `devices` that is >= batch_size (every device gets the same number of rows)."""
+  return -(-batch_size // devices) * devices

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clipvip_jax.api import Pretrained
-from clipvip_jax.embed import extract_embeddings, pad_batch
+from clipvip_jax.retrieval.pretrained import Pretrained
+from clipvip_jax.retrieval.extraction import extract_embeddings, pad_batch
 from clipvip_jax.kinds import build_model, param_shapes
 from clipvip_jax.models.clip import clip_config
 

@@ -1,0 +1,15 @@
+"""Retrieval: a checkpoint's encoders at scale, the index they write, and search over it.
+
+  pretrained.py     load_pretrained(path) -> Pretrained: jitted encode_* / similarity of any readable checkpoint
+  model.py          load_model(path) -> RetrievalModel: a Pretrained (also from a training workdir) + the video
+                    recipe of its original (frames, size, sampling, resize, text length)
+  extraction.py     fixed-shape batched embedding extraction; device_encoder splits batches over local devices
+  video_files.py    finding clips in a folder; one clip's test-time model input
+  indexer.py        inputs -> parts -> index: every device and process, resumable (the library side of encode)
+  index.py          the index on disk: parts, memory-mapped embeddings, index.json, info; format 1 still opens
+  string_table.py   seekable row names and captions
+  exact.py          exact chunked top-k (argpartition per chunk, merged; ties by row)
+  approximate.py    FAISS IVF-PQ candidates re-scored exactly; built with its measured recall
+  search.py         Searcher: index + model loaded once, batched queries, backend choice
+  *_command.py      the commands python -m clipvip_jax.encode / .search / .index run
+"""

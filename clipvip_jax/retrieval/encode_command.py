@@ -1,0 +1,209 @@
+"""python -m clipvip_jax.encode --checkpoint PATH (--videos DIR | --shards DIR [--split S] | --texts FILE) --out DIR
+
+Embeddings of a folder of videos, a shard set, or a text file (one text per line), for search and any other use:
+an index folder of memory-mapped parts (ids, captions of shard clips, options; see clipvip_jax.retrieval.index).
+The checkpoint is a converted directory, a training workdir or an original checkpoint file (see
+clipvip_jax.retrieval.model).
+
+Every batch is split over all local devices; launched as several JAX processes (clipvip_jax.launch_local, or the
+multi-host launch of training: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) each process encodes
+its share of the parts. A killed encode relaunched with the same arguments skips the parts already written and
+gives the same index as an uninterrupted run (clipvip_jax.retrieval.indexer). Videos are prepared as the model's
+original does at test time (clipvip_jax.retrieval.video_files); an input that cannot be decoded is counted,
+reported and skipped, and the index lists it. Every batch has the same shape (the last one padded), so the model
+compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+from typing import Any, Sequence
+
+from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
+from clipvip_jax.retrieval import indexer
+from clipvip_jax.retrieval.model import RetrievalModel
+
+PROG = "python -m clipvip_jax.encode"
+DEFAULT_BATCH_SIZE = indexer.DEFAULT_BATCH_SIZE
+
+
+def read_text_lines(path: str | os.PathLike) -> list[str]:
+  """The non-blank lines of a UTF-8 text file, stripped; UsageError when there are none."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise UsageError(f"--texts {path} does not exist" if not path.exists() else f"--texts {path} is not a file")
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise UsageError(f"--texts {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+  texts = [line.strip() for line in lines if line.strip()]
+  if not texts:
+    raise UsageError(f"--texts {path} holds no text (one text per line)")
+  return texts
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+def _non_negative_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not value >= 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+  return value
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="examples:\n"
+                                     f"  {PROG} --checkpoint converted/clipvip-b32 --videos videos/ --out idx/\n"
+                                     f"  {PROG} --checkpoint runs/demo --shards data/synthetic --split test "
+                                     "--out idx/\n"
+                                     f"  {PROG} --checkpoint converted/clipvip-b32 --texts queries.txt --out q/")
+  p.add_argument("--checkpoint", required=True,
+                 help="converted directory, training workdir, or original checkpoint file / HF directory")
+  p.add_argument("--config", help="the original's config JSON, for an original checkpoint file only")
+  p.add_argument("--step", help="training workdir only: a step number, 'latest' (default) or 'best'")
+  p.add_argument("--trust-pickle", action="store_true",
+                 help="allow loading an original checkpoint holding Python objects besides tensors (trusted files)")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--videos", metavar="DIR", help="folder of video files and/or frame-image folders")
+  source.add_argument("--shards", metavar="DIR",
+                      help="shard folder with manifest.json (build_shards, data_pipelines.synthetic)")
+  source.add_argument("--texts", metavar="FILE", help="UTF-8 text file, one text per line")
+  p.add_argument("--split", default="test", help="split of --shards to encode (default %(default)s)")
+  p.add_argument("--out", required=True, metavar="DIR", help="output index folder")
+  p.add_argument("--force", action="store_true", help="replace an existing index in --out")
+  p.add_argument("--num-frames", type=_positive_int, help="frames per video (default: the model's recipe)")
+  p.add_argument("--image-size", type=_positive_int,
+                 help="frame size; must equal the model's input size (default: that size)")
+  p.add_argument("--max-text-len", type=_positive_int,
+                 help="token length incl. start/end tokens (default: the model's recipe)")
+  p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                 help="inputs per batch (default %(default)s)")
+  p.add_argument("--fps", type=_non_negative_float, default=5.0,
+                 help="--videos: rate frames are read at before sampling (default %(default)s, as build_shards; "
+                      "0 = every frame, CLIP-ViP's exact rule)")
+  p.add_argument("--workers", type=int, default=None,
+                 help="decoding workers: threads for --videos (default min(8, CPUs)), Grain processes for "
+                      "--shards (default 0 = in this process)")
+  p.add_argument("--part-size", type=_positive_int, default=indexer.DEFAULT_PART_SIZE,
+                 help="inputs per part: the unit of resuming and of sharing work between processes "
+                      "(default %(default)s)")
+  p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                 help="stored embedding type: float16 halves the index; exact search over it is slower on CPU "
+                      "(default %(default)s)")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  return p
+
+
+def _check_inputs(args: argparse.Namespace) -> Any:
+  """Everything that can be checked before the (slow) model load; returns the videos list / texts / None."""
+  from clipvip_jax.retrieval.index import check_out_dir
+  from clipvip_jax.retrieval.video_files import find_videos
+  if not pathlib.Path(args.checkpoint).exists():
+    raise UsageError(f"checkpoint {args.checkpoint} does not exist")
+  if args.config is not None and not pathlib.Path(args.config).is_file():
+    raise UsageError(f"config file {args.config} does not exist")
+  if args.workers is not None and args.workers < 0:
+    raise UsageError(f"--workers must be >= 0, got {args.workers}")
+  check_out_dir(args.out, args.force)
+  if args.videos is not None:
+    root = pathlib.Path(args.videos)
+    if not root.is_dir():
+      raise UsageError(f"--videos {root} is not a folder" if root.exists() else f"--videos {root} does not exist")
+    videos = find_videos(root)
+    if not videos:
+      raise UsageError(f"--videos {root} holds no video files or frame folders")
+    return videos
+  if args.shards is not None:
+    from data_pipelines import sources
+    sources.shard_paths(args.shards, args.split)  # FileNotFoundError / ValueError naming the folder and split
+    return None
+  return read_text_lines(args.texts)
+
+
+def _check_model(model: RetrievalModel, args: argparse.Namespace) -> None:
+  """Options against what the loaded model takes; then the recipe gets the user's overrides."""
+  size = model.input_size
+  if args.image_size is not None and args.image_size != size:
+    raise UsageError(f"--image-size {args.image_size} does not fit the model ({model.kind}), which takes "
+                     f"{size}x{size} frames")
+  if args.num_frames is not None and model.max_frames is not None and args.num_frames > model.max_frames:
+    raise UsageError(f"--num-frames {args.num_frames} is more than the {model.max_frames} frames this "
+                     f"{model.kind} model has positions for")
+  positions = model.text_positions
+  if args.max_text_len is not None and not 2 <= args.max_text_len <= positions:
+    raise UsageError(f"--max-text-len {args.max_text_len} must be in 2..{positions} (the model's text positions)")
+  model.recipe = model.recipe.replace(num_frames=args.num_frames, max_text_len=args.max_text_len)
+
+
+def _index_meta(model: RetrievalModel, args: argparse.Namespace, modality: str, source: str) -> dict[str, Any]:
+  return {"created_by": "clipvip_jax.encode", "kind": model.kind, "checkpoint": model.checkpoint,
+          "step": model.step, "config": model.config_path, "trust_pickle": bool(args.trust_pickle),
+          "modality": modality, "source": str(pathlib.Path(source).absolute()),
+          "options": {**model.recipe.to_dict(), "fps": args.fps if args.videos is not None else None,
+                      "split": args.split if args.shards is not None else None, "batch_size": args.batch_size}}
+
+
+def _start_processes() -> None:
+  """Joins the other JAX processes of a multi-process launch (no-op for one process), where that support exists."""
+  if importlib.util.find_spec("clipvip_jax.distributed") is not None:
+    from clipvip_jax import distributed
+    distributed.initialize()
+
+
+def _run(argv: Sequence[str] | None) -> int:
+  from clipvip_jax.retrieval.model import load_model
+  args = _parser().parse_args(argv)
+  quiet_library_logs()
+  found = _check_inputs(args)
+  _start_processes()
+  model = load_model(args.checkpoint, args.config, step=args.step, trust_pickle=args.trust_pickle)
+  _check_model(model, args)
+  if args.videos is not None:
+    workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    inputs = indexer.VideoFiles(found, model.recipe, fps=args.fps, workers=workers)
+    source, what = args.videos, "videos"
+  elif args.shards is not None:
+    inputs = indexer.ShardClips(args.shards, args.split, model.recipe, workers=args.workers or 0)
+    source, what = args.shards, f"clips of split {args.split!r}"
+  else:
+    inputs = indexer.Texts(found, model.tokenize)
+    source, what = args.texts, "texts"
+  out = indexer.build_index(model, inputs, args.out, meta=_index_meta(model, args, inputs.modality, source),
+                            batch_size=args.batch_size, part_size=args.part_size, dtype=args.dtype,
+                            force=args.force, progress=not args.quiet)
+  if out is None:
+    return 0  # another process writes the index
+  from clipvip_jax.retrieval.index import read_index
+  index = read_index(out)
+  skipped_inputs = index.skipped()
+  for item in skipped_inputs:
+    print(f"{PROG}: skipped {item['id']}: {item['reason']}", file=sys.stderr)
+  skipped = f", {len(skipped_inputs)} skipped (listed in the parts' part.json)" if skipped_inputs else ""
+  step = f" (step {model.step})" if model.step is not None else ""
+  print(f"encoded {index.count} {what}{skipped} with the {model.kind} model {model.checkpoint}{step} -> {out} "
+        f"({index.count} x {index.dims} {index.dtype} in {len(index.parts)} part(s))")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run_cli(_run, argv, prog=PROG)

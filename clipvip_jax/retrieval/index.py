@@ -1,0 +1,392 @@
+"""The embedding index on disk: sharded parts, memory-mapped, for millions of rows.
+
+    DIR/index.json                         what the index holds (below); written last: no index.json, no index
+    DIR/parts/part-00000/embeddings.npy    [rows, D] float32 or float16, row order = input order
+                        /ids.utf8 + ids.offsets.npy             row names (clip ids, video paths, text lines)
+                        /captions.utf8 + captions.offsets.npy   shard sets: each clip's captions as a JSON list
+                        /part.json         {"first_input", "inputs", "rows", "skipped": [{"id", "reason"}]}
+    DIR/approximate/                       optional approximate-search index (clipvip_jax.retrieval.approximate)
+
+index.json (format_version 2):
+  {"format_version": 2, "created_by": "clipvip_jax.encode", "kind", "checkpoint", "step", "config",
+   "trust_pickle", "modality": "video" | "text", "source", "options": {recipe, fps, split, batch_size},
+   "dims": D, "dtype": "float32" | "float16", "count": N, "inputs": inputs seen (encoded + skipped),
+   "part_size": inputs per part, "parts": [{"name": "part-00000", "rows": n}], "skipped": count,
+   "captions": true | false}
+
+A part covers a fixed range of inputs (part_size of them), so which inputs a part holds depends only on the input
+list and part_size, never on how many processes or devices encoded it: that is what makes an interrupted encode
+resumable part by part and a multi-process encode identical to a single-process one. Each part folder is written
+under a temporary name and renamed, so a part exists whole or not at all. Embeddings are opened with
+mmap_mode="r": opening an index reads index.json and the .npy headers, nothing else; search streams the rows.
+
+Format version 1 (embeddings.npy + index.json with the ids as one JSON list, written before the parts) still
+opens, as one part held in memory; `info` names it and how to rebuild it in the current format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.retrieval.string_table import StringTable, has_strings, write_strings
+
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1
+INDEX_FILE = "index.json"
+PARTS_DIR = "parts"
+PART_FILE = "part.json"
+EMBEDDINGS_FILE = "embeddings.npy"
+MODALITIES = ("video", "text")
+DTYPES = ("float32", "float16")
+REQUIRED = ("kind", "checkpoint", "modality", "count", "dims")
+
+
+def part_name(number: int) -> str:
+  return f"part-{number:05d}"
+
+
+@dataclasses.dataclass
+class Part:
+  """One part, opened: embeddings memory-mapped, ids/captions seekable."""
+  name: str
+  folder: pathlib.Path
+  embeddings: np.ndarray  # [rows, D], np.memmap for format 2
+  ids: StringTable | list[str]
+  captions: StringTable | list[list[str]] | None
+
+  @property
+  def rows(self) -> int:
+    return int(self.embeddings.shape[0])
+
+
+@dataclasses.dataclass
+class EmbeddingIndex:
+  """An opened index. Rows are numbered 0..count-1 across parts, in input order."""
+  path: pathlib.Path
+  meta: dict[str, Any]
+  parts: list[Part]
+
+  def __post_init__(self):
+    self.row_starts = np.concatenate([[0], np.cumsum([p.rows for p in self.parts])]).astype(np.int64)
+
+  @property
+  def count(self) -> int:
+    return int(self.row_starts[-1])
+
+  @property
+  def dims(self) -> int:
+    return int(self.meta["dims"])
+
+  @property
+  def dtype(self) -> str:
+    return str(self.meta.get("dtype", "float32"))
+
+  @property
+  def kind(self) -> str:
+    return self.meta["kind"]
+
+  @property
+  def modality(self) -> str:
+    return self.meta["modality"]
+
+  @property
+  def format_version(self) -> int:
+    return int(self.meta["format_version"])
+
+  def _locate(self, row: int) -> tuple[Part, int]:
+    if not 0 <= row < self.count:
+      raise IndexError(f"row {row} is outside the index's {self.count} rows")
+    p = int(np.searchsorted(self.row_starts, row, side="right")) - 1
+    return self.parts[p], row - int(self.row_starts[p])
+
+  def id(self, row: int) -> str:
+    part, local = self._locate(int(row))
+    return part.ids[local]
+
+  def captions(self, row: int) -> list[str]:
+    part, local = self._locate(int(row))
+    if part.captions is None:
+      return []
+    value = part.captions[local]
+    return json.loads(value) if isinstance(value, str) else list(value)
+
+  @property
+  def ids(self) -> list[str]:
+    """Every row name (reads all of them: for small indexes and tests; search looks up only its results)."""
+    return [self.id(r) for r in range(self.count)]
+
+  def embeddings(self) -> np.ndarray:
+    """Every row as one float32 array in memory (small indexes and tests; search streams `chunks` instead)."""
+    if not self.parts:
+      return np.zeros((0, self.dims), np.float32)
+    return np.concatenate([np.asarray(p.embeddings, np.float32) for p in self.parts])
+
+  def rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """float32 [len(rows), D]: the embeddings of the given rows (a re-ranking reads only these)."""
+    rows = np.asarray(rows, np.int64)
+    out = np.empty((len(rows), self.dims), np.float32)
+    parts = np.searchsorted(self.row_starts, rows, side="right") - 1
+    for p in np.unique(parts):
+      sel = parts == p
+      out[sel] = self.parts[p].embeddings[rows[sel] - self.row_starts[p]]
+    return out
+
+  def chunks(self, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, [<= chunk_rows, D] view in the stored dtype) over the whole index, part by part."""
+    for start, part in zip(self.row_starts[:-1].tolist(), self.parts):
+      for offset in range(0, part.rows, chunk_rows):
+        yield start + offset, part.embeddings[offset:offset + chunk_rows]
+
+  def skipped(self) -> list[dict[str, str]]:
+    """The inputs that could not be encoded, from every part's part.json (format 1: from index.json)."""
+    if self.format_version == LEGACY_VERSION:
+      return list(self.meta.get("skipped") or [])
+    out = []
+    for part in self.parts:
+      out.extend(json.loads((part.folder / PART_FILE).read_text(encoding="utf-8")).get("skipped", []))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def check_out_dir(out_dir: str | os.PathLike, force: bool) -> pathlib.Path:
+  """Refuses (UsageError) an output that exists, unless `force` and it is an index or an empty folder: --force
+  must never delete a folder that holds something else."""
+  out = pathlib.Path(out_dir)
+  if out.exists():
+    if not out.is_dir():
+      raise UsageError(f"--out {out} exists and is not a directory")
+    if not force:
+      raise UsageError(f"--out {out} already exists (pass --force to replace the index in it)")
+    if any(out.iterdir()) and not (out / INDEX_FILE).is_file():
+      raise UsageError(f"--out {out} is a non-empty folder without {INDEX_FILE}; refusing to replace it")
+  if not out.absolute().parent.exists():
+    raise UsageError(f"--out {out}: the parent folder {out.absolute().parent} does not exist")
+  return out
+
+
+def remove(path: pathlib.Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  elif path.exists() or path.is_symlink():
+    path.unlink()
+
+
+def write_json_atomic(path: pathlib.Path, value: Any) -> None:
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def write_part(root: pathlib.Path, name: str, embeddings: np.ndarray, ids: Sequence[str],
+               captions: Sequence[Sequence[str]] | None, info: Mapping[str, Any], dtype: str) -> pathlib.Path:
+  """root/parts/<name>/, written under a temporary name and renamed: a part is there whole or not at all."""
+  if dtype not in DTYPES:
+    raise UsageError(f"index dtype {dtype!r} is not one of {DTYPES}")
+  embeddings = np.asarray(embeddings)
+  if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
+    raise ValueError(f"part {name}: embeddings {embeddings.shape} do not match {len(ids)} ids")
+  parts = root / PARTS_DIR
+  parts.mkdir(parents=True, exist_ok=True)
+  final = parts / name
+  tmp = parts / f".{name}.tmp-{os.getpid()}"
+  remove(tmp)
+  try:
+    tmp.mkdir()
+    np.save(tmp / EMBEDDINGS_FILE, embeddings.astype(dtype))
+    write_strings(tmp, "ids", ids)
+    if captions is not None:
+      write_strings(tmp, "captions", [json.dumps(list(c), ensure_ascii=False) for c in captions])
+    (tmp / PART_FILE).write_text(json.dumps({**info, "rows": len(ids)}, ensure_ascii=False) + "\n",
+                                 encoding="utf-8")
+    remove(final)
+    tmp.rename(final)
+  except BaseException:
+    remove(tmp)
+    raise
+  return final
+
+
+def finished_parts(root: pathlib.Path) -> set[str]:
+  parts = root / PARTS_DIR
+  if not parts.is_dir():
+    return set()
+  return {p.name for p in parts.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def finish_index(root: pathlib.Path, meta: Mapping[str, Any], part_names: Sequence[str]) -> dict[str, Any]:
+  """Writes root/index.json describing `part_names` (all written): the step that makes root an index."""
+  parts, skipped, has_captions = [], 0, False
+  for name in part_names:
+    info = json.loads((root / PARTS_DIR / name / PART_FILE).read_text(encoding="utf-8"))
+    parts.append({"name": name, "rows": int(info["rows"])})
+    skipped += len(info.get("skipped", []))
+    has_captions = has_captions or has_strings(root / PARTS_DIR / name, "captions")
+  full = {"format_version": FORMAT_VERSION, **meta, "count": sum(p["rows"] for p in parts), "parts": parts,
+          "skipped": skipped, "captions": has_captions}
+  write_json_atomic(root / INDEX_FILE, full)
+  return full
+
+
+def publish(staging: pathlib.Path, out: pathlib.Path) -> None:
+  """Renames the finished staging folder to `out`; an existing index there (--force) moves aside first, so a
+  failure leaves one whole copy and a reader never sees a mix."""
+  if out.exists():
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    remove(old)
+    out.rename(old)
+    staging.rename(out)
+    remove(old)
+  else:
+    staging.rename(out)
+
+
+def write_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[str], meta: Mapping[str, Any], *,
+                captions: Sequence[Sequence[str]] | None = None, dtype: str = "float32", part_rows: int = 1 << 20,
+                force: bool = False) -> pathlib.Path:
+  """An index from in-memory rows (tests, benchmarks, small sets), parts of `part_rows`; written atomically."""
+  out = check_out_dir(out_dir, force)
+  staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  remove(staging)
+  try:
+    staging.mkdir()
+    names = []
+    for number, start in enumerate(range(0, max(len(ids), 1), part_rows)):
+      stop = min(start + part_rows, len(ids))
+      names.append(part_name(number))
+      write_part(staging, names[-1], embeddings[start:stop], ids[start:stop],
+                 None if captions is None else captions[start:stop],
+                 {"first_input": start, "inputs": stop - start, "skipped": []}, dtype)
+    finish_index(staging, {**meta, "dims": int(np.shape(embeddings)[1]), "dtype": dtype, "inputs": len(ids),
+                           "part_size": part_rows}, names)
+    publish(staging, out)
+  except BaseException:
+    remove(staging)
+    raise
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def _read_meta(root: pathlib.Path) -> dict[str, Any]:
+  index_path = root / INDEX_FILE
+  if not root.is_dir():
+    raise UsageError(f"index directory {root} does not exist")
+  if not index_path.is_file():
+    staging = root.with_name(f".{root.name}.partial")
+    if staging.is_dir():
+      raise UsageError(f"{root} has no {INDEX_FILE} but an unfinished encode is in {staging}; re-run the same "
+                       "encode command to finish it")
+    raise UsageError(f"{root} has no {INDEX_FILE} (not an index written by python -m clipvip_jax.encode)")
+  try:
+    meta = json.loads(index_path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UsageError(f"{index_path} is not valid JSON ({e})") from None
+  if not isinstance(meta, dict) or meta.get("format_version") not in (FORMAT_VERSION, LEGACY_VERSION):
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    raise UsageError(f"{index_path} has format version {version!r}, which this version of clipvip_jax does not "
+                     f"read (it reads {FORMAT_VERSION} and {LEGACY_VERSION}); rebuild it with python -m "
+                     "clipvip_jax.encode")
+  missing = [k for k in REQUIRED + (("parts",) if meta["format_version"] == FORMAT_VERSION else ("ids",))
+             if k not in meta]
+  if missing:
+    raise UsageError(f"{index_path} lacks the field(s) {missing}")
+  if meta["modality"] not in MODALITIES:
+    raise UsageError(f"{index_path}: modality {meta['modality']!r} is not one of {MODALITIES}")
+  return meta
+
+
+def _open_embeddings(path: pathlib.Path, rows: int, dims: int, dtype: str | None) -> np.ndarray:
+  if not path.is_file():
+    raise UsageError(f"{path} is missing (the index is incomplete; rebuild it with python -m clipvip_jax.encode)")
+  try:
+    emb = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise UsageError(f"{path} is not a readable .npy array, probably truncated ({e}); rebuild the index") from None
+  if emb.ndim != 2 or tuple(emb.shape) != (rows, dims):
+    raise UsageError(f"{path} has shape {tuple(emb.shape)} but the index describes {rows} rows of {dims} dims")
+  if dtype is not None and emb.dtype != np.dtype(dtype):
+    raise UsageError(f"{path} holds {emb.dtype} but the index describes {dtype} embeddings")
+  if not np.issubdtype(emb.dtype, np.floating):
+    raise UsageError(f"{path} holds {emb.dtype}, not float embeddings")
+  return emb
+
+
+def _read_legacy(root: pathlib.Path, meta: dict[str, Any]) -> EmbeddingIndex:
+  """Format 1: one embeddings.npy and the ids as a JSON list; opened as a single part."""
+  count, dims = int(meta["count"]), int(meta["dims"])
+  emb = _open_embeddings(root / EMBEDDINGS_FILE, count, dims, None)
+  if len(meta["ids"]) != count:
+    raise UsageError(f"{root / INDEX_FILE} lists {len(meta['ids'])} ids for {count} rows")
+  captions = meta.get("captions")
+  if captions is not None and len(captions) != count:
+    raise UsageError(f"{root / INDEX_FILE}: {len(captions)} caption lists for {count} rows")
+  meta = {**meta, "dtype": str(emb.dtype)}
+  return EmbeddingIndex(root, meta, [Part("embeddings", root, emb, list(meta["ids"]), captions)])
+
+
+def read_index(index_dir: str | os.PathLike) -> EmbeddingIndex:
+  """The index in `index_dir`, checked (every part present, shapes and counts as index.json says); embeddings
+  memory-mapped. Raises UsageError, one sentence naming the file, for anything missing, truncated or off."""
+  root = pathlib.Path(index_dir)
+  meta = _read_meta(root)
+  if meta["format_version"] == LEGACY_VERSION:
+    return _read_legacy(root, meta)
+  dims, dtype = int(meta["dims"]), str(meta.get("dtype", "float32"))
+  if dtype not in DTYPES:
+    raise UsageError(f"{root / INDEX_FILE}: dtype {dtype!r} is not one of {DTYPES}")
+  parts = []
+  for entry in meta["parts"]:
+    folder = root / PARTS_DIR / entry["name"]
+    if not folder.is_dir():
+      raise UsageError(f"index part {folder} is missing (the index is incomplete; rebuild it with python -m "
+                       "clipvip_jax.encode)")
+    rows = int(entry["rows"])
+    emb = _open_embeddings(folder / EMBEDDINGS_FILE, rows, dims, dtype)
+    ids = StringTable(folder, "ids", rows)
+    captions = StringTable(folder, "captions", rows) if has_strings(folder, "captions") else None
+    parts.append(Part(entry["name"], folder, emb, ids, captions))
+  index = EmbeddingIndex(root, meta, parts)
+  if index.count != int(meta["count"]):
+    raise UsageError(f"{root / INDEX_FILE} says {meta['count']} rows but its parts hold {index.count}")
+  return index
+
+
+def describe(index: EmbeddingIndex) -> str:
+  """What `python -m clipvip_jax.index info` prints: what the index holds and how it was made."""
+  m = index.meta
+  size = sum(p.embeddings.nbytes for p in index.parts)
+  lines = [f"index       {index.path}",
+           f"format      version {index.format_version}" + (
+               " (legacy: one embeddings.npy + JSON ids; rebuild with python -m clipvip_jax.encode for the "
+               "sharded, memory-mapped format)" if index.format_version == LEGACY_VERSION else ""),
+           f"rows        {index.count} {index.modality} embeddings of {index.dims} dims, {index.dtype} "
+           f"({size / 2**20:.1f} MiB) in {len(index.parts)} part(s)",
+           f"model       {m['kind']} {m['checkpoint']}" + (f" (step {m['step']})" if m.get("step") is not None
+                                                           else ""),
+           f"source      {m.get('source', '?')}"]
+  skipped = m.get("skipped")
+  skipped = len(skipped) if isinstance(skipped, list) else skipped
+  if skipped:
+    lines.append(f"skipped     {skipped} input(s) that could not be encoded")
+  options = m.get("options") or {}
+  if options:
+    lines.append("options     " + ", ".join(f"{k}={v}" for k, v in options.items() if v is not None))
+  approx = index.path / "approximate" / "approximate.json"
+  if approx.is_file():
+    a = json.loads(approx.read_text(encoding="utf-8"))
+    lines.append(f"approximate {a.get('factory')} over {a.get('count')} rows, nprobe {a.get('nprobe')}, "
+                 f"recall@10 {a.get('recall_at_10')} against exact search")
+  else:
+    lines.append("approximate none (python -m clipvip_jax.index build-approximate DIR builds one)")
+  return "\n".join(lines)

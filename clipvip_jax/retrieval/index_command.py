@@ -1,0 +1,60 @@
+"""python -m clipvip_jax.index (info | build-approximate) DIR: what an index holds; its approximate-search index.
+
+  info DIR                 the format version, rows, dims, dtype, parts, model, source, skipped inputs, options
+                           and the approximate index (with its measured recall@10), if any
+  build-approximate DIR    trains and fills a FAISS IVF-PQ index in DIR/approximate/, measures recall@10 against
+                           exact search and picks nprobe (clipvip_jax.retrieval.approximate); search uses it from
+                           clipvip_jax.retrieval.search.APPROXIMATE_ABOVE rows, or with --backend approximate
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
+
+PROG = "python -m clipvip_jax.index"
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+  info = commands.add_parser("info", help="print what an index holds")
+  info.add_argument("index", metavar="DIR")
+  build = commands.add_parser("build-approximate", help="build the approximate-search index of DIR")
+  build.add_argument("index", metavar="DIR")
+  build.add_argument("--nlist", type=int, help="IVF clusters (default ~2 sqrt(rows), a power of two <= 4096)")
+  build.add_argument("--pq", type=int, help="PQ sub-quantisers, dividing the embedding size (default D / 8)")
+  build.add_argument("--refine", type=int, default=200, help="candidates re-scored exactly (default %(default)s)")
+  build.add_argument("--target-recall", type=float, default=0.95,
+                     help="smallest nprobe reaching this recall@10 is chosen (default %(default)s)")
+  return p
+
+
+def _run(argv: Sequence[str] | None) -> int:
+  from clipvip_jax.retrieval import approximate
+  from clipvip_jax.retrieval.index import describe, read_index
+  args = _parser().parse_args(argv)
+  quiet_library_logs()
+  index = read_index(args.index)
+  if args.command == "info":
+    print(describe(index))
+    return 0
+  for name in ("nlist", "pq", "refine"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise UsageError(f"--{name} must be >= 1, got {value}")
+  if not 0 < args.target_recall <= 1:
+    raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+  meta = approximate.build(index, nlist=args.nlist, pq=args.pq, refine=args.refine,
+                           target_recall=args.target_recall, log=lambda line: print(line, file=sys.stderr))
+  print(f"built {meta['factory']} for {meta['count']} rows in {index.path / approximate.APPROXIMATE_DIR}: nprobe "
+        f"{meta['nprobe']}, recall@10 {meta['recall_at_10']} against exact search")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run_cli(_run, argv, prog=PROG)

@@ -1,0 +1,362 @@
+"""Building an index: inputs -> parts -> index, on every local device and every process, resumable.
+
+    inputs = VideoFiles(find_videos("videos/"), model.recipe, fps=5.0)   # or ShardClips(...), Texts(...)
+    build_index(model, inputs, "idx/", meta=...)                            # -> pathlib.Path of the index
+
+The inputs are cut into parts of `part_size` consecutive inputs (part k holds inputs [k * part_size, ...)), so
+what a part holds depends only on the input list. Process i of n (jax.process_index()/process_count(), or
+explicit arguments) encodes the parts k with k % n == i, each batch split over its local devices
+(extraction.device_encoder); every finished part is renamed into the staging folder `.OUT.partial/` as a whole.
+A relaunch with the same arguments finds the plan it wrote (`encode.json`: model, options, input fingerprint,
+part size) and skips the parts already there; different arguments are refused unless --force starts over. When
+every part is there, process 0 writes index.json and renames the staging folder to OUT, so OUT is an index
+exactly when the encode finished, and it is the same index however often it was interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.retrieval import index as index_lib
+from clipvip_jax.retrieval.model import RetrievalModel
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_PART_SIZE = 4096  # inputs per part: at most this much work is redone after a kill
+PLAN_FILE = "encode.json"
+STAGING_SUFFIX = ".partial"
+
+
+class PartRows:
+  """What a part's inputs became: rows that encoded and the inputs that did not."""
+
+  def __init__(self, embeddings: np.ndarray, ids: list[str], captions: list[list[str]] | None,
+               skipped: list[dict[str, str]]):
+    self.embeddings, self.ids, self.captions, self.skipped = embeddings, ids, captions, skipped
+
+
+class Inputs(Protocol):
+  """An ordered input list that can encode any range of itself."""
+  modality: str  # "video" | "text"
+  unit: str  # what the progress bar counts ("clip", "text")
+
+  def __len__(self) -> int: ...
+
+  def fingerprint(self) -> str: ...
+
+  def encode(self, encode_fn: Callable[..., Any], start: int, stop: int, batch_size: int, dims: int,
+             bar: Any) -> PartRows: ...
+
+
+def _fingerprint(names: Sequence[str]) -> str:
+  digest = hashlib.sha256()
+  for name in names:
+    digest.update(name.encode("utf-8") + b"\0")
+  return digest.hexdigest()[:32]
+
+
+def _run(encode_fn, batches: Iterator[dict[str, np.ndarray]], batch_size: int, dims: int) -> np.ndarray:
+  """extract_embeddings over `batches`, float32 [rows, dims] ([0, dims] when every input was skipped)."""
+  from clipvip_jax.retrieval.extraction import extract_embeddings
+  seen = []
+
+  def counted():
+    for batch in batches:
+      seen.append(1)
+      yield batch
+
+  try:
+    out = extract_embeddings(encode_fn, counted(), batch_size, progress=False)
+  except ValueError:
+    if seen:
+      raise
+    return np.zeros((0, dims), np.float32)
+  return np.asarray(out, np.float32)
+
+
+class VideoFiles:
+  """(id, path) clips from video_files.find_videos, decoded in `workers` threads."""
+  modality, unit = "video", "clip"
+
+  def __init__(self, videos: Sequence[tuple[str, pathlib.Path]], recipe, fps: float = 5.0, workers: int = 4):
+    self.videos, self.recipe, self.fps, self.workers = list(videos), recipe, fps, workers
+
+  def __len__(self) -> int:
+    return len(self.videos)
+
+  def fingerprint(self) -> str:
+    return _fingerprint([clip_id for clip_id, _ in self.videos])
+
+  def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
+    from clipvip_jax.retrieval.video_files import load_video, ordered_map
+    from data_pipelines.video_io import VideoReadError
+    ids: list[str] = []
+    skipped: list[dict[str, str]] = []
+
+    def prepare(item):
+      clip_id, path = item
+      try:
+        return clip_id, load_video(path, self.recipe, self.fps), None
+      except (VideoReadError, ValueError, OSError) as e:
+        return clip_id, None, str(e) or type(e).__name__
+
+    def batches():
+      video, mask = [], []
+      for clip_id, prepared, reason in ordered_map(prepare, self.videos[start:stop], self.workers,
+                                                   window=2 * batch_size):
+        bar.update(1)
+        if prepared is None:
+          skipped.append({"id": clip_id, "reason": reason})
+          bar.set_postfix(skipped=bar.skipped + len(skipped))
+          continue
+        ids.append(clip_id)
+        video.append(prepared[0])
+        mask.append(prepared[1])
+        if len(video) == batch_size:
+          yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
+          video, mask = [], []
+      if video:
+        yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
+
+    embeddings = _run(encode_fn, batches(), batch_size, dims)
+    return PartRows(embeddings, ids, None, skipped)
+
+
+class _CaptionCollector:
+  """A tokenize_fn for make_eval_dataset that keeps the texts instead of tokenising them: the pipeline hands it
+  every caption in the order of its text table, which is all an index needs (videos are what gets encoded)."""
+
+  def __init__(self):
+    self.texts: list[str] = []
+
+  def __call__(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    self.texts.extend(texts)
+    ids = np.zeros((len(texts), max_len), np.int32)
+    return ids, ids
+
+
+class ShardClips:
+  """Every clip of a shard split, read as the evaluation pipeline reads it (test-time sampling), with each clip's
+  captions; a corrupt record or one whose frames do not decode is skipped and listed."""
+  modality, unit = "video", "clip"
+
+  def __init__(self, shard_dir: str | os.PathLike, split: str, recipe, workers: int = 0):
+    from data_pipelines import pipeline
+    collector = _CaptionCollector()
+    self.data = pipeline.make_eval_dataset(
+        {"shard_dir": str(shard_dir), "split": split, "num_frames": recipe.num_frames,
+         "image_size": recipe.image_size, "resize_mode": recipe.resize_mode, "sampling": recipe.sampling,
+         "target_fps": recipe.target_fps, "max_text_len": recipe.max_text_len, "batch_size": 1,
+         "worker_count": workers, "dtype": "float32"},
+        tokenize_fn=collector, process_index=0, process_count=1)
+    self.captions: list[list[str]] = [[] for _ in range(self.data.num_videos)]
+    for text, video_index in zip(collector.texts, self.data.text_video_index.tolist()):
+      self.captions[video_index].append(text)
+    self.workers = workers
+
+  def __len__(self) -> int:
+    return self.data.num_videos
+
+  def fingerprint(self) -> str:
+    return _fingerprint([clip_id or f"\0record {i}" for i, clip_id in enumerate(self.data.clip_ids)])
+
+  def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
+    import grain
+
+    from data_pipelines import examples, sources
+    data = self.data
+    rows: list[int] = []
+    skipped: list[dict[str, str]] = []
+    videos = grain.MapDataset.source(sources.KeyedSource(data.source, range(start, stop))).map(
+        examples.EvalVideo(data.config.example_spec())).to_iter_dataset()
+    if self.workers:
+      videos = videos.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                               per_worker_buffer_size=2 * batch_size))
+
+    def batches():
+      video, mask = [], []
+      for example in videos:
+        bar.update(1)
+        i = int(example["clip_index"])
+        if not example["valid"]:
+          skipped.append({"id": data.clip_ids[i] or f"record {i}",
+                          "reason": "corrupt record" if not data.clip_ids[i] else "its frames do not decode"})
+          bar.set_postfix(skipped=bar.skipped + len(skipped))
+          continue
+        rows.append(i)
+        video.append(example["video"])
+        mask.append(example["frame_mask"])
+        if len(video) == batch_size:
+          yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
+          video, mask = [], []
+      if video:
+        yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
+
+    embeddings = _run(encode_fn, batches(), batch_size, dims)
+    return PartRows(embeddings, [data.clip_ids[i] for i in rows], [self.captions[i] for i in rows], skipped)
+
+
+class Texts:
+  """One row per text, tokenised at the model's recipe text length."""
+  modality, unit = "text", "text"
+
+  def __init__(self, texts: Sequence[str], tokenize: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]):
+    self.texts, self.tokenize = list(texts), tokenize
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+  def fingerprint(self) -> str:
+    return _fingerprint(self.texts)
+
+  def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
+    texts = self.texts[start:stop]
+
+    def batches():
+      for s in range(0, len(texts), batch_size):
+        ids, mask = self.tokenize(texts[s:s + batch_size])
+        yield {"ids": ids, "mask": mask}
+        bar.update(min(batch_size, len(texts) - s))
+
+    return PartRows(_run(encode_fn, batches(), batch_size, dims), texts, None, [])
+
+
+# ------------------------------------------------------------------------------------------------ the build
+
+
+def staging_dir(out: pathlib.Path) -> pathlib.Path:
+  return out.with_name(f".{out.name}{STAGING_SUFFIX}")
+
+
+def _plan(model: RetrievalModel, inputs: Inputs, meta: Mapping[str, Any], part_size: int, dtype: str,
+          dims: int) -> dict[str, Any]:
+  """Everything that decides the index's content; a relaunch must match it to reuse parts."""
+  return {"meta": json.loads(json.dumps(dict(meta))), "inputs": len(inputs), "fingerprint": inputs.fingerprint(),
+          "part_size": part_size, "dtype": dtype, "dims": dims, "kind": model.kind,
+          "checkpoint": model.checkpoint, "step": model.step, "recipe": model.recipe.to_dict()}
+
+
+def _prepare_staging(staging: pathlib.Path, plan: dict[str, Any], force: bool, is_first: bool,
+                     barrier: Callable[[str], None]) -> None:
+  """Creates the staging folder with its plan, or checks the one there; process 0 alone writes."""
+  plan_path = staging / PLAN_FILE
+  if is_first:
+    if plan_path.is_file():
+      try:
+        previous = json.loads(plan_path.read_text(encoding="utf-8"))
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        previous = None
+      if previous != plan:
+        if not force:
+          differ = sorted(k for k in set(plan) | set(previous or {})
+                          if (previous or {}).get(k) != plan.get(k))
+          raise UsageError(f"{staging} holds an unfinished encode with other arguments ({', '.join(differ)} "
+                           "differ); re-run it as it was, or pass --force to start over")
+        index_lib.remove(staging)
+    elif staging.exists():
+      index_lib.remove(staging)  # a staging folder without its plan: nothing in it can be trusted
+    if not staging.exists():
+      staging.mkdir()
+      index_lib.write_json_atomic(plan_path, plan)
+  barrier("clipvip_jax.encode: plan")
+
+
+def _barrier(process_count: int) -> Callable[[str], None]:
+  if process_count <= 1:
+    return lambda name: None
+  import jax
+  if jax.process_count() <= 1:  # simulated processes (tests): nothing to wait for
+    return lambda name: None
+  from jax.experimental import multihost_utils
+  return multihost_utils.sync_global_devices
+
+
+def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLike, *, meta: Mapping[str, Any],
+                batch_size: int = DEFAULT_BATCH_SIZE, part_size: int = DEFAULT_PART_SIZE,
+                dtype: str = "float32", force: bool = False, progress: bool = True, devices: list | None = None,
+                process_index: int | None = None, process_count: int | None = None,
+                after_part: Callable[[str], None] | None = None) -> pathlib.Path | None:
+  """Encodes `inputs` into the index `out_dir` (module doc); returns its path, or None in a process that left the
+  finishing step to process 0 (or, with simulated processes, while other processes' parts are still missing).
+
+  meta: what index.json records besides the rows (kind, checkpoint, step, config, modality, source, options).
+  devices: the devices one process splits its batches over (default jax.local_devices()); the batch size is
+  rounded up to a multiple of their number. after_part(name) runs after each part is written (tests use it to
+  simulate a kill).
+  """
+  import jax
+  from tqdm.auto import tqdm
+
+  from clipvip_jax.retrieval.extraction import device_encoder, round_batch_size
+  if dtype not in index_lib.DTYPES:
+    raise UsageError(f"--dtype {dtype!r} is not one of {index_lib.DTYPES}")
+  if part_size < 1 or batch_size < 1:
+    raise UsageError(f"--part-size and --batch-size must be >= 1, got {part_size} and {batch_size}")
+  if len(inputs) == 0:
+    raise UsageError("there is nothing to encode")
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  out = index_lib.check_out_dir(out_dir, force)
+  staging = staging_dir(out)
+  dims = model.embedding_dim()
+  barrier = _barrier(process_count)
+  _prepare_staging(staging, _plan(model, inputs, meta, part_size, dtype, dims), force, process_index == 0, barrier)
+
+  method = "encode_video" if inputs.modality == "video" else "encode_text"
+  encode_fn = device_encoder(model.pretrained, method, devices)
+  batch_size = round_batch_size(batch_size, len(encode_fn.devices))
+  num_parts = math.ceil(len(inputs) / part_size)
+  names = [index_lib.part_name(k) for k in range(num_parts)]
+  done = index_lib.finished_parts(staging)
+  mine = [k for k in range(num_parts) if k % process_count == process_index and names[k] not in done]
+  todo = sum(min(part_size, len(inputs) - k * part_size) for k in mine)
+  with tqdm(total=todo, desc=f"encoding (process {process_index + 1}/{process_count})" if process_count > 1
+            else "encoding", unit=inputs.unit, disable=not progress, dynamic_ncols=True) as bar:
+    bar.skipped = 0
+    for k in mine:
+      start, stop = k * part_size, min((k + 1) * part_size, len(inputs))
+      rows = inputs.encode(encode_fn, start, stop, batch_size, dims, bar)
+      bar.skipped += len(rows.skipped)
+      index_lib.write_part(staging, names[k], rows.embeddings, rows.ids, rows.captions,
+                           {"first_input": start, "inputs": stop - start, "skipped": rows.skipped}, dtype)
+      if after_part is not None:
+        after_part(names[k])
+  barrier("clipvip_jax.encode: parts")
+  if process_index != 0 and jax.process_count() > 1:
+    barrier("clipvip_jax.encode: published")
+    return None
+  missing = [n for n in names if n not in index_lib.finished_parts(staging)]
+  if missing:
+    if process_count > 1:
+      print(f"clipvip_jax.encode: process {process_index}: {len(missing)} of {num_parts} parts are still being "
+            "encoded by other processes; the last to finish writes the index", file=sys.stderr)
+      return None
+    raise RuntimeError(f"parts {missing[:3]} are missing after encoding them")  # a bug, not an input error
+  full = index_lib.finish_index(staging, {**meta, "dims": dims, "dtype": dtype, "inputs": len(inputs),
+                                          "part_size": part_size}, names)
+  if full["count"] == 0:
+    skipped = _first_skipped(staging, names)
+    index_lib.remove(staging)  # nothing to publish, and nothing left behind
+    raise UsageError(f"none of the {len(inputs)} inputs could be encoded (first: {skipped['id']}: "
+                     f"{skipped['reason']})")
+  (staging / PLAN_FILE).unlink()
+  index_lib.publish(staging, out)
+  if process_count > 1 and jax.process_count() > 1:
+    barrier("clipvip_jax.encode: published")
+  return out
+
+
+def _first_skipped(staging: pathlib.Path, names: Sequence[str]) -> dict[str, str]:
+  for name in names:
+    info = json.loads((staging / index_lib.PARTS_DIR / name / index_lib.PART_FILE).read_text(encoding="utf-8"))
+    if info.get("skipped"):
+      return info["skipped"][0]
+  return {"id": "?", "reason": "unknown"}

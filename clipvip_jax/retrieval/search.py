@@ -1,0 +1,162 @@
+"""Text-to-video search over an index: the model loaded once, queries batched, exact or approximate top-k.
+
+    from clipvip_jax.retrieval.search import Searcher
+    searcher = Searcher("idx/")                     # opens the index (memory-mapped) and loads its model once
+    searcher.search(["a dog catches a frisbee"], top_k=5)   # -> [[(clip_id, score), ...]] one list per query
+
+Each query is encoded with the model that built the index (the checkpoint recorded in index.json unless another
+of the same kind and size is given) and scored with that model's similarity, a dot product of the stored rows
+(cosine for CLIP-ViP and image CLIPs; CLIP2Video's inference logits in their dual-encoder form, global + temporal
+alignment: clipvip_jax.models.clip2video). Backends:
+  exact        chunked top-k over the memory-mapped parts (clipvip_jax.retrieval.exact): every row scored,
+               memory bounded by a chunk, never a full sort
+  approximate  FAISS IVF-PQ candidates re-scored exactly (clipvip_jax.retrieval.approximate); needs
+               `python -m clipvip_jax.index build-approximate DIR`
+  auto         approximate from APPROXIMATE_ABOVE rows when one was built, exact otherwise
+"""
+
+from __future__ import annotations
+
+import pathlib
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.retrieval import approximate, exact
+from clipvip_jax.retrieval.index import EmbeddingIndex, read_index
+from clipvip_jax.retrieval.model import RetrievalModel
+
+DEFAULT_TOP_K = 10
+BACKENDS = ("auto", "exact", "approximate")
+# Exact search of 1M float32 rows of 512 dims takes ~80 ms per query on the 2-core machine of
+# docs/performance.md; from 2M rows the approximate index (when built) answers instead.
+APPROXIMATE_ABOVE = 2_000_000
+QUERY_BATCH = 64  # queries encoded per compiled call (fewer are padded to a power of two: few compilations)
+
+Ranking = list[tuple[str, float]]
+
+
+def check_queries(queries: str | Sequence[str]) -> list[str]:
+  """A query or a list of them, each non-blank; UsageError otherwise."""
+  if isinstance(queries, str):
+    queries = [queries]
+  queries = list(queries)
+  if not queries:
+    raise UsageError("no query given")
+  for i, q in enumerate(queries):
+    if not isinstance(q, str) or not q.strip():
+      raise UsageError(f"query {i + 1} is empty" if isinstance(q, str) else f"query {i + 1} is not a string")
+  return [q.strip() for q in queries]
+
+
+def check_top_k(top_k: int) -> int:
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+    raise UsageError(f"--top-k must be an integer >= 1, got {top_k!r}")
+  return int(top_k)
+
+
+def load_index_model(index: EmbeddingIndex, checkpoint: str | None = None, config: str | None = None,
+                     step: str | int | None = None, *, warn: bool = True) -> RetrievalModel:
+  """The model to encode queries for `index`: the recorded checkpoint (with its recorded step and config), or
+  `checkpoint`; then checked against the index (kind, embedding size) and given the index's text length."""
+  from clipvip_jax.retrieval.model import load_model
+  recorded = index.meta["checkpoint"]
+  if checkpoint is None:
+    if not pathlib.Path(recorded).exists():
+      raise UsageError(f"the checkpoint recorded in {index.path / 'index.json'}, {recorded}, does not exist; "
+                       "pass --checkpoint")
+    checkpoint = recorded
+    step = index.meta.get("step") if step is None else step
+    config = index.meta.get("config") if config is None else config
+  model = load_model(checkpoint, config, step=step, trust_pickle=bool(index.meta.get("trust_pickle")))
+  check_compatible(index, model)
+  text_len = (index.meta.get("options") or {}).get("max_text_len")
+  if text_len:
+    model.recipe = model.recipe.replace(max_text_len=min(int(text_len), model.text_positions))
+  if warn and model.checkpoint != recorded:
+    warnings.warn(f"the index was built with {recorded}; searching it with {model.checkpoint}", stacklevel=2)
+  return model
+
+
+def check_compatible(index: EmbeddingIndex, model: RetrievalModel) -> None:
+  if index.modality != "video":
+    raise UsageError(f"{index.path} holds {index.modality} embeddings; search needs a video index "
+                     "(encode --videos or --shards)")
+  if model.kind != index.kind:
+    raise UsageError(f"{index.path} was built with a {index.kind} model but checkpoint {model.checkpoint} is a "
+                     f"{model.kind} model; search with the checkpoint that built the index")
+  dims = model.embedding_dim()
+  if dims != index.dims:
+    raise UsageError(f"{index.path} holds {index.dims}-dim embeddings but checkpoint {model.checkpoint} gives "
+                     f"{dims}-dim ones; search with the checkpoint that built the index")
+
+
+def check_backend(backend: str) -> str:
+  if backend not in BACKENDS:
+    raise UsageError(f"--backend {backend!r} is not one of {BACKENDS}")
+  return backend
+
+
+def encode_queries(model: RetrievalModel, queries: Sequence[str]) -> np.ndarray:
+  """float32 [len(queries), D] query embeddings, in batches of QUERY_BATCH (fewer: padded to a power of two, so a
+  process compiles the text tower for a handful of shapes, once each)."""
+  from clipvip_jax.retrieval.extraction import extract_embeddings
+  ids, mask = model.tokenize(list(queries))
+  batch = min(QUERY_BATCH, 1 << max(0, (len(queries) - 1).bit_length()))
+  return np.asarray(extract_embeddings(model.encode_text, {"ids": ids, "mask": mask}, batch, progress=False),
+                    np.float32)
+
+
+def top_rows(index: EmbeddingIndex, query_embeddings: np.ndarray, top_k: int, backend: str = "auto",
+             approx: approximate.ApproximateIndex | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+  """(scores [B, k], rows [B, k], backend used) for query embeddings."""
+  check_backend(backend)
+  if backend == "approximate" and approx is None:
+    raise UsageError(f"{index.path} has no approximate index; build one with python -m clipvip_jax.index "
+                     f"build-approximate {index.path}")
+  if backend == "approximate" or (backend == "auto" and approx is not None and index.count >= APPROXIMATE_ABOVE):
+    scores, rows = approximate.search(approx, index, query_embeddings, top_k)
+    return scores, rows, "approximate"
+  scores, rows = exact.top_k(index, query_embeddings, top_k)
+  return scores, rows, "exact"
+
+
+def rank(model: RetrievalModel, index: EmbeddingIndex, queries: Sequence[str], top_k: int, *,
+         backend: str = "auto", approx: approximate.ApproximateIndex | None = None) -> list[Ranking]:
+  """For each query, the top_k (at most all) rows of the index by the model's similarity, best first; equal
+  scores keep index order (exact backend)."""
+  scores, rows, _ = top_rows(index, encode_queries(model, queries), top_k, backend, approx)
+  return [[(index.id(r), float(s)) for s, r in zip(srow, rrow)] for srow, rrow in zip(scores, rows)]
+
+
+class Searcher:
+  """An index opened and its model loaded once, for any number of `search` calls (a server, a notebook)."""
+
+  def __init__(self, index_dir: str | pathlib.Path, checkpoint: str | None = None, config: str | None = None,
+               step: str | int | None = None, *, model: RetrievalModel | None = None, backend: str = "auto",
+               warn: bool = True):
+    self.backend = check_backend(backend)
+    self.index = read_index(index_dir)
+    if model is None:
+      model = load_index_model(self.index, checkpoint, config, step, warn=warn)
+    else:
+      check_compatible(self.index, model)
+    self.model = model
+    self.approx = approximate.load(self.index) if backend != "exact" else None
+    if backend == "approximate" and self.approx is None:
+      top_rows(self.index, np.zeros((0, self.index.dims), np.float32), 1, backend, None)  # raises the sentence
+
+  def search(self, queries: str | Sequence[str], top_k: int = DEFAULT_TOP_K) -> list[Ranking]:
+    return rank(self.model, self.index, check_queries(queries), check_top_k(top_k), backend=self.backend,
+                approx=self.approx)
+
+
+def search(index_dir: str | pathlib.Path, queries: str | Sequence[str], top_k: int = DEFAULT_TOP_K, *,
+           checkpoint: str | None = None, config: str | None = None, model: RetrievalModel | None = None,
+           backend: str = "auto") -> list[Ranking]:
+  """[(clip_id, score), ...] best first, one list per query (a single string is one query); one-off use (a
+  Searcher keeps the model between calls). Bad input raises UsageError with one sentence."""
+  queries, top_k = check_queries(queries), check_top_k(top_k)
+  return Searcher(index_dir, checkpoint, config, model=model, backend=backend).search(queries, top_k)

@@ -1,0 +1,81 @@
+"""python -m clipvip_jax.search --index DIR "a query" ["another query" ...] [--top-k K] [--checkpoint PATH]
+
+Ranks the videos of an index (written by python -m clipvip_jax.encode) for text queries, all queries in one
+batch with the model loaded once. Each query is encoded with the model that built the index (the checkpoint
+recorded in index.json unless --checkpoint names another of the same kind and size) and scored with that model's
+own similarity: cosine for CLIP-ViP and image CLIPs, the original's inference logits (global + temporal
+alignment) for CLIP2Video. Large indexes with an approximate index (python -m clipvip_jax.index
+build-approximate) are searched approximately; see clipvip_jax.retrieval.search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
+from clipvip_jax.retrieval.index import EmbeddingIndex
+from clipvip_jax.retrieval.search import (APPROXIMATE_ABOVE, BACKENDS, DEFAULT_TOP_K, Ranking, Searcher,
+                                          check_backend, check_queries, check_top_k)
+
+PROG = "python -m clipvip_jax.search"
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="example:\n"
+                            f"  {PROG} --index idx/ \"a red circle moves to the left\" --top-k 5")
+  p.add_argument("--index", required=True, metavar="DIR", help="index folder written by clipvip_jax.encode")
+  p.add_argument("queries", nargs="+", metavar="QUERY", help="text query (several give one ranking each)")
+  p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="results per query (default %(default)s)")
+  p.add_argument("--backend", default="auto", choices=BACKENDS,
+                 help=f"exact, approximate, or auto: approximate from {APPROXIMATE_ABOVE} rows when the index has "
+                      "an approximate index (default %(default)s)")
+  p.add_argument("--checkpoint", help="model to encode the queries with (default: the one recorded in the index)")
+  p.add_argument("--config", help="the original's config JSON, with --checkpoint naming an original file")
+  p.add_argument("--step", help="with --checkpoint naming a training workdir: step number, 'latest' or 'best'")
+  p.add_argument("--json", action="store_true", help="print the rankings as JSON")
+  return p
+
+
+def _print_rankings(index: EmbeddingIndex, queries: list[str], rankings: list[Ranking],
+                    rows: list[list[int]]) -> None:
+  for n, (query, ranking, row_list) in enumerate(zip(queries, rankings, rows)):
+    if n:
+      print()
+    print(f"query: {query}")
+    width = max(len(clip_id) for clip_id, _ in ranking)
+    for place, ((clip_id, score), row) in enumerate(zip(ranking, row_list), 1):
+      captions = index.captions(row)
+      caption = f"  {captions[0]}" if captions else ""
+      print(f"{place:4d}  {score:9.4f}  {clip_id:<{width}}{caption}")
+
+
+def _run(argv: Sequence[str] | None) -> int:
+  from clipvip_jax.retrieval.search import encode_queries, top_rows
+  args = _parser().parse_args(argv)
+  quiet_library_logs()
+  queries, top_k = check_queries(args.queries), check_top_k(args.top_k)
+  check_backend(args.backend)
+  if args.checkpoint is None and (args.config is not None or args.step is not None):
+    raise UsageError("--config and --step go with --checkpoint (the index's own checkpoint uses what it recorded)")
+  searcher = Searcher(args.index, args.checkpoint, args.config, args.step, backend=args.backend, warn=False)
+  index = searcher.index
+  if searcher.model.checkpoint != index.meta["checkpoint"]:
+    print(f"{PROG}: note: the index was built with {index.meta['checkpoint']}; searching it with "
+          f"{searcher.model.checkpoint}", file=sys.stderr)
+  scores, rows, _ = top_rows(index, encode_queries(searcher.model, queries), top_k, args.backend, searcher.approx)
+  rankings = [[(index.id(r), float(s)) for s, r in zip(srow, rrow)] for srow, rrow in zip(scores, rows)]
+  if args.json:
+    print(json.dumps([{"query": q, "results": [{"id": i, "score": s} for i, s in r]}
+                      for q, r in zip(queries, rankings)], indent=1, ensure_ascii=False))
+  else:
+    _print_rankings(index, queries, rankings, rows.tolist())
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run_cli(_run, argv, prog=PROG)
