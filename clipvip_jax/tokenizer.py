@@ -197,3 +197,29 @@ def tokenize(
     ids[row, 1 + len(body)] = tokenizer.eos_token_id
     mask[row, : 2 + len(body)] = 1
   return ids, mask
+
+
+MAX_QUERY_CHARS = 10_000  # ~30x what 77 tokens hold: longer is a file pasted by mistake, not a query
+
+
+def check_queries(texts: str | Sequence[str], max_len: int, tokenizer_dir: str | pathlib.Path | None = None,
+                  *, what: str = "query") -> list[str]:
+  """What tokenize() would cut from user-typed texts, one warning each; ValueError for an absurd length.
+
+  Training captions are cut silently, as the originals do; a search query that loses its end changes the answer,
+  so search and encode --texts state it ("query 2 has 95 tokens; only the first 75 are used (max_text_len 77):
+  '... the words cut'"). A text of more than MAX_QUERY_CHARS characters is refused before tokenizing it.
+  """
+  notes = []
+  texts = _as_text_list(texts)
+  for index, text in enumerate(texts, start=1):
+    if len(text) > MAX_QUERY_CHARS:
+      raise ValueError(f"{what} {index} is {len(text)} characters long; the model reads at most {max_len - 2} "
+                       f"tokens (a few hundred characters), so more than {MAX_QUERY_CHARS} is refused")
+  for index, (text, ids) in enumerate(zip(texts, encode_bpe(texts, tokenizer_dir)), start=1):
+    if len(ids) > max_len - 2:
+      cut = get_tokenizer(tokenizer_dir).decode(ids[max_len - 2:]).strip()
+      shown = cut if len(cut) <= 60 else cut[:57] + "..."
+      notes.append(f"{what} {index} has {len(ids)} tokens; only the first {max_len - 2} are used (max_text_len "
+                   f"{max_len}), so {shown!r} is ignored")
+  return notes

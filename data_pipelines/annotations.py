@@ -20,6 +20,7 @@ Bad input (a missing key, a wrong type, a split list naming a video without capt
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -59,9 +60,21 @@ def _clip(clip_id: str, video: str, captions: list[str], split: str, where: str,
   return clip
 
 
+@contextlib.contextmanager
+def text_file(path: str | os.PathLike, error: type[Exception] | None = None, **kwargs: Any):
+  """`open(path, encoding="utf-8")`, where a file that is not UTF-8 (a Latin-1 export, a binary file given by
+  mistake) is one sentence naming the file and the byte, instead of a codec error naming neither."""
+  try:
+    with open(path, encoding="utf-8", **kwargs) as f:
+      yield f
+  except UnicodeDecodeError as e:
+    raise (error or AnnotationError)(
+        f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}); re-save it as UTF-8") from None
+
+
 def _load_json(path: str | os.PathLike) -> Any:
   try:
-    with open(path, encoding="utf-8") as f:
+    with text_file(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise AnnotationError(f"{path}: not valid JSON ({e})") from e
@@ -77,7 +90,7 @@ def _get(entry: Any, key: str, where: str) -> Any:
 
 def read_id_list(path: str | os.PathLike) -> list[str]:
   """A split list: one video id per line (MSVD train_list.txt, VATEX test_list.txt); blank lines ignored."""
-  with open(path, encoding="utf-8") as f:
+  with text_file(path) as f:
     ids = [line.strip() for line in f if line.strip()]
   if len(set(ids)) != len(ids):
     dup = next(i for i in ids if ids.count(i) > 1)
@@ -142,7 +155,7 @@ def read_msrvtt_data_json(paths: PathOrPaths) -> tuple[dict[str, str], dict[str,
 
 
 def _read_csv_rows(path: str | os.PathLike, required: Sequence[str]) -> list[dict[str, str]]:
-  with open(path, encoding="utf-8", newline="") as f:
+  with text_file(path, newline="") as f:
     reader = csv.DictReader(f)
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
@@ -258,7 +271,7 @@ def parse_lsmdc(path: str | os.PathLike, split: str) -> list[Clip]:
   occurs on several lines gets all their sentences.
   """
   by_clip: dict[str, list[str]] = {}
-  with open(path, encoding="utf-8") as f:
+  with text_file(path) as f:
     for n, line in enumerate(f, 1):
       line = line.rstrip("\r\n")
       if not line.strip():

@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -113,6 +114,10 @@ def _write_shard(job: tuple[ShardTask, str, str, FrameOptions]) -> int:
   return len(task.annotations)
 
 
+def _ignore_sigint() -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _remove_temporaries(out_dir: str) -> None:
   for folder in (out_dir, os.path.join(out_dir, PROGRESS_DIR)):
     for name in os.listdir(folder):
@@ -160,7 +165,9 @@ def build_shards(annotations: Sequence[ClipAnnotation], videos_dir: str, out_dir
         bar.update(_write_shard(job))
     else:
       # spawn, not fork: the parent may hold threads (PyAV, JAX in a notebook) that fork would copy broken.
-      with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+      # Workers ignore Ctrl-C: the terminal sends SIGINT to the whole process group, and only the parent should
+      # answer it (one line, then the pool is terminated); temporaries of unfinished shards go at the next run.
+      with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
         for done in pool.imap_unordered(_write_shard, jobs):
           bar.update(done)
 
@@ -227,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (AnnotationLineError, BuildError, ValueError, OSError) as e:
     print(f"build_shards: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"build_shards: interrupted; finished shards are kept in {args.out}: run the same command again to "
+          "resume", file=sys.stderr)
+    return 130  # the shell's code for Ctrl-C (128 + SIGINT)
   print(summary_line(manifest))
   return 0
 

@@ -21,6 +21,8 @@ import math
 import os
 import re
 
+from data_pipelines.annotations import text_file
+
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # split names become file-name prefixes
 _FIELDS = ("clip_id", "video", "captions", "subtitle", "caption", "start", "end", "split")
 
@@ -90,7 +92,7 @@ def read_annotation_lines(path: str, default_split: str = "train") -> list[ClipA
   if not _SPLIT_NAME.match(default_split):
     raise AnnotationLineError(f"default split {default_split!r} must match [A-Za-z0-9_]+")
   annotations, first_line = [], {}
-  with open(path, encoding="utf-8") as f:
+  with text_file(path, AnnotationLineError) as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import time
 from typing import Any, Callable, Mapping
@@ -291,9 +292,12 @@ class Checkpointer:
   def _save_error(self, error: BaseException) -> CheckpointSaveError:
     pending = [p.name for p in (self.workdir / CHECKPOINT_DIR).glob(f"*{TMP_MARK}*")]
     steps = ", ".join(sorted(p.split(".")[0] for p in pending)) or "?"
+    # TensorStore's message is a chain of contexts ending in the OS error: "... [os_error_code='28']".
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    reason = f"{os.strerror(int(code.group(1)))}, errno {code.group(1)}" if code else _first_clause(error)
     return CheckpointSaveError(
-        f"saving checkpoint step {steps} in {self.workdir / CHECKPOINT_DIR} failed ({_first_clause(error)}); "
-        f"earlier checkpoints are intact, the unfinished folder is removed when the run restarts")
+        f"saving checkpoint step {steps} in {self.workdir / CHECKPOINT_DIR} failed ({reason}); the earlier "
+        f"checkpoints are intact and the unfinished folder is removed when the run restarts")
 
   def wait(self) -> None:
     try:
