@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,6 +119,20 @@ def _ignore_sigint() -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _spawn_pool(processes: int) -> Any:
+  """A spawn Pool whose workers ignore SIGINT from birth: an ignored signal stays ignored across exec, and Python
+  then installs no KeyboardInterrupt handler, so a Ctrl-C while a worker is still importing prints nothing
+  either (the initializer covers a pool made off the main thread, where the parent's handler cannot change)."""
+  context = multiprocessing.get_context("spawn")
+  if threading.current_thread() is not threading.main_thread():
+    return context.Pool(processes, initializer=_ignore_sigint)
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    return context.Pool(processes, initializer=_ignore_sigint)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def _remove_temporaries(out_dir: str) -> None:
   for folder in (out_dir, os.path.join(out_dir, PROGRESS_DIR)):
     for name in os.listdir(folder):
@@ -167,7 +182,7 @@ def build_shards(annotations: Sequence[ClipAnnotation], videos_dir: str, out_dir
       # spawn, not fork: the parent may hold threads (PyAV, JAX in a notebook) that fork would copy broken.
       # Workers ignore Ctrl-C: the terminal sends SIGINT to the whole process group, and only the parent should
       # answer it (one line, then the pool is terminated); temporaries of unfinished shards go at the next run.
-      with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
+      with _spawn_pool(min(workers, len(jobs))) as pool:
         for done in pool.imap_unordered(_write_shard, jobs):
           bar.update(done)
 
