@@ -19,6 +19,8 @@ Loss 0.5 L_global + 0.5 L_TAB. K = 5 TAB centres (configs/clip2video_vatex.py: 7
 `--config configs/clip2video_msrvtt.py:runlocal --config.data.shard_dir=/tmp/synth --config.init.checkpoint=`).
 """
 
+import math
+
 import ml_collections
 
 from clipvip_jax.train.sharding import DEFAULT_RULES
@@ -44,11 +46,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(sim_type="seqTransf", temporal_type="TDB", center_type="TAB", center_proj="TAB_TDB",
                              center_k=5, center_weight=0.5, temporal_layers=4))
-  c.init = dict(checkpoint="converted/openai-clip-b32", config="", skip=())
+  c.init = dict(checkpoint="converted/openai-clip-b32", config="", skip=(),
+                logit_scale=None)  # a value replaces logit_scale after loading (CLIP-ViP's overload_logit_scale)
 
   c.optim = dict(name="bert_adam", lr=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0,
                  schedule="bert_warmup_cosine", warmup_fraction=0.1, lr_floor=0.0, no_decay=(r"(^|/)bias$",),
-                 lr_multipliers=((r"^clip/", 1e-3),), frozen=FROZEN)
+                 lr_multipliers=((r"^clip/", 1e-3),), frozen=FROZEN,
+                 # CLIP4Clip's loop: logit_scale clamped to at most ln 100 after the update.
+                 clamp=((r"(^|/)logit_scale$", None, math.log(100.0)),), clamp_when="after_update",
+                 # BertAdam's max_grad_norm: each original tensor (attn.in_proj_* holds query, key and value)
+                 # clipped to norm 1.0 inside the optimiser, after the global clip.
+                 per_tensor_clip_norm=1.0,
+                 per_tensor_clip_units=((r"/attn/(query|key|value)/(kernel|bias)$", r"/attn/in_proj/\2"),),
+                 schedule_steps=0.0)
 
   # Model selection on a validation split held out of the 9k training videos (the official 497 'validate'
   # videos, built as on the CLIP-ViP MSR-VTT page), every epoch (~71 steps); never on the 1k-A test split, which is

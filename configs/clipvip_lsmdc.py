@@ -8,6 +8,8 @@ Recipe: 12 frames, 16 clips per GPU (global 128 on 8 devices), lr 1e-6, wd 0.2, 
 length 50. Model selection on LSMDC's val split; the paper reports the 1k test.
 """
 
+import math
+
 import ml_collections
 
 from clipvip_jax.train.sharding import DEFAULT_RULES
@@ -31,11 +33,15 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
                  scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(num_proxies=4, temporal_size=12))
   # The post-pretrained CLIP-ViP (converted); its weights fix the architecture.
-  c.init = dict(checkpoint=f"converted/clipvip-{variant.replace('/', '').lower()}", config="", skip=())
+  c.init = dict(checkpoint=f"converted/clipvip-{variant.replace('/', '').lower()}", config="", skip=(),
+                logit_scale=None)  # a value replaces logit_scale after loading (CLIP-ViP's overload_logit_scale)
 
   c.optim = dict(name="adamw", lr=1e-6, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=1.0,
                  schedule="warmup_cosine", warmup_fraction=0.01, lr_floor=1e-8,
-                 no_decay=(r"(^|/)bias$", r"(^|/)logit_scale$"), lr_multipliers=(), frozen=())
+                 no_decay=(r"(^|/)bias$", r"(^|/)logit_scale$"), lr_multipliers=(), frozen=(),
+                 # CLIP-ViP's loop: logit_scale clamped to [0, ln 200] after the forward, before the update.
+                 clamp=((r"(^|/)logit_scale$", 0.0, math.log(200.0)),), clamp_when="before_update",
+                 per_tensor_clip_norm=0.0, per_tensor_clip_units=(), schedule_steps=0.0)
 
   c.eval = dict(split="val", every=500, batch_size=128)
   c.checkpoint = dict(every=1000, keep=3, best_metric="val/t2v/R@1", best_mode="max", async_save=True)

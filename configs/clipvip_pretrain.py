@@ -15,6 +15,8 @@ On a TPU pod slice or several GPU nodes see docs/training.md; --config.grad_accu
 fewer devices without shrinking the negatives.
 """
 
+import math
+
 import ml_collections
 
 from clipvip_jax.train.sharding import DEFAULT_RULES
@@ -39,11 +41,15 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
                  scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(num_proxies=4, temporal_size=12))
   # OpenAI CLIP (converted); the CLIP part of the architecture comes from its weights.
-  c.init = dict(checkpoint=f"converted/clip-{variant.replace('/', '').lower()}", config="", skip=(r"^logit_scale$",))
+  c.init = dict(checkpoint=f"converted/clip-{variant.replace('/', '').lower()}", config="", skip=(r"^logit_scale$",),
+                logit_scale=None)  # a value replaces logit_scale after loading (CLIP-ViP's overload_logit_scale)
 
   c.optim = dict(name="adamw", lr=5e-6, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05, grad_clip_norm=5.0,
                  schedule="warmup_cosine", warmup_fraction=0.01, lr_floor=1e-8,
-                 no_decay=(r"(^|/)bias$", r"(^|/)logit_scale$"), lr_multipliers=(), frozen=())
+                 no_decay=(r"(^|/)bias$", r"(^|/)logit_scale$"), lr_multipliers=(), frozen=(),
+                 # CLIP-ViP's loop: logit_scale clamped to [0, ln 200] after the forward, before the update.
+                 clamp=((r"(^|/)logit_scale$", 0.0, math.log(200.0)),), clamp_when="before_update",
+                 per_tensor_clip_norm=0.0, per_tensor_clip_units=(), schedule_steps=0.0)
 
   c.eval = dict(split="val", every=2000, batch_size=256,
                  data=dict(shard_dir="data/msrvtt/shards", max_text_len=70, paragraph=False))

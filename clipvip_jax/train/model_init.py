@@ -17,6 +17,8 @@ config.init:
               options), as clipvip_jax.api.load_pretrained takes it
   skip        parameter-name regexes NOT taken from the checkpoint (default: logit_scale when a CLIP-ViP model starts
               from a plain CLIP: the original overwrites CLIP's temperature with 4.6)
+  logit_scale None, or a value that replaces logit_scale after loading, whatever the start (CLIP-ViP's
+              overload_logit_scale option); the clamp of config.optim still applies at the first update
 Same kind: the checkpoint fixes the architecture and every parameter must be present. A plain CLIP ("clip")
 initialises the CLIP part of a clipvip / meanp / clip2video model; the new parameters start as the originals
 initialise them (clip2video copies text layers into its temporal modules: convert.clip2video.init_params_from_clip).
@@ -155,13 +157,44 @@ def load_checkpoint_params(path: str, config: Any = None) -> tuple[str, Any, dic
     return ckpt_lib.load_workdir_params(p)
   from clipvip_jax.convert.common import load_state_dict, source_config
   from clipvip_jax.convert.formats import convert
-  c = convert(load_state_dict(p), source_config(p, _to_dict(config) or None), source=str(p))
+  if isinstance(config, (str, pathlib.PurePath)):  # a JSON file's path ("" = none)
+    config = str(config) or None
+  else:
+    config = _to_dict(config) or None
+  c = convert(load_state_dict(p), source_config(p, config), source=str(p))
   return c.kind, c.config, c.params
+
+
+def _override_logit_scale(ms: ModelState, value: Any) -> ModelState:
+  """ms with every logit_scale parameter set to `value` (its sharding kept)."""
+  from clipvip_jax.train.optim import path_name
+  hits = []
+
+  def one(path, x):
+    name = path_name(path)
+    if name == "logit_scale" or name.endswith("/logit_scale"):
+      hits.append(name)
+      return jax.device_put(np.full(x.shape, value, np.float32), x.sharding)
+    return x
+
+  params = jax.tree_util.tree_map_with_path(one, ms.params)
+  if not hits:
+    raise ValueError(f"config.init.logit_scale is set but the {ms.kind} model has no logit_scale parameter")
+  log.info("logit_scale set to %s after loading (config.init.logit_scale)", value)
+  return dataclasses.replace(ms, params=params)
 
 
 def init_model(config: Any, mesh, rules, initial_params: Mapping[str, np.ndarray] | None = None) -> ModelState:
   """The model of config.model, initialised per config.init (or from `initial_params`, a flat {name: array} dict
-  of the same model held in memory), with parameters sharded over `mesh`."""
+  of the same model held in memory), with parameters sharded over `mesh`; then config.init.logit_scale."""
+  init_cfg = config.get("init") or {}
+  ms = _init_model(config, mesh, rules, initial_params)
+  if init_cfg.get("logit_scale") is not None:
+    ms = _override_logit_scale(ms, float(init_cfg.get("logit_scale")))
+  return ms
+
+
+def _init_model(config: Any, mesh, rules, initial_params: Mapping[str, np.ndarray] | None) -> ModelState:
   model_cfg, init_cfg = config.model, config.get("init") or {}
   kind, seed = model_cfg["kind"], int(config.get("seed", 0))
   checkpoint = init_cfg.get("checkpoint")

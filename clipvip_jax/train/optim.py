@@ -21,12 +21,27 @@ regular expressions (re.search):
                   the originals' per-group lr does.
   frozen          parameters that never change: zero update and no optimiser state (CLIP4Clip freezes the
                   patch embedding, class/position embeddings, ln_pre and the token embedding).
-Global-norm gradient clipping runs first (torch.nn.utils.clip_grad_norm_ before optimizer.step()).
+  clamp           ((pattern, min, max), ...): the value is clamped in place (None: that side open), when
+                  `clamp_when` says. The originals clamp logit_scale, at different moments:
+                    "before_update"  CLIP-ViP: after the forward and before backward, so the update is applied to
+                                     the clamped value with the gradient of the unclamped one (the forward of that
+                                     update saw the unclamped value); to [0, ln 200].
+                    "after_update"   CLIP4Clip: after optimizer.step(); to at most ln 100, no lower bound.
+  per_tensor_clip_norm, per_tensor_clip_units
+                  BertAdam clips each tensor's gradient to norm max_grad_norm inside step(), after the global clip.
+                  "Each tensor" means each tensor of the original: our converters split OpenAI's fused
+                  attn.in_proj_weight/bias into query/key/value, so `per_tensor_clip_units` ((pattern,
+                  replacement), ...) re.sub-rewrites our names to the original tensor's; parameters that end up
+                  with the same name are clipped together on their joint norm.
+Global-norm gradient clipping runs first, with torch.nn.utils.clip_grad_norm_'s arithmetic: all gradients times
+max_norm / (norm + 1e-6) when that is below 1 (optax.clip_by_global_norm divides by the norm itself).
+The schedule spans `schedule_steps` updates when set (CLIP4Clip's t_total may be fractional), else the run's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -38,7 +53,12 @@ Schedule = Callable[[jax.Array], jax.Array]
 
 OPTIMIZERS = ("adamw", "bert_adam")
 SCHEDULES = ("warmup_cosine", "bert_warmup_cosine", "constant")
+CLAMP_WHEN = ("before_update", "after_update")
 DEFAULT_NO_DECAY = (r"(^|/)bias$", r"(^|/)logit_scale$")
+# CLIP-ViP's clamp, the default when a config names none (before this option existed the step clamped to the same
+# range, after the update).
+DEFAULT_CLAMP = ((r"(^|/)logit_scale$", 0.0, math.log(200.0)),)
+CLIP_NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6)
 
 
 def path_name(path) -> str:
@@ -74,10 +94,11 @@ def warmup_cosine(base_lr: float, total_steps: int, warmup_fraction: float, floo
   return schedule
 
 
-def bert_warmup_cosine(base_lr: float, total_steps: int, warmup_fraction: float) -> Schedule:
+def bert_warmup_cosine(base_lr: float, total_steps: float, warmup_fraction: float) -> Schedule:
   """CLIP4Clip's BertAdam 'warmup_cosine': x = count / total (0-based, so the first update has lr 0);
-  lr * x/w for x < w, else lr * 0.5 (1 + cos(pi x)) on the *whole-run* progress x."""
-  if total_steps < 1:
+  lr * x/w for x < w, else lr * 0.5 (1 + cos(pi x)) on the *whole-run* progress x. `total_steps` is BertAdam's
+  t_total, which may be fractional."""
+  if total_steps <= 0:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
 
   def schedule(count):
@@ -88,10 +109,12 @@ def bert_warmup_cosine(base_lr: float, total_steps: int, warmup_fraction: float)
   return schedule
 
 
-def make_schedule(name: str, base_lr: float, total_steps: int, warmup_fraction: float = 0.0,
+def make_schedule(name: str, base_lr: float, total_steps: float, warmup_fraction: float = 0.0,
                   floor: float = 1e-8) -> Schedule:
   if name == "warmup_cosine":
-    return warmup_cosine(base_lr, total_steps, warmup_fraction, floor)
+    if total_steps != int(total_steps):
+      raise ValueError(f"schedule 'warmup_cosine' counts whole updates; got {total_steps} steps")
+    return warmup_cosine(base_lr, int(total_steps), warmup_fraction, floor)
   if name == "bert_warmup_cosine":
     return bert_warmup_cosine(base_lr, total_steps, warmup_fraction)
   if name == "constant":
@@ -109,6 +132,9 @@ class ParamRule:
   lr_multiplier: float = 1.0
   decay: bool = True
   frozen: bool = False
+  clamp: tuple[float | None, float | None] | None = None  # (min, max) applied in place, see clamp_when
+  clamp_when: str = "before_update"
+  clip_unit: str = ""  # the original tensor this parameter belongs to (BertAdam's per-tensor clip); "" = name
 
 
 def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern]:
@@ -121,25 +147,82 @@ def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern]:
   return out
 
 
+def _bound(x) -> float | None:
+  return None if x is None else float(x)
+
+
 def param_rules(params: Any, *, no_decay: Sequence[str] = DEFAULT_NO_DECAY,
-                lr_multipliers: Sequence[tuple[str, float]] = (), frozen: Sequence[str] = ()) -> Any:
+                lr_multipliers: Sequence[tuple[str, float]] = (), frozen: Sequence[str] = (),
+                clamp: Sequence[tuple[str, float | None, float | None]] = (), clamp_when: str = "before_update",
+                clip_units: Sequence[tuple[str, str]] = ()) -> Any:
   """A tree shaped like `params` with one ParamRule per leaf. A pattern that matches no parameter is an error
   (a typo would otherwise silently train what was meant to be frozen)."""
+  if clamp_when not in CLAMP_WHEN:
+    raise ValueError(f"optim.clamp_when = {clamp_when!r}; known: {CLAMP_WHEN}")
   no_decay_re = _compile(no_decay, "no_decay")
   frozen_re = _compile(frozen, "frozen")
-  mult_re = [(re.compile(p), float(m)) for p, m in lr_multipliers]
+  mult_re = [(p, float(m)) for p, (_, m) in zip(_compile([p for p, _ in lr_multipliers], "lr_multipliers"),
+                                                lr_multipliers)]
+  clamp_re = [(p, (_bound(lo), _bound(hi))) for p, (_, lo, hi) in zip(_compile([c[0] for c in clamp], "clamp"),
+                                                                        clamp)]
+  unit_re = [(p, r) for p, (_, r) in zip(_compile([u[0] for u in clip_units], "per_tensor_clip_units"), clip_units)]
   names = flat_names(params)
-  for pattern in [*frozen_re, *[p for p, _ in mult_re]]:
+  for pattern in [*frozen_re, *[p for p, _ in mult_re], *[p for p, _ in clamp_re]]:
     if not any(pattern.search(n) for n in names):
       raise ValueError(f"optimiser pattern {pattern.pattern!r} matches no parameter (names look like {names[0]!r})")
 
   def rule(path, _):
     name = path_name(path)
     mult = next((m for p, m in mult_re if p.search(name)), 1.0)
+    bounds = next((b for p, b in clamp_re if p.search(name)), None)
+    unit = name
+    for p, r in unit_re:
+      unit = p.sub(r, unit)
     return ParamRule(name=name, lr_multiplier=mult, decay=not any(p.search(name) for p in no_decay_re),
-                     frozen=any(p.search(name) for p in frozen_re))
+                     frozen=any(p.search(name) for p in frozen_re), clamp=bounds, clamp_when=clamp_when,
+                     clip_unit=unit)
 
   return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def clamp_params(params: Any, rules: Any, when: str) -> Any:
+  """`params` with the clamps of `rules` that act at `when` ("before_update" | "after_update") applied."""
+  if when not in CLAMP_WHEN:
+    raise ValueError(f"clamp time {when!r}; known: {CLAMP_WHEN}")
+
+  def one(rule, x):
+    if rule.clamp is None or rule.clamp_when != when or rule.frozen:
+      return x
+    lo, hi = rule.clamp
+    return jnp.clip(x, lo, hi).astype(x.dtype)
+
+  return jax.tree.map(one, rules, params)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_ over all gradients: g * min(1, max_norm / (norm + 1e-6))."""
+  def update(grads, state, params=None):
+    del params
+    norm = optax.global_norm(grads)
+    coef = jnp.minimum(1.0, max_norm / (norm + CLIP_NORM_EPS))
+    return jax.tree.map(lambda g: (g * coef).astype(g.dtype), grads), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def clip_per_tensor(grads: Any, rules: Any, max_norm: float) -> Any:
+  """BertAdam's per-tensor clip_grad_norm_(p, max_norm): every clip unit (an original tensor, see ParamRule)
+  scaled by min(1, max_norm / (its norm + 1e-6)). Frozen parameters have no gradient and are skipped."""
+  leaves, treedef = jax.tree.flatten(grads)
+  rule_leaves = treedef.flatten_up_to(rules)
+  sums: dict[str, Any] = {}
+  for rule, g in zip(rule_leaves, leaves):
+    if not rule.frozen:
+      sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
+      sums[rule.clip_unit] = sq if rule.clip_unit not in sums else sums[rule.clip_unit] + sq
+  coefs = {u: jnp.minimum(1.0, max_norm / (jnp.sqrt(sq) + CLIP_NORM_EPS)) for u, sq in sums.items()}
+  out = [g if rule.frozen else (g * coefs[rule.clip_unit]).astype(g.dtype) for rule, g in zip(rule_leaves, leaves)]
+  return treedef.unflatten(out)
 
 
 def frozen_mask(rules: Any) -> Any:
@@ -156,8 +239,10 @@ class ReferenceAdamState(NamedTuple):
 
 
 def reference_adam(schedule: Schedule, rules: Any, *, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6,
-                   weight_decay: float = 0.0, variant: str = "adamw") -> optax.GradientTransformation:
-  """The per-parameter Adam of the module docstring as an optax transformation (updates = new_p - p)."""
+                   weight_decay: float = 0.0, variant: str = "adamw",
+                   per_tensor_clip_norm: float = 0.0) -> optax.GradientTransformation:
+  """The per-parameter Adam of the module docstring as an optax transformation (updates = new_p - p).
+  `per_tensor_clip_norm` > 0 clips each clip unit's gradient first (BertAdam's max_grad_norm)."""
   if variant not in OPTIMIZERS:
     raise ValueError(f"unknown optimiser {variant!r}; known: {OPTIMIZERS}")
 
@@ -171,6 +256,8 @@ def reference_adam(schedule: Schedule, rules: Any, *, b1: float = 0.9, b2: float
   def update(grads, state, params=None):
     if params is None:
       raise ValueError("reference_adam needs params (decoupled weight decay)")
+    if per_tensor_clip_norm > 0:
+      grads = clip_per_tensor(grads, rules, per_tensor_clip_norm)
     count = state.count + 1
     lr = schedule(state.count)
     t = count.astype(jnp.float32)
@@ -216,19 +303,29 @@ def make_optimizer(optim_cfg: Any, params: Any, total_steps: int) -> tuple[optax
 
     name ("adamw" | "bert_adam"), lr, b1, b2, eps, weight_decay, grad_clip_norm (<= 0: off),
     schedule ("warmup_cosine" | "bert_warmup_cosine" | "constant"), warmup_fraction, lr_floor,
-    no_decay, lr_multipliers, frozen (see the module docstring).
+    schedule_steps (0: `total_steps`), no_decay, lr_multipliers, frozen, clamp, clamp_when,
+    per_tensor_clip_norm (<= 0: off), per_tensor_clip_units (see the module docstring).
   """
   get = optim_cfg.get if hasattr(optim_cfg, "get") else (lambda k, d=None: getattr(optim_cfg, k, d))
-  schedule = make_schedule(get("schedule", "warmup_cosine"), float(get("lr")), total_steps,
+  schedule_steps = float(get("schedule_steps", 0) or 0) or total_steps
+  schedule = make_schedule(get("schedule", "warmup_cosine"), float(get("lr")), schedule_steps,
                            float(get("warmup_fraction", 0.0)), float(get("lr_floor", 1e-8)))
+  clamp = get("clamp", None)
+  if clamp is None:  # the default applies where it matches (a model without logit_scale has nothing to clamp)
+    names = flat_names(params)
+    clamp = tuple(c for c in DEFAULT_CLAMP if any(re.search(c[0], n) for n in names))
   rules = param_rules(params, no_decay=tuple(get("no_decay", DEFAULT_NO_DECAY)),
                       lr_multipliers=tuple(tuple(x) for x in get("lr_multipliers", ())),
-                      frozen=tuple(get("frozen", ())))
+                      frozen=tuple(get("frozen", ())),
+                      clamp=tuple(tuple(x) for x in clamp),
+                      clamp_when=get("clamp_when", None) or "before_update",
+                      clip_units=tuple(tuple(x) for x in get("per_tensor_clip_units", ())))
   adam = reference_adam(schedule, rules, b1=float(get("b1", 0.9)), b2=float(get("b2", 0.98)),
                         eps=float(get("eps", 1e-6)), weight_decay=float(get("weight_decay", 0.0)),
-                        variant=get("name", "adamw"))
+                        variant=get("name", "adamw"),
+                        per_tensor_clip_norm=float(get("per_tensor_clip_norm", 0.0) or 0.0))
   clip = float(get("grad_clip_norm", 0.0) or 0.0)
-  tx = optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+  tx = optax.chain(clip_by_global_norm(clip), adam) if clip > 0 else adam
   return tx, schedule, rules
 
 
@@ -241,6 +338,8 @@ def describe_rules(rules: Any) -> list[str]:
   lines = [f"{len(leaves)} parameters: {len(frozen)} frozen, {len(no_decay)} without weight decay, "
            f"{len(scaled)} with an lr multiplier"]
   lines += [f"  frozen: {n}" for n in frozen]
+  lines += [f"  clamped to {r.clamp} {r.clamp_when.replace('_', ' ')}: {r.name}" for r in leaves
+            if r.clamp is not None and not r.frozen]
   multipliers = sorted({m for m, _ in scaled})
   for m in multipliers:
     lines.append(f"  lr x {m:g}: {sum(1 for mm, _ in scaled if mm == m)} parameters")

@@ -28,7 +28,6 @@ block pins its residual stream to it while the step is traced (layers.activation
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping
 
 import jax
@@ -44,7 +43,6 @@ from data_pipelines import transforms
 
 Array = jax.Array
 Batch = Mapping[str, Array]
-LOGIT_SCALE_MAX = math.log(200.0)  # the originals clamp logit_scale to [0, ln 200]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +112,6 @@ def make_objective(mode: str, loss_name: str | None = None) -> Objective:
 
 def is_logit_scale(name: str) -> bool:
   return name == "logit_scale" or name.endswith("/logit_scale")
-
-
-def clamp_logit_scale(params: Any) -> Any:
-  """logit_scale (wherever it sits: CLIP-ViP's top level, CLIP2Video's clip/) clamped to [0, ln 200]."""
-  def clamp(path, x):
-    return jnp.clip(x, 0.0, LOGIT_SCALE_MAX) if is_logit_scale(optim.path_name(path)) else x
-  return jax.tree_util.tree_map_with_path(clamp, params)
 
 
 def logit_scale_of(params: Any) -> Array:
@@ -209,8 +200,11 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
 
   def update(operands):
     params, opt_state, grads = operands
+    # The clamps of `rules` (optim.clamp / clamp_when): CLIP-ViP clamps logit_scale after the forward and updates
+    # the clamped value with the unclamped value's gradient; CLIP4Clip clamps after the update.
+    params = optim.clamp_params(params, rules, "before_update")
     updates, new_opt_state = tx.update(grads, opt_state, params)
-    return clamp_logit_scale(optim.apply_updates(params, updates)), new_opt_state
+    return optim.clamp_params(optim.apply_updates(params, updates), rules, "after_update"), new_opt_state
 
   def keep(operands):
     params, opt_state, _ = operands

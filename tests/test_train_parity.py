@@ -1,0 +1,343 @@
+"""Training parity with the originals, update by update, through the trainer's own path.
+
+Each `*_train_steps.{json,npz}` fixture (../shared/fixtures, or $CLIPVIP_FIXTURES) holds real updates of an
+original: the inputs of every update, its loss, the lr of every parameter group, the pre-clip gradient norm and
+the parameters after some updates. Here the same updates run through trainer.setup_training (model_init from the
+fixture's checkpoint file and config, optim.make_optimizer, step.make_train_step) with the recipe config of the
+model's kind, overridden only by the settings the fixture's JSON states (lr, betas, eps, decay, clip norms,
+schedule lengths, multipliers). The rules that are not settings (which names decay, which are frozen, the clamp
+and when it acts, BertAdam's per-tensor clip, where eps sits, the schedule's step counting) come from the recipe
+config, so a recipe that drifts from its original fails here: against the fixture's parameter groups directly,
+and against its losses and parameters.
+
+Nothing about a particular fixture is written here: file names, sizes, step counts and settings all come from
+the JSON, so another fixture of the same format under the same names runs unchanged. Float32 throughout; the
+fixture README gives the tolerances (losses 1e-5 relative, parameters about 1e-5 absolute).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from clipvip_jax.convert import clip2video as convert_c2v
+from clipvip_jax.convert import clipvip as convert_vip
+from clipvip_jax.convert import hf_clip
+from clipvip_jax.convert.common import load_state_dict, read_config
+from clipvip_jax.convert.formats import convert
+from clipvip_jax.params import flat_params
+from clipvip_jax.train import optim, sharding, trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEMS = ("clipvip_train_steps", "clip2video_train_steps")  # the fixture format's file names
+RECIPE = {"clipvip": "configs/clipvip_msrvtt.py", "clip2video": "configs/clip2video_msrvtt.py"}
+FAMILY = {"clipvip": "configs/clipvip_*.py", "clip2video": "configs/clip2video_*.py"}
+LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
+# Gradient norms: the originals' float32 weight gradients (sums over every token of the batch) are themselves off
+# a float64 evaluation of the same model by up to 6e-5 per tensor and 1.5e-5 on the global norm (CLIP2Video's
+# mlp and in_proj weights); ours agree with float64 to 2e-5 per tensor. Hence 5e-5 on the global norm and 2e-4 per
+# tensor (plus 1e-6 of the global norm for gradients that are zero but for rounding, e.g. key-projection biases).
+NORM_RTOL, TENSOR_NORM_RTOL, TENSOR_NORM_ATOL = 5e-5, 2e-4, 1e-6
+
+
+@dataclasses.dataclass
+class Fixture:
+  stem: str
+  dir: pathlib.Path
+  meta: dict
+  arrays: dict
+  kind: str
+  model_cfg: object  # the converted checkpoint's config
+  names: dict  # original tensor name -> our parameter names (several for a fused tensor)
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.arrays.get("num_steps", self.meta["batch"]["num_steps"]))
+
+  def stored_params(self) -> dict[int, dict[str, np.ndarray]]:
+    """{update k (1-based): original state dict after it}: params_step{k}/ and params_final/ (after the last)."""
+    out: dict[int, dict] = {}
+    for key, value in self.arrays.items():
+      m = re.fullmatch(r"params_(step(\d+)|final)/(.+)", key)
+      if m:
+        k = int(m.group(2)) if m.group(2) else self.num_steps
+        out.setdefault(k, {})[m.group(3)] = value
+    return out
+
+
+def _original_names(kind: str, cfg) -> dict[str, tuple[str, ...]]:
+  """The converters' key tables: original name -> our names."""
+  if kind == "clipvip":
+    table = {convert_vip.PREFIX + hf: (ours,) for hf, ours, *_ in hf_clip.key_table(cfg.clip)}
+    table.update({convert_vip.PREFIX + k: (v,) for k, v in convert_vip.NEW_PARAMS.items()})
+    return table
+  if kind == "clip2video":
+    out = {}
+    for src, ours, *_ in convert_c2v.key_items(cfg):
+      assert len(src) == 1
+      out[src[0]] = tuple(ours)
+    return out
+  raise AssertionError(f"no training recipe for kind {kind!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(fixtures_dir: pathlib.Path, stem: str) -> Fixture:
+  meta = json.loads((fixtures_dir / f"{stem}.json").read_text())
+  arrays = dict(np.load(fixtures_dir / f"{stem}.npz"))
+  model = meta["model"]
+  converted = convert(load_state_dict(fixtures_dir / model["checkpoint"]),
+                      read_config(fixtures_dir / model["config"]), source=model["checkpoint"])
+  return Fixture(stem, fixtures_dir, meta, arrays, converted.kind, converted.config,
+                 _original_names(converted.kind, converted.config))
+
+
+@pytest.fixture(scope="module", params=STEMS)
+def fx(request, fixtures_dir) -> Fixture:
+  if not (fixtures_dir / f"{request.param}.json").is_file():
+    pytest.fail(f"{fixtures_dir} lacks {request.param}.json")
+  return _load(fixtures_dir, request.param)
+
+
+# ------------------------------------------------------------------------------------------------ fixture -> config
+
+
+def _is_bert_adam(meta) -> bool:
+  return meta["optimizer"]["class"].startswith("BertAdam")
+
+
+def _ours(fx: Fixture, original_names) -> list[str]:
+  return [n for o in original_names for n in fx.names[o]]
+
+
+def _regex_of(names) -> str:
+  return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
+def recipe_config(fx: Fixture, recipe: str | None = None):
+  """The recipe config of the fixture's model kind with the fixture's settings: (config, total_steps)."""
+  from clipvip_jax.train.cli import load_config
+  meta = fx.meta
+  config = load_config(str(REPO / (recipe or RECIPE[fx.kind])))
+  config.model.update(dtype="float32", remat="none", attention="xla", scan_layers=False)
+  model = meta["model"]
+  config.init = dict(checkpoint=str(fx.dir / model["checkpoint"]), config=str(fx.dir / model["config"]), skip=(),
+                     logit_scale=model.get("overload_logit_scale"))
+  config.grad_accum = 1
+  opt, sched, clip = meta["optimizer"], meta["schedule"], meta["grad_clip"]
+  o = config.optim
+  if _is_bert_adam(meta):
+    # CLIP4Clip: coef_lr scales the CLIP weights' lr; the recipe's one multiplier is that rule.
+    assert len(o.lr_multipliers) == 1, o.lr_multipliers
+    o.update(lr=opt["lr"], b1=opt["b1"], b2=opt["b2"], eps=opt["e"], weight_decay=opt["weight_decay"],
+             grad_clip_norm=clip["global"], per_tensor_clip_norm=opt["max_grad_norm"],
+             warmup_fraction=sched["warmup"], schedule_steps=sched["t_total"],
+             lr_multipliers=((o.lr_multipliers[0][0], opt["coef_lr"]),))
+    total = math.ceil(sched["t_total"])
+  else:
+    # CLIP-ViP: lr_mul on the names that contain lr_mul_prefix (the original's generic option), in our names.
+    mult = float(opt.get("lr_mul", 1.0))
+    hits = [n for n in fx.names if opt.get("lr_mul_prefix") and opt["lr_mul_prefix"] in n]
+    o.update(lr=sched["learning_rate"], b1=opt["betas"][0], b2=opt["betas"][1], eps=opt["eps"],
+             weight_decay=opt["weight_decay"], grad_clip_norm=clip["max_norm"],
+             warmup_fraction=sched["warmup_ratio"], schedule_steps=0,
+             lr_multipliers=((_regex_of(_ours(fx, hits)), mult),) if mult != 1.0 and hits else ())
+    total = int(sched["num_train_steps"])
+  return config, total
+
+
+def _rules(config):
+  return tuple(tuple(r) for r in config.sharding_rules)
+
+
+def fixture_batch(fx: Fixture, k: int) -> dict[str, np.ndarray]:
+  """The inputs of update k (0-based) in our layout: video [B, T, H, W, C]."""
+  a = fx.arrays
+  video = np.moveaxis(a["video"][k], -3, -1).astype(np.float32)
+  mask = a["video_mask"][k] if "video_mask" in a else np.ones(video.shape[:2])
+  return {"video": video, "frame_mask": mask.astype(np.int32), "text_ids": a["text_ids"][k].astype(np.int32),
+          "text_mask": a["text_mask"][k].astype(np.int32)}
+
+
+@dataclasses.dataclass
+class Run:
+  setup: object
+  losses: list
+  parts: list
+  grad_norms: list
+  logit_forward: list  # logit_scale the forward of each update saw
+  logit_clamped: list  # ... and after the clamps that act before the update
+  params: dict  # {update k (1-based): flat numpy params after it}; 0 = start
+
+
+def run_updates(fx: Fixture, mesh_shape=(1, 1, 1), grad_accum: int = 1, batches=None, num_steps=None,
+                store=None) -> Run:
+  config, total = recipe_config(fx)
+  config.grad_accum = grad_accum
+  mesh = trainer.make_mesh(mesh_shape)
+  rules = _rules(config)
+  setup = trainer.setup_training(config, mesh, rules, total)
+  params, opt_state = setup.model.params, setup.opt_state
+  num_steps = num_steps or fx.num_steps
+  store = set(store if store is not None else range(num_steps))
+  run = Run(setup, [], [], [], [], [], {})
+  scale_name = next((n for n in optim.flat_names(params) if n.split("/")[-1] == "logit_scale"), None)
+
+  def flat(p):
+    return {n: np.asarray(x) for n, x in zip(optim.flat_names(p), jax.tree.leaves(p))}
+
+  for k in range(num_steps):
+    now = flat(params)
+    if k in store:
+      run.params[k] = now
+    if scale_name:
+      run.logit_forward.append(float(now[scale_name]))
+      clamped = optim.clamp_params(params, setup.param_rules, "before_update")
+      run.logit_clamped.append(float(flat(clamped)[scale_name]))
+    batch = (batches or (lambda i: fixture_batch(fx, i)))(k)
+    placed = {n: jax.device_put(v, sharding.batch_sharding(mesh, rules, v.ndim)) for n, v in batch.items()}
+    params, opt_state, metrics = setup.train_step(params, opt_state, placed)
+    assert bool(metrics["finite"])
+    run.losses.append(float(metrics["loss"]))
+    run.parts.append({n: float(v) for n, v in metrics.items() if n.startswith("loss_")})
+    run.grad_norms.append(float(metrics["grad_norm"]))
+  run.params[num_steps] = flat(params)
+  return run
+
+
+@pytest.fixture(scope="module")
+def run(fx) -> Run:
+  return run_updates(fx)
+
+
+# ------------------------------------------------------------------------------------------------ the rules
+
+
+def test_recipe_optimiser_schedule_and_clamp_are_the_originals(fx):
+  meta = fx.meta
+  config, _ = recipe_config(fx)
+  o = config.optim
+  if _is_bert_adam(meta):
+    assert (o.name, o.schedule) == ("bert_adam", "bert_warmup_cosine") and meta["schedule"]["name"] == "warmup_cosine"
+    assert not meta["optimizer"]["bias_correction"]
+  else:
+    assert (o.name, o.schedule) == ("adamw", "warmup_cosine") and meta["schedule"]["decay"] == "cosine"
+    assert meta["optimizer"]["correct_bias"] and o.per_tensor_clip_norm == 0
+  clamp = meta["logit_scale_clamp"]
+  ((pattern, lo, hi),) = o.clamp
+  assert re.search(pattern, "logit_scale")
+  assert lo == clamp.get("min") and hi == pytest.approx(clamp["max"], abs=1e-12)
+  when = clamp["when"]
+  expected = "before_update" if "before backward" in when else "after_update" if "after optimizer.step" in when else when
+  assert o.clamp_when == expected
+
+
+def test_parameter_groups_lr_decay_and_freezing_match_the_fixture(fx, run):
+  """Every parameter in the group the original put it in: its lr at every update (schedule x multiplier), weight
+  decay or not, frozen or not; and every parameter of ours belongs to exactly one original tensor."""
+  rules = {r.name: r for r in jax.tree.leaves(run.setup.param_rules)}
+  groups = fx.meta["param_groups"]
+  listed = [o for g in groups for o in g["params"]]
+  assert sorted(listed) == sorted(fx.names), "the fixture's groups and the converter's tensors differ"
+  assert sorted(n for o in listed for n in fx.names[o]) == sorted(rules)
+  frozen = set(fx.meta.get("frozen_params", ()))
+  config, _ = recipe_config(fx)
+  lrs = fx.arrays["lr"]
+  for g, group in enumerate(groups):
+    decayed = group["weight_decay"] > 0
+    if decayed:
+      assert group["weight_decay"] == pytest.approx(config.optim.weight_decay)
+    for original in group["params"]:
+      for name in fx.names[original]:
+        r = rules[name]
+        assert r.frozen == (original in frozen), name
+        assert r.decay == decayed, name
+        if r.frozen:
+          continue
+        ours = [float(run.setup.schedule(k)) * r.lr_multiplier for k in range(fx.num_steps)]
+        np.testing.assert_allclose(ours, lrs[:, g], rtol=1e-6, atol=1e-12, err_msg=f"lr of {name} (group {g})")
+
+
+def test_per_tensor_clip_units_are_the_original_tensors(fx, run):
+  rules = {r.name: r for r in jax.tree.leaves(run.setup.param_rules)}
+  units = {}
+  for original, ours in fx.names.items():
+    assert len({rules[n].clip_unit for n in ours}) == 1, f"{original} is clipped in parts: {ours}"
+    units.setdefault(rules[ours[0]].clip_unit, []).append(original)
+  assert all(len(v) == 1 for v in units.values()), {u: v for u, v in units.items() if len(v) > 1}
+
+
+# ------------------------------------------------------------------------------------------------ the updates
+
+
+def test_losses_match_every_update(fx, run):
+  np.testing.assert_allclose(run.losses, fx.arrays["loss"], rtol=LOSS_RTOL)
+  if "tab_loss" in fx.arrays:
+    np.testing.assert_allclose([p["loss_tab"] for p in run.parts], fx.arrays["tab_loss"], rtol=LOSS_RTOL)
+
+
+def test_pre_clip_gradient_norms_match_every_update(fx, run):
+  np.testing.assert_allclose(run.grad_norms, fx.arrays["grad_norm"], rtol=NORM_RTOL)
+
+
+def test_pre_clip_gradient_norm_of_every_tensor_at_every_update(fx, run):
+  """Each original tensor's gradient norm (our parts of a fused tensor together), from the recipe's objective at
+  the parameters each update started from; frozen tensors have none (NaN in the fixture)."""
+  from flax import nnx
+  setup, a = run.setup, fx.arrays
+  if "grad_norm_per_param" not in a:
+    pytest.skip(f"{fx.stem} records no per-tensor gradient norms")
+  ms, objective = setup.model, setup.objective
+  rules = {r.name: r for r in jax.tree.leaves(setup.param_rules)}
+
+  @jax.jit
+  def grads(params, batch):
+    def loss(p):
+      model = nnx.merge(ms.graphdef, p, ms.rest)
+      return objective.loss(model, objective.features(model, batch))[0]
+    return jax.grad(loss)(params)
+
+  for k in range(fx.num_steps):
+    params = jax.tree.unflatten(jax.tree.structure(ms.params), [run.params[k][n] for n in optim.flat_names(ms.params)])
+    g = grads(params, fixture_batch(fx, k))
+    g = dict(zip(optim.flat_names(g), [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]))
+    for original, expected in zip(a["param_order"], a["grad_norm_per_param"][k]):
+      ours = fx.names[str(original)]
+      if all(rules[n].frozen for n in ours):
+        assert np.isnan(expected), f"{original} is frozen here, not in the original"
+        continue
+      norm = math.sqrt(sum(float(np.sum(g[n] ** 2)) for n in ours))
+      np.testing.assert_allclose(norm, expected, rtol=TENSOR_NORM_RTOL, atol=TENSOR_NORM_ATOL * a["grad_norm"][k],
+                                 err_msg=f"update {k + 1}: {original}")
+
+
+def test_logit_scale_seen_by_each_forward_and_after_the_clamp(fx, run):
+  if "logit_scale_forward" not in fx.arrays:
+    pytest.skip(f"{fx.stem} records no logit_scale per update")
+  np.testing.assert_allclose(run.logit_forward, fx.arrays["logit_scale_forward"], rtol=0, atol=PARAM_ATOL)
+  np.testing.assert_allclose(run.logit_clamped, fx.arrays["logit_scale_clamped"], rtol=0, atol=PARAM_ATOL)
+
+
+def _assert_params_match(fx: Fixture, ours: dict, original_sd: dict, what: str) -> float:
+  expected = convert(original_sd, read_config(fx.dir / fx.meta["model"]["config"]), source=what).params
+  assert sorted(expected) == sorted(ours)
+  worst = max(float(np.max(np.abs(ours[n] - expected[n]))) for n in ours)
+  bad = {n: float(np.max(np.abs(ours[n] - expected[n]))) for n in ours
+         if not np.allclose(ours[n], expected[n], rtol=0, atol=PARAM_ATOL)}
+  assert not bad, f"{what}: {len(bad)} parameters off by more than {PARAM_ATOL}: {sorted(bad.items())[:8]}"
+  return worst
+
+
+def test_parameters_after_every_stored_update(fx, run):
+  stored = fx.stored_params()
+  assert stored, f"{fx.stem} stores no parameters"
+  for k, sd in sorted(stored.items()):
+    _assert_params_match(fx, run.params[k], sd, f"{fx.stem} after update {k}")
+  if bool(fx.arrays.get("step1_equals_start", False)):  # an update at lr 0 moves nothing
+    for n, x in run.params[0].items():
+      np.testing.assert_array_equal(run.params[1][n], x, err_msg=n)
