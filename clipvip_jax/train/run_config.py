@@ -36,10 +36,13 @@ class NotResumableError(ValueError):
 
 def check_values(config: Mapping[str, Any]) -> None:
   """Values that would fail deep inside JAX: the model's and the data's dtype (ValueError naming the key)."""
-  for section in ("model", "data"):
-    dtype = (config.get(section) or {}).get("dtype")
-    if dtype is not None and str(dtype) not in FLOAT_DTYPES:
-      raise ValueError(f"config.{section}.dtype = {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+  dtype = (config.get("model") or {}).get("dtype")
+  if dtype is not None and str(dtype) not in FLOAT_DTYPES:
+    raise ValueError(f"config.model.dtype = {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+  dtype = (config.get("data") or {}).get("dtype")
+  if dtype is not None:
+    from data_pipelines import transforms
+    transforms.video_dtype(str(dtype))  # float32, bfloat16, float16 or uint8 (frames normalised on the device)
 
 
 def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

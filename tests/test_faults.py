@@ -1,0 +1,396 @@
+"""Fault injection (issue 18): what a long run meets, and that each case ends in one sentence naming the file, step,
+setting or process, a non-zero exit (or a stated recovery), and nothing earlier lost.
+
+Damaged latest checkpoint (truncated data file, deleted params/_METADATA) -> the previous step, named; a second
+trainer on a locked workdir; a stale lock; truncated shards; a full disk during a save and its leftover folder; a
+changed model or batch size on resume; bad dtypes; a TorchScript look-alike; non-UTF-8 annotations; a corrupt
+workdir config.json; over-long queries; the trainer's own lines on the terminal; build_shards and Ctrl-C.
+The runs are the tiny config on synthetic shards, on one device.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import jax
+import pytest
+
+from clipvip_jax.train import checkpoint as ckpt_lib
+from clipvip_jax.train import cli, run_config, workdir_lock
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 4  # checkpoints at 2 and 4 (checkpoint.every=2, keep=2)
+
+
+def _args(workdir, shards, *extra):
+  return ["--config", "configs/tiny_test.py", "--workdir", str(workdir), f"--config.data.shard_dir={shards}",
+          f"--config.total_steps={STEPS}", "--config.checkpoint.every=2", "--config.mesh=(1,1,1)",
+          "--config.eval.split=", "--config.log_every=2", *extra]
+
+
+def _error_lines(err: str) -> list[str]:
+  return [line for line in err.splitlines() if ": error: " in line or line.startswith("error: ")]
+
+
+def _assert_one_sentence(err: str, *fragments: str) -> str:
+  assert "Traceback" not in err, err[-3000:]
+  errors = _error_lines(err)
+  assert len(errors) == 1, err[-3000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  return errors[0]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  yield tmp_path_factory.mktemp("jax_cache")
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  from data_pipelines import synthetic
+  out = tmp_path_factory.mktemp("synthetic")
+  synthetic.generate(str(out), num_clips=32, seed=3, frames=4, size=32, shard_size=8)
+  return out
+
+
+@pytest.fixture(scope="module")
+def workdir(shards, compile_cache, tmp_path_factory):
+  """A finished run with checkpoints at steps 2 and 4 (never modified: tests work on copies)."""
+  run = tmp_path_factory.mktemp("run") / "run"
+  assert cli.train_main(_args(run, shards, f"--config.compilation_cache_dir={compile_cache}")) == 0
+  assert ckpt_lib.finished_steps(run / "checkpoints") == [2, 4]
+  assert not (run / workdir_lock.LOCK_NAME).exists()  # released at the end
+  return run
+
+
+def _copy(workdir, tmp_path, name="copy"):
+  target = tmp_path / name
+  shutil.copytree(workdir, target)
+  return target
+
+
+def _truncate_params(step_dir: pathlib.Path) -> None:
+  data = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+  os.truncate(data, data.stat().st_size // 2)
+
+
+# ------------------------------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_metadata"])
+def test_eval_falls_back_to_the_previous_complete_checkpoint(workdir, tmp_path, capsys, damage):
+  run = _copy(workdir, tmp_path)
+  if damage == "truncated":
+    _truncate_params(run / "checkpoints" / "4")
+    expected = "params data cannot be read"
+  else:
+    (run / "checkpoints" / "4" / "params" / "_METADATA").unlink()
+    expected = "params/_METADATA is missing"
+  out = tmp_path / "result.json"
+  assert cli.eval_main(["--checkpoint", str(run), "--split", "test", "--output", str(out)]) == 0
+  err = capsys.readouterr().err
+  assert f"damaged checkpoint step 4 ({expected}" in err and "using step 2 instead" in err, err
+  assert json.loads(out.read_text())["step"] == 2
+  assert (run / "checkpoints" / "4").is_dir()  # a reader never moves or deletes anything
+  # Asked for by number, the damaged step is an error naming it.
+  assert cli.eval_main(["--checkpoint", str(run), "--split", "test", "--which", "4"]) == 2
+  _assert_one_sentence(capsys.readouterr().err, "checkpoint step 4", expected)
+
+
+def test_encode_falls_back_too(workdir, tmp_path):
+  run = _copy(workdir, tmp_path)
+  (run / "checkpoints" / "4" / "params" / "_METADATA").unlink()
+  texts = tmp_path / "q.txt"
+  texts.write_text("a red square\n")
+  proc = subprocess.run([sys.executable, "-m", "clipvip_jax.encode", "--checkpoint", str(run), "--texts",
+                         str(texts), "--out", str(tmp_path / "emb"), "--quiet"], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr, proc.stderr[-3000:]
+  assert "damaged checkpoint step 4 (params/_METADATA is missing)" in proc.stderr
+  assert "(step 2)" in proc.stdout
+
+
+def test_every_checkpoint_damaged_is_one_sentence(workdir, tmp_path, capsys):
+  run = _copy(workdir, tmp_path)
+  for step in (2, 4):
+    (run / "checkpoints" / str(step) / "params" / "_METADATA").unlink()
+  assert cli.eval_main(["--checkpoint", str(run), "--split", "test"]) == 2
+  _assert_one_sentence(capsys.readouterr().err, "every checkpoint is damaged", "step 4", "step 2")
+
+
+def test_train_resumes_from_the_previous_step_past_a_stale_lock_and_states_changes(workdir, shards, tmp_path,
+                                                                                   compile_cache, capsys):
+  """One resumed run for four faults: the latest checkpoint truncated, a lock left by a dead trainer, a changed
+  batch size (resumable, stated), and the "resumed from" line, which must reach the terminal."""
+  run = _copy(workdir, tmp_path)
+  _truncate_params(run / "checkpoints" / "4")
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (run / workdir_lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                                        "started": time.time() - 60}))
+  argv = _args(run, shards, "--config.data.batch_size=4", f"--config.compilation_cache_dir={compile_cache}")
+  argv[argv.index(f"--config.total_steps={STEPS}")] = "--config.total_steps=6"
+  assert cli.train_main(argv) == 0
+  err = capsys.readouterr().err
+  assert f"took over the lock of workdir {run} from pid {dead.pid}" in err, err
+  assert "damaged checkpoint step 4 (params data cannot be read" in err and "resuming from step 2 instead" in err
+  assert "data.batch_size 8 -> 4" in err and "total_steps 4 -> 6" in err
+  assert "resumed from" in err and "at step 2" in err
+  # The damaged step is kept aside, not deleted; the run saved step 4 again and finished.
+  assert (run / ckpt_lib.DAMAGED_DIR / "4" / "params").is_dir()
+  assert ckpt_lib.finished_steps(run / "checkpoints") == [4, 6]
+  assert ckpt_lib.step_damage(run / "checkpoints" / "6") is None
+  assert json.loads((run / "config.json").read_text())["data"]["batch_size"] == 4
+  assert not (run / workdir_lock.LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------ lock and config
+
+
+def test_second_trainer_on_a_locked_workdir_names_the_holder(workdir, shards, tmp_path, capsys):
+  run = _copy(workdir, tmp_path)
+  config_before = (run / "config.json").read_bytes()
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    lock = workdir_lock.WorkdirLock(run)
+    record = {**lock._record(), "pid": holder.pid, "pid_start": workdir_lock._start_time(holder.pid)}  # pylint: disable=protected-access
+    lock.path.write_text(json.dumps(record))
+    assert cli.train_main(_args(run, shards)) == 2
+    _assert_one_sentence(capsys.readouterr().err, f"workdir {run} is in use", f"pid {holder.pid}",
+                         socket.gethostname(), workdir_lock.LOCK_NAME)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert (run / "config.json").read_bytes() == config_before  # nothing rewritten
+  assert json.loads(lock.path.read_text())["pid"] == holder.pid  # the holder's lock is left alone
+  assert ckpt_lib.finished_steps(run / "checkpoints") == [2, 4]
+
+
+def test_lock_from_another_host_is_reported_not_taken(tmp_path):
+  lock = workdir_lock.WorkdirLock(tmp_path)
+  lock.path.write_text(json.dumps({"host": "elsewhere.example", "pid": 1, "started": time.time()}))
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="cannot be checked from host"):
+    lock.acquire()
+  lock.path.unlink()
+  with workdir_lock.WorkdirLock(tmp_path) as held:
+    assert json.loads(held.path.read_text())["pid"] == os.getpid()
+    other = subprocess.run([sys.executable, "-c", "from clipvip_jax.train.workdir_lock import WorkdirLock; "
+                            f"WorkdirLock({str(tmp_path)!r}).acquire()"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode != 0 and f"in use by the training run of pid {os.getpid()}" in other.stderr
+  assert not held.path.exists()
+
+
+def test_changed_model_cannot_resume_and_config_json_is_kept(workdir, shards, tmp_path, capsys):
+  run = _copy(workdir, tmp_path)
+  config_before = (run / "config.json").read_bytes()
+  assert cli.train_main(_args(run, shards, "--config.model.clip.vision.width=48")) == 2
+  _assert_one_sentence(capsys.readouterr().err, f"workdir {run} cannot resume", "(step 4)",
+                       "model.clip.vision.width 32 -> 48")
+  assert (run / "config.json").read_bytes() == config_before
+  assert ckpt_lib.finished_steps(run / "checkpoints") == [2, 4]
+
+
+def test_config_differences_classify_resumable_settings():
+  saved = {"model": {"clip": {"vision": {"width": 32}}, "dtype": "float32"}, "optim": {"name": "adamw", "lr": 1e-3},
+           "data": {"batch_size": 8}}
+  current = {"model": {"clip": {"vision": {"width": 32}}, "dtype": "bfloat16"}, "optim": {"name": "adamw", "lr": 1e-4},
+             "data": {"batch_size": 16}}
+  diffs = run_config.differences(saved, current)
+  assert [d[0] for d in diffs] == ["data.batch_size", "model.dtype", "optim.lr"]
+  assert not any(run_config._fixed(d[0]) for d in diffs)  # pylint: disable=protected-access
+  assert run_config._fixed("optim.name") and run_config._fixed("model.scan_layers")  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+def test_truncated_shard_is_named_by_train_eval_encode_and_preview(workdir, shards, tmp_path, capsys):
+  bad = tmp_path / "shards"
+  shutil.copytree(shards, bad)
+  for name in ("train-00001-of-00003.array_record", "test-00000-of-00001.array_record"):
+    os.truncate(bad / name, (bad / name).stat().st_size // 2 + 100)
+  assert cli.train_main(_args(tmp_path / "run", bad)) == 2
+  _assert_one_sentence(capsys.readouterr().err, f"shard file {bad / 'train-00001-of-00003.array_record'} is "
+                       "damaged or truncated")
+  assert not (tmp_path / "run").exists()  # the shards are checked before anything is written
+  assert cli.eval_main(["--checkpoint", str(workdir), "--split", "test", f"--config.data.shard_dir={bad}",
+                        "--output", str(tmp_path / "r.json")]) == 2
+  _assert_one_sentence(capsys.readouterr().err, "test-00000-of-00001.array_record is damaged")
+  from data_pipelines import preview
+  assert preview.main([str(bad), "--out", ""]) == 2
+  assert "train-00001-of-00003.array_record is damaged" in capsys.readouterr().err
+  proc = subprocess.run([sys.executable, "-m", "clipvip_jax.encode", "--checkpoint", str(workdir), "--shards",
+                         str(bad), "--split", "train", "--out", str(tmp_path / "emb"), "--quiet"], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2
+  _assert_one_sentence(proc.stderr, "train-00001-of-00003.array_record is damaged")
+  assert not (tmp_path / "emb").exists()
+
+
+# ------------------------------------------------------------------------------------------ full disk
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_is_one_sentence_and_the_leftover_is_removed(workdir, shards, tmp_path):
+  """A file-size limit stands in for a full disk (EFBIG instead of ENOSPC, through the same write path): the
+  first save of a fresh run fails. One sentence; the next start removes the unfinished folder and says so."""
+  run = tmp_path / "run"
+  # The limit is set in a launcher that then execs the trainer (no preexec_fn: this process runs JAX's threads).
+  launcher = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+  env = {**os.environ, "XLA_FLAGS": ""}
+  proc = subprocess.run([sys.executable, "-c", launcher, "-m", "clipvip_jax.train", *_args(run, shards)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _assert_one_sentence(proc.stderr, "saving checkpoint step 2", str(run / "checkpoints"), "File too large")
+  assert len(proc.stderr.splitlines()) < 15, proc.stderr[-3000:]
+  assert [p.name for p in (run / "checkpoints").iterdir()] == ["2.orbax-checkpoint-tmp"]
+  reports = []
+  ckpt_lib.remove_dead_saves(run / "checkpoints", reports.append)
+  assert list((run / "checkpoints").iterdir()) == [] and "2.orbax-checkpoint-tmp" in reports[0]
+
+
+def test_checkpointer_removes_dead_saves_at_start(workdir, tmp_path, monkeypatch):
+  run = _copy(workdir, tmp_path)
+  shutil.copytree(run / "checkpoints" / "4", run / "checkpoints" / "6.orbax-checkpoint-tmp")
+  reports = []
+  monkeypatch.setattr(ckpt_lib.log, "warning", reports.append)
+  checkpointer = ckpt_lib.Checkpointer(run, keep=2)
+  checkpointer.close()
+  assert len(reports) == 1 and "removed 1 unfinished checkpoint folder(s)" in reports[0]
+  assert "6.orbax-checkpoint-tmp" in reports[0]
+  assert ckpt_lib.finished_steps(run / "checkpoints") == [2, 4]
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+
+
+# ------------------------------------------------------------------------------------------ bad values and files
+
+
+def test_bad_dtypes_are_one_sentence(workdir, shards, tmp_path, capsys):
+  assert cli.train_main(_args(tmp_path / "run", shards, "--config.model.dtype=float33")) == 2
+  _assert_one_sentence(capsys.readouterr().err, "config.model.dtype = 'float33'")
+  assert not (tmp_path / "run").exists()
+  assert cli.eval_main(["--checkpoint", str(workdir), "--split", "test", "--dtype", "float33"]) == 2
+  _assert_one_sentence(capsys.readouterr().err, "--dtype float33")
+
+
+def test_corrupt_workdir_config_json_is_named(workdir, tmp_path, capsys):
+  run = _copy(workdir, tmp_path)
+  (run / "config.json").write_text('{"model": ')
+  assert cli.eval_main(["--checkpoint", str(run), "--split", "test"]) == 2
+  _assert_one_sentence(capsys.readouterr().err, f"{run / 'config.json'} is not valid JSON")
+  (run / "config.json").write_bytes(b"\xff\xfe{}")
+  assert cli.eval_main(["--checkpoint", str(run), "--split", "test"]) == 2
+  _assert_one_sentence(capsys.readouterr().err, "config.json is not UTF-8")
+
+
+def test_torchscript_lookalike_and_trust_pickle_messages(tmp_path, capsys):
+  fake = tmp_path / "fake.pt"
+  with zipfile.ZipFile(fake, "w") as zf:
+    zf.writestr("archive/code/__torch__.py", "not code")
+    zf.writestr("archive/constants.pkl", b"not a pickle")
+  from clipvip_jax.convert.__main__ import main as convert_main
+  assert convert_main([str(fake), "--out", str(tmp_path / "out")]) == 2
+  _assert_one_sentence(capsys.readouterr().err, f"{fake} looks like a TorchScript archive but does not load")
+  assert not (tmp_path / "out").exists()
+  import torch
+  pickled = tmp_path / "objects.pt"
+  torch.save({"w": torch.zeros(2), "when": zipfile.ZipInfo("x")}, pickled)  # a non-tensor object
+  from clipvip_jax.convert.common import load_state_dict
+  with pytest.raises(ValueError) as info:
+    load_state_dict(pickled)
+  assert "CLI: --trust-pickle" not in str(info.value)  # train and eval have no such flag
+  assert "python -m clipvip_jax.convert" in str(info.value) and "--trust-pickle" in str(info.value)
+
+
+def test_non_utf8_annotation_files_are_named(tmp_path, capsys):
+  from data_pipelines import annotations, build_shards
+  latin1 = tmp_path / "ann.jsonl"
+  latin1.write_bytes('{"clip_id": "a", "video": "v.mp4", "captions": ["café"]}\n'.encode("latin-1"))
+  (tmp_path / "videos").mkdir()
+  assert build_shards.main(["--videos", str(tmp_path / "videos"), "--annotations", str(latin1), "--out",
+                            str(tmp_path / "out"), "--quiet"]) == 2
+  _assert_one_sentence(capsys.readouterr().err, f"{latin1}: not UTF-8 text (byte 0xe9")
+  ids = tmp_path / "list.txt"
+  ids.write_bytes(b"video1\nvid\xe9o2\n")
+  with pytest.raises(annotations.AnnotationError, match=f"{ids}: not UTF-8 text"):
+    annotations.read_id_list(ids)
+
+
+def test_long_queries_are_stated_and_absurd_ones_refused():
+  from clipvip_jax.tokenizer import MAX_QUERY_CHARS, check_queries
+  assert check_queries(["a red square moves left"], 16) == []
+  notes = check_queries(["short", "word " * 40], 16)
+  assert len(notes) == 1 and notes[0].startswith("query 2 has 40 tokens; only the first 14 are used")
+  with pytest.raises(ValueError, match=f"query 1 is {MAX_QUERY_CHARS + 1} characters long"):
+    check_queries(["x" * (MAX_QUERY_CHARS + 1)], 77)
+
+
+def test_preemption_message_reaches_the_terminal(shards, compile_cache, tmp_path, capsys):
+  from clipvip_jax.train import logging as run_logging
+  from clipvip_jax.train import trainer
+  config = cli.config_from_args("configs/tiny_test.py", [])
+  config.data.shard_dir, config.total_steps, config.mesh = str(shards), STEPS, (1, 1, 1)
+  config.eval.split, config.compilation_cache_dir = "", str(compile_cache)
+  run_logging.log_to_terminal()
+
+  def preempt(step, batch):  # pylint: disable=unused-argument
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  summary = trainer.train(config, tmp_path / "run", hooks=trainer.Hooks(on_step=preempt))
+  assert summary["preempted"]
+  assert f"preempted: saved step {summary['step']}" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ build_shards Ctrl-C
+
+
+@pytest.mark.slow
+def test_build_shards_ctrl_c_is_one_line_and_the_rerun_finishes(tmp_path):
+  import numpy as np
+  from PIL import Image
+  videos = tmp_path / "videos"
+  lines = []
+  for clip in range(120):
+    folder = videos / f"clip{clip}"
+    folder.mkdir(parents=True)
+    for i in range(8):
+      Image.fromarray(np.full((96, 96, 3), (clip * 2 + i) % 255, np.uint8)).save(folder / f"{i:03d}.png")
+    lines.append(json.dumps({"clip_id": f"c{clip}", "video": f"clip{clip}", "captions": ["a flat colour"]}))
+  ann = tmp_path / "ann.jsonl"
+  ann.write_text("\n".join(lines) + "\n")
+  cmd = [sys.executable, "-m", "data_pipelines.build_shards", "--videos", str(videos), "--annotations", str(ann),
+         "--out", str(tmp_path / "out"), "--shard-size", "1", "--workers", "2", "--quiet"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  plan = tmp_path / "out" / "_progress" / "plan.json"
+  deadline = time.time() + 120
+  while time.time() < deadline and not plan.exists():
+    time.sleep(0.05)
+  time.sleep(0.3)  # the workers are starting (their SIGINT must already be ignored) or writing shards
+  os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the whole process group
+  out, err = proc.communicate(timeout=120)
+  if proc.returncode == 0:
+    pytest.skip("the build finished before Ctrl-C arrived")
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+  assert err.strip().splitlines() == [f"build_shards: interrupted; finished shards are kept in {tmp_path / 'out'}: "
+                                      "run the same command again to resume"]
+  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0 and "wrote 120 records" in rerun.stdout, rerun.stderr[-3000:]
