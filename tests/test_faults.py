@@ -394,3 +394,61 @@ def test_build_shards_ctrl_c_is_one_line_and_the_rerun_finishes(tmp_path):
                                       "run the same command again to resume"]
   rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0 and "wrote 120 records" in rerun.stdout, rerun.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ several processes
+
+_WORKER = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+from clipvip_jax.train import checkpoint as ckpt_lib, workdir_lock
+out = {"process": jax.process_index()}
+try:
+  lock = workdir_lock.WorkdirLock(sys.argv[3]).acquire(report=lambda t: print("REPORT", t, flush=True))
+  checkpointer = ckpt_lib.Checkpointer(sys.argv[3], keep=2)
+  out["step"] = checkpointer.restorable_step(report=lambda t: print("REPORT", t, flush=True))
+  checkpointer.close()
+  lock.release()
+except Exception as e:
+  out["error"] = str(e)
+print("RESULT", json.dumps(out), flush=True)
+"""
+
+
+def _two_processes(workdir):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(workdir)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  results = [json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines()
+             if line.startswith("RESULT ")]
+  assert len(results) == 2, outputs
+  return sorted(results, key=lambda r: r["process"]), outputs
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_lock_and_the_fallback(workdir, tmp_path):
+  """One run on two JAX processes (CPU, gloo): process 0 takes the lock and checks the checkpoints, both resume
+  from the same step; with the workdir locked by another live run, both processes fail, process 0 naming it."""
+  run = _copy(workdir, tmp_path)
+  _truncate_params(run / "checkpoints" / "4")
+  results, outputs = _two_processes(run)
+  assert [r.get("step") for r in results] == [2, 2], results
+  assert "REPORT damaged checkpoint step 4" in outputs[0] and "REPORT" not in outputs[1]
+  assert (run / ckpt_lib.DAMAGED_DIR / "4").is_dir() and not (run / workdir_lock.LOCK_NAME).exists()
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+  try:
+    lock = workdir_lock.WorkdirLock(run)
+    record = {**lock._record(), "pid": holder.pid, "pid_start": workdir_lock._start_time(holder.pid)}  # pylint: disable=protected-access
+    lock.path.write_text(json.dumps(record))
+    results, _ = _two_processes(run)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert f"in use by the training run of pid {holder.pid}" in results[0]["error"]
+  assert "in use by another training run (process 0 names it)" in results[1]["error"]
