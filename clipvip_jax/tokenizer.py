@@ -202,7 +202,7 @@ def tokenize(
 MAX_QUERY_CHARS = 10_000  # ~30x what 77 tokens hold: longer is a file pasted by mistake, not a query
 
 
-def check_queries(texts: str | Sequence[str], max_len: int, tokenizer_dir: str | pathlib.Path | None = None,
+def truncation_notes(texts: str | Sequence[str], max_len: int, tokenizer_dir: str | pathlib.Path | None = None,
                   *, what: str = "query") -> list[str]:
   """What tokenize() would cut from user-typed texts, one warning each; ValueError for an absurd length.
 

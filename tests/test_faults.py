@@ -333,12 +333,12 @@ def test_non_utf8_annotation_files_are_named(tmp_path, capsys):
 
 
 def test_long_queries_are_stated_and_absurd_ones_refused():
-  from clipvip_jax.tokenizer import MAX_QUERY_CHARS, check_queries
-  assert check_queries(["a red square moves left"], 16) == []
-  notes = check_queries(["short", "word " * 40], 16)
+  from clipvip_jax.tokenizer import MAX_QUERY_CHARS, truncation_notes
+  assert truncation_notes(["a red square moves left"], 16) == []
+  notes = truncation_notes(["short", "word " * 40], 16)
   assert len(notes) == 1 and notes[0].startswith("query 2 has 40 tokens; only the first 14 are used")
   with pytest.raises(ValueError, match=f"query 1 is {MAX_QUERY_CHARS + 1} characters long"):
-    check_queries(["x" * (MAX_QUERY_CHARS + 1)], 77)
+    truncation_notes(["x" * (MAX_QUERY_CHARS + 1)], 77)
 
 
 def test_preemption_message_reaches_the_terminal(shards, compile_cache, tmp_path, capsys):
