@@ -80,6 +80,14 @@ def _copy(workdir, tmp_path, name="copy"):
   return target
 
 
+def _lock_held_by(run: pathlib.Path, pid: int) -> workdir_lock.WorkdirLock:
+  """The lock file a live trainer of pid `pid` on this host would have written."""
+  lock = workdir_lock.WorkdirLock(run)
+  record = {**lock._record(), "pid": pid, "pid_start": workdir_lock._start_time(pid)}  # pylint: disable=W0212
+  lock.path.write_text(json.dumps(record))
+  return lock
+
+
 def _truncate_params(step_dir: pathlib.Path) -> None:
   data = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
              key=lambda p: p.stat().st_size)
@@ -165,9 +173,7 @@ def test_second_trainer_on_a_locked_workdir_names_the_holder(workdir, shards, tm
   config_before = (run / "config.json").read_bytes()
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
   try:
-    lock = workdir_lock.WorkdirLock(run)
-    record = {**lock._record(), "pid": holder.pid, "pid_start": workdir_lock._start_time(holder.pid)}  # pylint: disable=protected-access
-    lock.path.write_text(json.dumps(record))
+    lock = _lock_held_by(run, holder.pid)
     assert cli.train_main(_args(run, shards)) == 2
     _assert_one_sentence(capsys.readouterr().err, f"workdir {run} is in use", f"pid {holder.pid}",
                          socket.gethostname(), workdir_lock.LOCK_NAME)
@@ -443,9 +449,7 @@ def test_two_processes_share_the_lock_and_the_fallback(workdir, tmp_path):
   assert (run / ckpt_lib.DAMAGED_DIR / "4").is_dir() and not (run / workdir_lock.LOCK_NAME).exists()
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
   try:
-    lock = workdir_lock.WorkdirLock(run)
-    record = {**lock._record(), "pid": holder.pid, "pid_start": workdir_lock._start_time(holder.pid)}  # pylint: disable=protected-access
-    lock.path.write_text(json.dumps(record))
+    lock = _lock_held_by(run, holder.pid)
     results, _ = _two_processes(run)
   finally:
     holder.kill()

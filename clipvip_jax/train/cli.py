@@ -138,7 +138,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
   except (trainer.NonFiniteError, workdir_lock.WorkdirLockedError, ckpt_lib.CheckpointSaveError,
           run_config.NotResumableError, ckpt_lib.DamagedCheckpointError, sources.DamagedShardError) as e:
     return _fail(prog, one_sentence(e))  # each names the workdir, step or process itself
-  except (FileNotFoundError, ValueError) as e:  # missing shards, mismatched checkpoint and config, ...
+  except (OSError, ValueError) as e:  # missing shards, an unwritable workdir, mismatched checkpoint and config
     return _fail(prog, f"{type(e).__name__}: {one_sentence(e)}")
   print(json.dumps({k: summary[k] for k in ("step", "preempted", "val", "perf") if k in summary}, default=float))
   return 0
@@ -185,7 +185,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     result = evaluate_checkpoint(config, str(ckpt), split, which=args.which, dtype=args.dtype)
   except UsageError as e:
     return _fail(prog, str(e))
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:
     from clipvip_jax.cli_errors import one_sentence
     from clipvip_jax.train import checkpoint as ckpt_lib
     from data_pipelines import sources
