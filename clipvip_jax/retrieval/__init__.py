@@ -9,7 +9,7 @@
   index.py          the index on disk: parts, memory-mapped embeddings, index.json, info; format 1 still opens
   string_table.py   seekable row names and captions
   exact.py          exact chunked top-k (argpartition per chunk, merged; ties by row)
-  approximate.py    FAISS IVF-PQ candidates re-scored exactly; built with its measured recall
+  approximate.py    FAISS IVF (8-bit codes) candidates re-scored exactly; built with its measured recall
   search.py         Searcher: index + model loaded once, batched queries, backend choice
   *_command.py      the commands python -m clipvip_jax.encode / .search / .index run
 """

@@ -20,38 +20,29 @@ import numpy as np
 DEFAULT_CHUNK_ROWS = 65536  # 128 MiB of float32 rows at D = 512; the scores of 64 queries add 16 MiB
 
 
+_NO_ROW = np.iinfo(np.int64).max  # padding rows sort after every real row
+
+
 def _merge(best_s: np.ndarray, best_r: np.ndarray, new_s: np.ndarray, new_r: np.ndarray,
            k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Top k of the union, by (score desc, row asc), for one query."""
-  s = np.concatenate([best_s, new_s])
-  r = np.concatenate([best_r, new_r])
-  order = np.lexsort((r, -s))[:k]
-  return s[order], r[order]
-
-
-def _chunk_candidates(scores: np.ndarray, k: int) -> list[np.ndarray]:
-  """Per query, the columns of `scores` [B, c] that can be in its top k: the k best and every column tied with the
-  k-th best (so ties at the cut are decided by row number in the merge, not by argpartition's arbitrary pick)."""
-  c = scores.shape[1]
-  if c <= k:
-    return [np.arange(c)] * scores.shape[0]
-  part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-  kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
-  ties = (scores >= kth[:, None]).sum(axis=1)
-  return [part[i] if ties[i] == k else np.flatnonzero(scores[i] >= kth[i]) for i in range(scores.shape[0])]
+  """Top k of the union per query (row of the [B, *] arrays), by (score desc, row asc)."""
+  s = np.concatenate([best_s, new_s], axis=1)
+  r = np.concatenate([best_r, new_r], axis=1)
+  order = np.lexsort((r, -s), axis=1)[:, :k]
+  return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
 
 
 def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray,
                                                                                               np.ndarray]:
   """(scores [B, k'] float32, rows [B, k'] int64), k' = min(k, rows in the index), best first.
 
-  index: a clipvip_jax.retrieval.index.EmbeddingIndex (anything with `chunks(n)` and `dims`).
+  index: a clipvip_jax.retrieval.index.EmbeddingIndex (anything with `chunks(n)` and `count`).
   queries: [B, D] float32 query embeddings.
   """
   queries = np.ascontiguousarray(queries, np.float32)
   b = queries.shape[0]
-  best_s = [np.zeros(0, np.float32) for _ in range(b)]
-  best_r = [np.zeros(0, np.int64) for _ in range(b)]
+  best_s = np.full((b, k), -np.inf, np.float32)
+  best_r = np.full((b, k), _NO_ROW, np.int64)
   buffer = None
   for start, chunk in index.chunks(chunk_rows):
     if chunk.dtype != np.float32:  # float16 parts: one float32 copy of the chunk, reused
@@ -60,11 +51,24 @@ def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK
       np.copyto(buffer[:chunk.shape[0]], chunk, casting="unsafe")
       chunk = buffer[:chunk.shape[0]]
     scores = queries @ chunk.T
-    for i, cols in enumerate(_chunk_candidates(scores, k)):
-      best_s[i], best_r[i] = _merge(best_s[i], best_r[i], scores[i, cols], cols.astype(np.int64) + start, k)
-  kk = min((len(s) for s in best_s), default=0)
-  return (np.stack([s[:kk] for s in best_s]).astype(np.float32, copy=False) if b else np.zeros((0, 0), np.float32),
-          np.stack([r[:kk] for r in best_r]) if b else np.zeros((0, 0), np.int64))
+    c = scores.shape[1]
+    if c <= k:
+      cols = np.broadcast_to(np.arange(c), (b, c))
+    else:
+      cols = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    cand_s = np.take_along_axis(scores, cols, axis=1)
+    merged_s, merged_r = _merge(best_s, best_r, cand_s, cols + start, k)
+    if c > k:
+      # Rows tied with a query's k-th best of this chunk that argpartition left out: the lowest row numbers
+      # must win the tie, so such queries merge every tied column (rare: exact float ties).
+      kth = cand_s.min(axis=1)
+      for i in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
+        tied = np.flatnonzero(scores[i] >= kth[i])
+        row_s, row_r = _merge(best_s[i:i + 1], best_r[i:i + 1], scores[i:i + 1, tied], tied[None] + start, k)
+        merged_s[i], merged_r[i] = row_s[0], row_r[0]
+    best_s, best_r = merged_s, merged_r
+  kk = min(k, index.count)
+  return best_s[:, :kk], best_r[:, :kk]
 
 
 def reference_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

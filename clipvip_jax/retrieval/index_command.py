@@ -2,7 +2,7 @@
 
   info DIR                 the format version, rows, dims, dtype, parts, model, source, skipped inputs, options
                            and the approximate index (with its measured recall@10), if any
-  build-approximate DIR    trains and fills a FAISS IVF-PQ index in DIR/approximate/, measures recall@10 against
+  build-approximate DIR    trains and fills a FAISS IVF index in DIR/approximate/, measures recall@10 against
                            exact search and picks nprobe (clipvip_jax.retrieval.approximate); search uses it from
                            clipvip_jax.retrieval.search.APPROXIMATE_ABOVE rows, or with --backend approximate
 """
@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
   build = commands.add_parser("build-approximate", help="build the approximate-search index of DIR")
   build.add_argument("index", metavar="DIR")
   build.add_argument("--nlist", type=int, help="IVF clusters (default ~2 sqrt(rows), a power of two <= 4096)")
-  build.add_argument("--pq", type=int, help="PQ sub-quantisers, dividing the embedding size (default D / 8)")
+  build.add_argument("--codes", choices=("sq8", "pq"), default="sq8",
+                     help="row codes: 8-bit scalar (default) or product quantisation (8x smaller, slow to train)")
   build.add_argument("--refine", type=int, default=200, help="candidates re-scored exactly (default %(default)s)")
   build.add_argument("--target-recall", type=float, default=0.95,
                      help="smallest nprobe reaching this recall@10 is chosen (default %(default)s)")
@@ -43,13 +44,13 @@ def _run(argv: Sequence[str] | None) -> int:
   if args.command == "info":
     print(describe(index))
     return 0
-  for name in ("nlist", "pq", "refine"):
+  for name in ("nlist", "refine"):
     value = getattr(args, name)
     if value is not None and value < 1:
       raise UsageError(f"--{name} must be >= 1, got {value}")
   if not 0 < args.target_recall <= 1:
     raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
-  meta = approximate.build(index, nlist=args.nlist, pq=args.pq, refine=args.refine,
+  meta = approximate.build(index, nlist=args.nlist, codes=args.codes, refine=args.refine,
                            target_recall=args.target_recall, log=lambda line: print(line, file=sys.stderr))
   print(f"built {meta['factory']} for {meta['count']} rows in {index.path / approximate.APPROXIMATE_DIR}: nprobe "
         f"{meta['nprobe']}, recall@10 {meta['recall_at_10']} against exact search")

@@ -10,7 +10,7 @@ of the same kind and size is given) and scored with that model's similarity, a d
 alignment: clipvip_jax.models.clip2video). Backends:
   exact        chunked top-k over the memory-mapped parts (clipvip_jax.retrieval.exact): every row scored,
                memory bounded by a chunk, never a full sort
-  approximate  FAISS IVF-PQ candidates re-scored exactly (clipvip_jax.retrieval.approximate); needs
+  approximate  FAISS IVF candidates re-scored exactly (clipvip_jax.retrieval.approximate); needs
                `python -m clipvip_jax.index build-approximate DIR`
   auto         approximate from APPROXIMATE_ABOVE rows when one was built, exact otherwise
 """

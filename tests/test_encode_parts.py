@@ -1,0 +1,175 @@
+"""encode at scale: batches split over 8 simulated devices, work in parts shared by processes, a killed encode
+resumed part by part, and bad input (index from another model, float16 index and a model of another width)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import retrieval_helpers as rh
+from clipvip_jax import encode
+from clipvip_jax import search as search_command
+from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.retrieval import indexer
+from clipvip_jax.retrieval.index import read_index
+from clipvip_jax.retrieval.model import load_model
+from data_pipelines import synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+  return rh.write_tiny_clipvip(tmp_path_factory.mktemp("ckpt") / "clipvip")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+  return load_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> pathlib.Path:
+  out = tmp_path_factory.mktemp("synthetic")
+  synthetic.generate(str(out), 20, seed=0)
+  return out
+
+
+@pytest.fixture(scope="module")
+def clips(model, shards):
+  return indexer.ShardClips(shards, "train", model.recipe)  # 16 clips, read once for every test here
+
+
+def _meta(model, inputs):
+  return {"kind": model.kind, "checkpoint": model.checkpoint, "step": None, "modality": inputs.modality}
+
+
+def _build(model, inputs, out, **options):
+  return indexer.build_index(model, inputs, out, meta=_meta(model, inputs), progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def reference(model, clips, tmp_path_factory):
+  """The whole split on one device, one process, in parts of 5 clips (4 parts, the last one short)."""
+  out = tmp_path_factory.mktemp("ref") / "index"
+  _build(model, clips, out, batch_size=4, part_size=5, devices=jax.local_devices()[:1])
+  return read_index(out)
+
+
+def _same(index, reference):
+  assert index.ids == reference.ids
+  assert [index.captions(r) for r in range(index.count)] == [reference.captions(r) for r in range(index.count)]
+  np.testing.assert_allclose(index.embeddings(), reference.embeddings(), atol=2e-5)
+
+
+def test_eight_devices_give_the_one_device_index(model, clips, reference, tmp_path):
+  assert jax.local_device_count() == 8, "run the tests with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  out = _build(model, clips, tmp_path / "index", batch_size=4, part_size=5)  # batch rounded up to 8
+  _same(read_index(out), reference)
+  assert [p.rows for p in read_index(out).parts] == [5, 5, 5, 1]
+
+
+def test_processes_share_the_parts_and_give_the_same_index(model, clips, reference, tmp_path):
+  """Two processes simulated in turn: each encodes its parts (0, 2 and 1, 3); the last to finish writes the index."""
+  written = []
+  assert _build(model, clips, tmp_path / "index", batch_size=4, part_size=5, process_index=0, process_count=2,
+                after_part=written.append) is None
+  assert written == ["part-00000", "part-00002"] and not (tmp_path / "index").exists()
+  assert _build(model, clips, tmp_path / "index", batch_size=4, part_size=5, process_index=1, process_count=2,
+                after_part=written.append) == tmp_path / "index"
+  assert written[2:] == ["part-00001", "part-00003"]
+  _same(read_index(tmp_path / "index"), reference)
+
+
+class Killed(Exception):
+  pass
+
+
+def test_a_killed_encode_resumes_and_re_encodes_only_unfinished_parts(model, clips, reference, tmp_path):
+  out = tmp_path / "index"
+
+  def kill_after_three(name):
+    if name == "part-00002":
+      raise Killed
+
+  with pytest.raises(Killed):
+    _build(model, clips, out, batch_size=4, part_size=5, after_part=kill_after_three)
+  staging = indexer.staging_dir(out)
+  assert not out.exists() and sorted(p.name for p in (staging / "parts").iterdir()) == \
+      ["part-00000", "part-00001", "part-00002"]
+  shutil.rmtree(staging / "parts" / "part-00001")  # a part lost (or never renamed into place) is redone too
+  redone = []
+  assert _build(model, clips, out, batch_size=4, part_size=5, after_part=redone.append) == out
+  assert redone == ["part-00001", "part-00003"]
+  assert not staging.exists()
+  _same(read_index(out), reference)
+
+
+def test_a_relaunch_with_other_arguments_is_refused_unless_forced(model, clips, tmp_path):
+  out = tmp_path / "index"
+
+  def kill(name):
+    raise Killed
+
+  with pytest.raises(Killed):
+    _build(model, clips, out, batch_size=4, part_size=5, after_part=kill)
+  with pytest.raises(UsageError, match=r"holds an unfinished encode with other arguments \(part_size differ\); "
+                                       "re-run it as it was, or pass --force to start over"):
+    _build(model, clips, out, batch_size=4, part_size=8)
+  redone = []
+  _build(model, clips, out, batch_size=4, part_size=8, force=True, after_part=redone.append)
+  assert redone == ["part-00000", "part-00001"] and read_index(out).count == 16
+
+
+def test_float16_texts_index_and_bad_searches(checkpoint, model, shards, tmp_path, capsys):
+  texts = tmp_path / "texts.txt"
+  texts.write_text("".join(f"text number {i}\n" for i in range(7)), encoding="utf-8")
+  out = tmp_path / "texts"
+  assert encode.main(["--checkpoint", str(checkpoint), "--texts", str(texts), "--out", str(out), "--quiet",
+                      "--dtype", "float16", "--part-size", "3", "--batch-size", "2"]) == 0
+  index = read_index(out)
+  assert (index.dtype, index.count, len(index.parts)) == ("float16", 7, 3)
+  ids, mask = model.tokenize(index.ids)
+  np.testing.assert_allclose(index.embeddings(), np.asarray(model.encode_text(ids, mask)), atol=2e-3)
+  # A float16 video index searched with a model of another width; a clipvip index searched with a clip2video
+  # model: one sentence each, exit 2, nothing written.
+  video = tmp_path / "video"
+  assert encode.main(["--checkpoint", str(checkpoint), "--shards", str(shards), "--split", "test", "--out",
+                      str(video), "--quiet", "--dtype", "float16"]) == 0
+  other = rh.write_tiny_clipvip(tmp_path / "clipvip16", projection_dim=16)
+  c2v = rh.write_tiny_clip2video(tmp_path / "clip2video")
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  for ckpt, expected in ((other, "holds 32-dim embeddings but checkpoint"),
+                         (c2v, "was built with a clipvip model but checkpoint")):
+    with pytest.raises(SystemExit) as exc:
+      search_command.main(["--index", str(video), "q", "--checkpoint", str(ckpt)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.slow  # two JAX processes start and compile (about a minute on 2 cores)
+def test_two_processes_of_four_devices_give_the_one_process_index(checkpoint, shards, tmp_path):
+  """launch_local: 2 processes x 4 CPU devices (gloo), against 1 process of 8 devices, through the command."""
+  if not (REPO / "clipvip_jax" / "launch_local.py").is_file():
+    pytest.skip("clipvip_jax.launch_local is not there yet")
+  common = ["--checkpoint", str(checkpoint), "--shards", str(shards), "--split", "train", "--part-size", "3",
+            "--batch-size", "4", "--quiet"]
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  one = subprocess.run([sys.executable, "-m", "clipvip_jax.encode", *common, "--out", str(tmp_path / "one")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = subprocess.run([sys.executable, "-m", "clipvip_jax.launch_local", "--processes", "2",
+                        "--devices-per-process", "4", "--", "python", "-m", "clipvip_jax.encode", *common,
+                        "--out", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+  _same(read_index(tmp_path / "two"), read_index(tmp_path / "one"))
