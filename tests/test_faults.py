@@ -303,6 +303,10 @@ def test_corrupt_workdir_config_json_is_named(workdir, tmp_path, capsys):
   (run / "config.json").write_bytes(b"\xff\xfe{}")
   assert cli.eval_main(["--checkpoint", str(run), "--split", "test"]) == 2
   _assert_one_sentence(capsys.readouterr().err, "config.json is not UTF-8")
+  shutil.copy(workdir / "config.json", run / "config.json")
+  (run / ckpt_lib.BEST_FILE).write_text("{")
+  assert cli.eval_main(["--checkpoint", str(run), "--split", "test", "--which", "best"]) == 2
+  _assert_one_sentence(capsys.readouterr().err, f"{run / ckpt_lib.BEST_FILE} is not a readable best-checkpoint")
 
 
 def test_torchscript_lookalike_and_trust_pickle_messages(tmp_path, capsys):

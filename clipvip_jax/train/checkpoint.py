@@ -265,7 +265,14 @@ class Checkpointer:
 
   def _update_best(self, step: int, value: float) -> None:
     path = self.workdir / BEST_FILE
-    best = json.loads(path.read_text()) if path.exists() else None
+    best = None
+    if path.exists():
+      try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+        float(best["value"])
+      except (OSError, ValueError, TypeError, KeyError):  # damaged by hand or by a disk: start the record over
+        log.warning("%s is unreadable; it is rewritten with step %d", path, step)
+        best = None
     # Ties go to the later step, as Orbax's BestN does (a stable sort keeping the last n): best.json must name the
     # checkpoint that the preservation policy actually keeps.
     better = best is None or (value >= best["value"] if self.best_mode == "max" else value <= best["value"])
@@ -391,7 +398,12 @@ def resolve_step(path: str | pathlib.Path, which: str | int | None = None) -> pa
     best = root / BEST_FILE
     if not best.exists():
       raise FileNotFoundError(f"{root} has no {BEST_FILE} (no evaluation with checkpoint.best_metric ran)")
-    return _step_dir(root, int(json.loads(best.read_text())["step"]))
+    try:
+      step = int(json.loads(best.read_text(encoding="utf-8"))["step"])
+    except (ValueError, TypeError, KeyError):
+      raise ValueError(f"{best} is not a readable best-checkpoint record (JSON with a 'step'); give --which "
+                       "latest or a step number") from None
+    return _step_dir(root, step)
   return _step_dir(root, None if which in (None, "latest") else int(which))
 
 
