@@ -185,12 +185,22 @@ def test_second_trainer_on_a_locked_workdir_names_the_holder(workdir, shards, tm
   assert ckpt_lib.finished_steps(run / "checkpoints") == [2, 4]
 
 
-def test_lock_from_another_host_is_reported_not_taken(tmp_path):
+def test_lock_from_another_host_is_taken_only_when_abandoned(tmp_path):
   lock = workdir_lock.WorkdirLock(tmp_path)
   lock.path.write_text(json.dumps({"host": "elsewhere.example", "pid": 1, "started": time.time()}))
-  with pytest.raises(workdir_lock.WorkdirLockedError, match="cannot be checked from host"):
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="pid 1 on host elsewhere.example .* refreshed 0 s ago"):
     lock.acquire()
-  lock.path.unlink()
+  # Untouched for longer than STALE_AFTER_S (that host's run died without releasing it): taken over, said so.
+  old = time.time() - workdir_lock.STALE_AFTER_S - 60
+  os.utime(lock.path, (old, old))
+  reports = []
+  lock.acquire(report=reports.append)
+  assert len(reports) == 1
+  assert reports[0].startswith(f"took over the lock of workdir {tmp_path} from pid 1 on host elsewhere.example")
+  assert "whose lock was last refreshed 11 minutes ago" in reports[0]
+  assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not lock.path.exists()
   with workdir_lock.WorkdirLock(tmp_path) as held:
     assert json.loads(held.path.read_text())["pid"] == os.getpid()
     other = subprocess.run([sys.executable, "-c", "from clipvip_jax.train.workdir_lock import WorkdirLock; "
@@ -198,6 +208,15 @@ def test_lock_from_another_host_is_reported_not_taken(tmp_path):
                            timeout=300)
     assert other.returncode != 0 and f"in use by the training run of pid {os.getpid()}" in other.stderr
   assert not held.path.exists()
+
+
+def test_lock_heartbeat_keeps_a_long_run_fresh(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
+  with workdir_lock.WorkdirLock(tmp_path) as held:
+    old = time.time() - 1000
+    os.utime(held.path, (old, old))
+    time.sleep(0.5)
+    assert time.time() - held.path.stat().st_mtime < 100
 
 
 def test_changed_model_cannot_resume_and_config_json_is_kept(workdir, shards, tmp_path, capsys):

@@ -9,8 +9,9 @@ The lock file is created with O_EXCL (atomic on local disks and NFSv3+) and hold
 start time (from /proc, so that a recycled pid is not mistaken for the holder), the start of the run and the
 command line. A second trainer on the same workdir fails with one sentence naming the holder, before it writes
 anything. A lock left by a process that died (same host, pid gone or started at another time) is taken over, with
-a message. A lock from another host cannot be checked from here: the message says so and names the file to delete
-once that run is known to be gone.
+a message. A process on another host cannot be asked: instead the holder touches its lock file every
+HEARTBEAT_S seconds, and a lock from another host untouched for STALE_AFTER_S (a node that crashed, a job
+requeued onto other nodes) is taken over with a message; a fresher one is an error naming host and pid.
 
 Several JAX processes (one run on many hosts) share one workdir: only process 0 takes the lock, the others trust
 it. Process 0's outcome is broadcast, so that every process of a second run fails together instead of the others
@@ -25,10 +26,13 @@ import os
 import pathlib
 import socket
 import sys
+import threading
 import time
 from typing import Callable
 
 LOCK_NAME = "run.lock"
+HEARTBEAT_S = 30.0  # the holder refreshes the lock file's time this often
+STALE_AFTER_S = 600.0  # a lock of another host untouched this long is a dead run's (20 heartbeats; clock skew)
 
 
 class WorkdirLockedError(RuntimeError):
@@ -67,6 +71,20 @@ class WorkdirLock:
   def __init__(self, workdir: str | os.PathLike):
     self.path = pathlib.Path(workdir).absolute() / LOCK_NAME
     self.held = False
+    self._stop = threading.Event()
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(HEARTBEAT_S):
+      try:
+        os.utime(self.path)
+      except OSError:  # removed by hand, or the mount is gone: the run goes on, the next start decides
+        pass
+
+  def _age(self) -> float | None:
+    try:
+      return time.time() - self.path.stat().st_mtime
+    except OSError:
+      return None
 
   def _record(self) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _start_time(os.getpid()),
@@ -93,6 +111,8 @@ class WorkdirLock:
     for _ in range(3):  # lost races with another starting run: retry with what it wrote
       if self._create():
         self.held = True
+        self._stop.clear()
+        threading.Thread(target=self._heartbeat, name="workdir-lock-heartbeat", daemon=True).start()
         atexit.register(self.release)
         return
       holder = self._holder()
@@ -103,6 +123,9 @@ class WorkdirLock:
       if holder and same_host and pid == os.getpid():
         stale_reason = "an earlier run in this process"
       elif not holder:
+        if (self._age() or 0.0) < 5.0:  # maybe another run between creating its lock and writing it: ask again
+          time.sleep(1.0)
+          continue
         stale_reason = "an unreadable lock file"
       elif same_host and isinstance(pid, int) and not _alive(pid, holder.get("pid_start")):
         stale_reason = f"{_describe(holder)}, which is no longer running"
@@ -110,10 +133,13 @@ class WorkdirLock:
         raise WorkdirLockedError(f"workdir {self.path.parent} is in use by the training run of {_describe(holder)} "
                                  f"(lock file {self.path}); wait for it to finish or stop it, or use another "
                                  f"--workdir")
+      elif (age := self._age()) is not None and age > STALE_AFTER_S:
+        stale_reason = f"{_describe(holder)}, whose lock was last refreshed {age / 60:.0f} minutes ago"
       else:
-        raise WorkdirLockedError(f"workdir {self.path.parent} is in use by the training run of {_describe(holder)} "
-                                 f"(lock file {self.path}), which cannot be checked from host "
-                                 f"{socket.gethostname()}; delete the lock file once that run is known to be gone")
+        raise WorkdirLockedError(
+            f"workdir {self.path.parent} is in use by the training run of {_describe(holder)} (lock file "
+            f"{self.path}, refreshed {age or 0:.0f} s ago; a lock of another host counts as abandoned after "
+            f"{STALE_AFTER_S / 60:.0f} minutes without a refresh); stop that run or use another --workdir")
       # Take over: move the stale file aside under a unique name first, so that of two runs taking over at once
       # only one removes it, and the other finds the winner's lock on its next attempt.
       aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
@@ -153,6 +179,7 @@ class WorkdirLock:
     if not self.held:
       return
     self.held = False
+    self._stop.set()
     holder = self._holder()
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
       self.path.unlink(missing_ok=True)
