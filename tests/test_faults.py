@@ -210,6 +210,28 @@ def test_lock_from_another_host_is_taken_only_when_abandoned(tmp_path):
   assert not held.path.exists()
 
 
+@pytest.mark.slow
+def test_of_several_runs_taking_over_a_stale_lock_one_wins(tmp_path):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (tmp_path / workdir_lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+  release = tmp_path / "release"
+  script = ("import os, sys, time; from clipvip_jax.train.workdir_lock import WorkdirLock\n"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "try:\n  WorkdirLock(sys.argv[1]).acquire(report=lambda t: None)\nexcept Exception:\n  sys.exit(3)\n"
+            "while not os.path.exists(sys.argv[3]):\n  time.sleep(0.05)\n")
+  start = time.time() + 4  # all import first, then race
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(start), str(release)], cwd=REPO)
+           for _ in range(4)]
+  deadline = time.time() + 120
+  while time.time() < deadline and sum(p.poll() is not None for p in procs) < 3:
+    time.sleep(0.1)
+  release.touch()  # the winner holds the lock until the others have given up
+  codes = sorted(p.wait(timeout=60) for p in procs)
+  assert codes == [0, 3, 3, 3]
+  assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
+
+
 def test_lock_heartbeat_keeps_a_long_run_fresh(tmp_path, monkeypatch):
   monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
   with workdir_lock.WorkdirLock(tmp_path) as held:

@@ -147,6 +147,17 @@ class WorkdirLock:
         os.replace(self.path, aside)
       except FileNotFoundError:
         continue
+      try:
+        moved = json.loads(aside.read_text())
+      except (OSError, ValueError):
+        moved = {}
+      if moved and moved != holder:  # another run took over first and this moved its fresh lock: put it back
+        try:
+          os.link(aside, self.path)
+        except OSError:
+          pass
+        aside.unlink(missing_ok=True)
+        continue
       aside.unlink(missing_ok=True)
       if pid != os.getpid():  # an earlier train() of this process that ended in an error: nothing to say
         report(f"took over the lock of workdir {self.path.parent} from {stale_reason}")
