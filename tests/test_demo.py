@@ -52,4 +52,4 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
   assert any((tmp_path / "clipvip" / "tensorboard").glob("events.out.tfevents.*"))
   found = results["search"]
   assert found["queries"] == 4 and 0.0 <= found["top1"] <= found["top5"] <= 100.0  # 2 test pairs of 40 clips
-  assert (tmp_path / "index" / "embeddings.npy").exists() and len(found["example"]["ranking"]) == 4
+  assert (tmp_path / "index" / "index.json").exists() and len(found["example"]["ranking"]) == 4

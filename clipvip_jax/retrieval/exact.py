@@ -18,6 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_CHUNK_ROWS = 65536  # 128 MiB of float32 rows at D = 512; the scores of 64 queries add 16 MiB
+# Up to this many queries the product is a matrix-vector one, bound by memory bandwidth: one BLAS thread reads as
+# fast as two, and on a loaded machine OpenBLAS's threads wait for each other at every call (1M rows, one query,
+# load average 7 on 2 cores: 899 ms with 2 threads, 191 ms with 1; docs/performance.md).
+SINGLE_THREAD_QUERIES = 8
 
 
 _NO_ROW = np.iinfo(np.int64).max  # padding rows sort after every real row
@@ -39,7 +43,14 @@ def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK
   index: a clipvip_jax.retrieval.index.EmbeddingIndex (anything with `chunks(n)` and `count`).
   queries: [B, D] float32 query embeddings.
   """
+  from threadpoolctl import threadpool_limits
   queries = np.ascontiguousarray(queries, np.float32)
+  b = queries.shape[0]
+  with threadpool_limits(1 if b <= SINGLE_THREAD_QUERIES else None, user_api="blas"):
+    return _top_k(index, queries, k, chunk_rows)
+
+
+def _top_k(index, queries: np.ndarray, k: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
   b = queries.shape[0]
   best_s = np.full((b, k), -np.inf, np.float32)
   best_r = np.full((b, k), _NO_ROW, np.int64)
