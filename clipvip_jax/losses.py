@@ -57,29 +57,50 @@ def _scaled_cosine(queries: Array, keys: Array, logit_scale: Array) -> Array:
   return jnp.exp(_at_least_float32(logit_scale)) * cosine
 
 
-def _cross_entropy(logits: Array, labels: Array) -> Array:
-  """Mean over rows of -log softmax(logits)[row, label] (torch `F.cross_entropy`), in at least float32."""
+def _cross_entropy(logits: Array, labels: Array, valid: Array | None = None) -> Array:
+  """Mean over rows of -log softmax(logits)[row, label] (torch `F.cross_entropy`), in at least float32.
+
+  valid: [B] row mask (see `mask_columns`): the mean runs over the valid rows only. None: every row counts,
+  with the original's arithmetic unchanged.
+  """
   log_probs = jax.nn.log_softmax(_at_least_float32(logits), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  if valid is None:
+    return jnp.mean(nll)
+  valid = _replicated(jnp.asarray(valid)).astype(bool)
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(nll.dtype)
 
 
-def _diagonal_cross_entropy(logits: Array) -> Array:
-  """Cross entropy with row i's positive at column i (paired batches)."""
-  return _cross_entropy(logits, jnp.arange(logits.shape[0]))
+def mask_columns(logits: Array, valid: Array | None, repeats: int = 1) -> Array:
+  """Columns of invalid samples (corrupt records kept in their rows, valid 0) can be no one's negative: their
+  logits become the lowest finite value (not -inf: a row with every column masked stays finite, and so do the
+  gradients). `repeats`: the columns are `repeats` blocks of the batch ([V S^T | V C^T])."""
+  if valid is None:
+    return logits
+  keep = jnp.tile(_replicated(jnp.asarray(valid)).astype(bool), repeats)
+  logits = _at_least_float32(logits)
+  return jnp.where(keep[None, :], logits, jnp.finfo(logits.dtype).min)
 
 
-def nce_loss(video: Array, text: Array, logit_scale: Array) -> Array:
+def _diagonal_cross_entropy(logits: Array, valid: Array | None = None) -> Array:
+  """Cross entropy with row i's positive at column i (paired batches); invalid rows and columns left out."""
+  return _cross_entropy(mask_columns(logits, valid), jnp.arange(logits.shape[0]), valid)
+
+
+def nce_loss(video: Array, text: Array, logit_scale: Array, valid: Array | None = None) -> Array:
   """L_{V<->T} = CE(V T^T, diag) + CE(T V^T, diag): CLIP-ViP fine-tuning (`NCELearnableTempLoss`).
 
   Args:
     video, text: [B, D] L2-normalised features of the global batch, pair i = (video[i], text[i]).
     logit_scale: the raw temperature parameter; the logits use its exp.
+    valid: optional [B] mask of real samples: a corrupt record's row is neither a positive nor a negative.
   """
   logits = _scaled_cosine(video, text, logit_scale)
-  return _diagonal_cross_entropy(logits) + _diagonal_cross_entropy(logits.T)
+  return _diagonal_cross_entropy(logits, valid) + _diagonal_cross_entropy(logits.T, valid)
 
 
-def _video_to_text_one_positive(video_subtitle: Array, video_caption: Array, positive: str) -> Array:
+def _video_to_text_one_positive(video_subtitle: Array, video_caption: Array, positive: str,
+                                valid: Array | None = None) -> Array:
   """Video->text CE over the 2B-1 texts {s_i or c_i} U {s_j, c_j : j != i}.
 
   The original builds each row as [positive | v_i.s_j (j != i) | v_i.c_j (j != i)] with label 0; cross
@@ -96,11 +117,11 @@ def _video_to_text_one_positive(video_subtitle: Array, video_caption: Array, pos
   else:
     raise ValueError(f"positive must be 'subtitle' or 'caption', got {positive!r}")
   is_excluded = jnp.arange(2 * batch)[None, :] == excluded[:, None]
-  return _cross_entropy(jnp.where(is_excluded, -jnp.inf, logits), labels)
+  return _cross_entropy(mask_columns(jnp.where(is_excluded, -jnp.inf, logits), valid, repeats=2), labels, valid)
 
 
 def video_vs_subtitle_and_caption_loss(video: Array, subtitle: Array, frame: Array, caption: Array,
-                                       logit_scale: Array) -> Array:
+                                       logit_scale: Array, valid: Array | None = None) -> Array:
   """L_{V<->S,C}: subtitle and caption are both positives of the video (`NCELearnableTempLoss_vsc`).
 
   Four terms: CE(S V^T, diag) + CE(C V^T, diag) + video->text with the subtitle positive + video->text with
@@ -112,39 +133,40 @@ def video_vs_subtitle_and_caption_loss(video: Array, subtitle: Array, frame: Arr
     raise ValueError(f"subtitle and caption batches differ: {subtitle.shape[0]} vs {caption.shape[0]}")
   video_subtitle = _scaled_cosine(video, subtitle, logit_scale)
   video_caption = _scaled_cosine(video, caption, logit_scale)
-  return (_diagonal_cross_entropy(video_subtitle.T) + _diagonal_cross_entropy(video_caption.T)
-          + _video_to_text_one_positive(video_subtitle, video_caption, "subtitle")
-          + _video_to_text_one_positive(video_subtitle, video_caption, "caption"))
+  return (_diagonal_cross_entropy(video_subtitle.T, valid) + _diagonal_cross_entropy(video_caption.T, valid)
+          + _video_to_text_one_positive(video_subtitle, video_caption, "subtitle", valid)
+          + _video_to_text_one_positive(video_subtitle, video_caption, "caption", valid))
 
 
 def omnisource_loss(video: Array, subtitle: Array, frame: Array, caption: Array,
-                    logit_scale: Array) -> Array:
+                    logit_scale: Array, valid: Array | None = None) -> Array:
   """L_{V<->S,C} + L_{F<->C}: the shipped CLIP-ViP pretraining loss (`NCELearnableTempLoss_vsc_fc`), six terms.
 
   The middle frame F is encoded as a 1-frame video and contrasted with the auxiliary caption C.
   """
-  return (video_vs_subtitle_and_caption_loss(video, subtitle, frame, caption, logit_scale)
-          + nce_loss(frame, caption, logit_scale))
+  return (video_vs_subtitle_and_caption_loss(video, subtitle, frame, caption, logit_scale, valid)
+          + nce_loss(frame, caption, logit_scale, valid))
 
 
 def video_subtitle_and_video_caption_loss(video: Array, subtitle: Array, frame: Array, caption: Array,
-                                          logit_scale: Array) -> Array:
+                                          logit_scale: Array, valid: Array | None = None) -> Array:
   """Ablation L_{V<->S} + L_{V<->C}: two separate NCE losses (`NCELearnableTempLoss_vs_vc`)."""
   del frame
-  return nce_loss(video, subtitle, logit_scale) + nce_loss(video, caption, logit_scale)
+  return nce_loss(video, subtitle, logit_scale, valid) + nce_loss(video, caption, logit_scale, valid)
 
 
 def video_subtitle_video_caption_frame_caption_loss(video: Array, subtitle: Array, frame: Array,
-                                                    caption: Array, logit_scale: Array) -> Array:
+                                                    caption: Array, logit_scale: Array,
+                                                    valid: Array | None = None) -> Array:
   """Ablation L_{V<->S} + L_{V<->C} + L_{F<->C} (`NCELearnableTempLoss_vs_vc_fc`)."""
-  return (nce_loss(video, subtitle, logit_scale) + nce_loss(video, caption, logit_scale)
-          + nce_loss(frame, caption, logit_scale))
+  return (nce_loss(video, subtitle, logit_scale, valid) + nce_loss(video, caption, logit_scale, valid)
+          + nce_loss(frame, caption, logit_scale, valid))
 
 
 def video_subtitle_frame_caption_loss(video: Array, subtitle: Array, frame: Array, caption: Array,
-                                      logit_scale: Array) -> Array:
+                                      logit_scale: Array, valid: Array | None = None) -> Array:
   """Ablation L_{V<->S} + L_{F<->C}: videos and images in separate losses (`VidImgDivideNCELearnableTempLoss`)."""
-  return nce_loss(video, subtitle, logit_scale) + nce_loss(frame, caption, logit_scale)
+  return nce_loss(video, subtitle, logit_scale, valid) + nce_loss(frame, caption, logit_scale, valid)
 
 
 # Keyed by the original class names, so a CLIP-ViP `loss_name` selects the same loss here.
@@ -184,13 +206,14 @@ def dual_softmax(sim: Array, temperature: float = 100.0) -> Array:
   return sim * jax.nn.softmax(temperature * sim, axis=0)
 
 
-def symmetric_ce(logits: Array) -> Array:
+def symmetric_ce(logits: Array, valid: Array | None = None) -> Array:
   """(CE(S, diag) + CE(S^T, diag)) / 2 on already-scaled logits: CLIP4Clip's `CrossEn` on both directions."""
   logits = _replicated(logits)
-  return 0.5 * (_diagonal_cross_entropy(logits) + _diagonal_cross_entropy(logits.T))
+  return 0.5 * (_diagonal_cross_entropy(logits, valid) + _diagonal_cross_entropy(logits.T, valid))
 
 
-def clip2video_loss(global_logits: Array, tab_logits: Array, center_weight: float = 0.5) -> Array:
+def clip2video_loss(global_logits: Array, tab_logits: Array, center_weight: float = 0.5,
+                    valid: Array | None = None) -> Array:
   """CLIP2Video training loss w * L_global + (1 - w) * L_TAB, each a `symmetric_ce`.
 
   Args:
@@ -198,7 +221,8 @@ def clip2video_loss(global_logits: Array, tab_logits: Array, center_weight: floa
     tab_logits: [B, B] TAB similarity, same layout and scale.
     center_weight: w (0.5 in CLIP2Video), the same weight the inference score uses.
   """
-  return center_weight * symmetric_ce(global_logits) + (1.0 - center_weight) * symmetric_ce(tab_logits)
+  return (center_weight * symmetric_ce(global_logits, valid)
+          + (1.0 - center_weight) * symmetric_ce(tab_logits, valid))
 
 
 def shard_map_loss(loss_fn: Callable[..., Array], mesh: Mesh, axis_name: str = "data") -> Callable[..., Array]:

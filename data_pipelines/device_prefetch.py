@@ -14,10 +14,13 @@ from typing import Any, Iterator, Mapping
 import jax
 
 
-def _to_device(batch: Mapping[str, Any], sharding: Any) -> dict[str, jax.Array]:
+def _to_device(batch: Mapping[str, Any], sharding: Any, global_batch: int | None) -> dict[str, jax.Array]:
   def put(key: str, value: Any) -> jax.Array:
     target = sharding[key] if isinstance(sharding, Mapping) else sharding
-    return jax.make_array_from_process_local_data(target, value)
+    # The global shape is given, not inferred: hosts that hold the same rows (a batch axis that does not span
+    # every process) would otherwise be counted twice.
+    shape = None if global_batch is None else (global_batch,) + tuple(value.shape[1:])
+    return jax.make_array_from_process_local_data(target, value, shape)
 
   return {key: put(key, value) for key, value in batch.items()}
 
@@ -29,12 +32,14 @@ class DevicePrefetchIterator:
   does for any rank), or a mapping field name -> Sharding.
   """
 
-  def __init__(self, iterator: Iterator[Mapping[str, Any]], sharding: Any, size: int = 2):
+  def __init__(self, iterator: Iterator[Mapping[str, Any]], sharding: Any, size: int = 2,
+               global_batch: int | None = None):
     if size < 1:
       raise ValueError(f"prefetch size must be >= 1, got {size}")
     self._iterator = iterator
     self._sharding = sharding
     self._size = size
+    self._global_batch = global_batch
     self._queue: collections.deque = collections.deque()
     self._state: Any = None  # host-iterator state after the last batch handed out
     self._exhausted = False
@@ -51,7 +56,7 @@ class DevicePrefetchIterator:
       except StopIteration:
         self._exhausted = True
         break
-      self._queue.append((_to_device(batch, self._sharding), self._snapshot()))
+      self._queue.append((_to_device(batch, self._sharding, self._global_batch), self._snapshot()))
 
   def __iter__(self) -> "DevicePrefetchIterator":
     return self
@@ -94,6 +99,8 @@ class DevicePrefetchIterator:
     return getattr(self._iterator, name)
 
 
-def prefetch_to_device(iterator: Iterator[Mapping[str, Any]], sharding: Any, size: int = 2) -> DevicePrefetchIterator:
-  """Wraps a host batch iterator (e.g. `make_train_iterator(...)`) so it yields sharded jax.Arrays."""
-  return DevicePrefetchIterator(iterator, sharding, size)
+def prefetch_to_device(iterator: Iterator[Mapping[str, Any]], sharding: Any, size: int = 2,
+                       global_batch: int | None = None) -> DevicePrefetchIterator:
+  """Wraps a host batch iterator (e.g. `make_train_iterator(...)`) so it yields sharded jax.Arrays.
+  global_batch: the rows of the global batch (default: inferred, hosts holding disjoint equal slices)."""
+  return DevicePrefetchIterator(iterator, sharding, size, global_batch)

@@ -5,8 +5,8 @@ A training example is a dict of numpy arrays:
   frame_mask [T] int32     1 = real frame, 0 = padding (CLIP2Video sampling of a clip shorter than T)
   text_ids   [L] int32, text_mask [L] int32: one caption drawn at random per draw (paragraph: all joined)
   clip_index int64         the record's key in the source
-  corrupt_skipped int32    corrupt records this worker dropped since its previous example (summed per batch and
-                           popped by the iterator, which logs the running total)
+  valid      int32         0 for a row whose record is corrupt: a placeholder the loss masks out (the batch
+                           builder in pipeline.py adds it)
 and, for pretraining, subtitle_ids/subtitle_mask, caption_ids/caption_mask (the OFA caption, "None" when absent, as
 the original) and image [S, S, 3] = the middle sampled frame.
 
@@ -80,37 +80,29 @@ def _tokenize_one(tokenize_fn: TokenizeFn, texts: list[str], max_len: int) -> li
   return [(ids[i], mask[i]) for i in range(len(texts))]
 
 
-class TrainExample(grain.transforms.RandomMap):
-  """(key, bytes) -> training example, or None for a corrupt record (dropped by `DropCorrupt`).
+class TrainExample:
+  """(key, bytes, rng) -> (training example, valid): the work of one row of a training batch.
 
-  Only record and frame decoding is guarded: a failing tokenize_fn is a bug, not a bad record, and is raised.
-  A run of `max_consecutive_corrupt` bad records raises too, so a wholly unreadable split fails loudly instead of
-  spinning forever.
+  A record that does not decode (bad bytes, a frame that is not a JPEG, no text) gives a placeholder of the same
+  shapes with valid False: zero pixels, every frame marked real and a one-token text, so that the encoders stay
+  finite on it; the loss masks the row out. Keeping the row (instead of dropping the record) keeps every other
+  row of every batch where it is, whatever the number of hosts or workers. Only record and frame decoding is
+  guarded: a failing tokenize_fn is a bug, not a bad record, and is raised.
   """
 
-  def __init__(self, spec: ExampleSpec, tokenize_fn: TokenizeFn, max_consecutive_corrupt: int = 1000):
+  def __init__(self, spec: ExampleSpec, tokenize_fn: TokenizeFn):
     self._spec = spec
     self._tokenize_fn = tokenize_fn
-    self._max_consecutive_corrupt = max_consecutive_corrupt
-    self._dropped = 0
-    self._consecutive = 0
 
-  def random_map(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, Any] | None:
-    key, data = element
+  def __call__(self, key: int, data: bytes, rng: np.random.Generator) -> tuple[dict[str, Any], bool]:
     spec = self._spec
     try:
       rec = records.decode_record(data)
       video, mask = _sampled_video(rec, spec, True, rng)
       texts = clip_texts(rec, spec.paragraph)
     except (ValueError, IndexError, TypeError) as e:
-      self._dropped += 1
-      self._consecutive += 1
-      logging.warning("skipping corrupt clip record %d: %s", key, e)
-      if self._consecutive >= self._max_consecutive_corrupt:
-        raise RuntimeError(f"{self._consecutive} consecutive corrupt clip records (last: {key}); "
-                           "the shards are unreadable") from e
-      return None
-    self._consecutive = 0
+      logging.warning("corrupt clip record %d is masked out of the loss: %s", key, e)
+      return self.placeholder(key), False
     text = texts[int(rng.integers(len(texts)))]
     to_tokenize = [text] + ([rec.subtitle or "None", rec.caption or "None"] if spec.pretraining else [])
     tokens = _tokenize_one(self._tokenize_fn, to_tokenize, spec.max_text_len)
@@ -120,39 +112,26 @@ class TrainExample(grain.transforms.RandomMap):
         "text_ids": tokens[0][0],
         "text_mask": tokens[0][1],
         "clip_index": np.int64(key),
-        "corrupt_skipped": np.int32(self._dropped),
     }
-    self._dropped = 0
     if spec.pretraining:
       example["subtitle_ids"], example["subtitle_mask"] = tokens[1]
       example["caption_ids"], example["caption_mask"] = tokens[2]
       example["image"] = example["video"][spec.num_frames // 2]
+    return example, True
+
+  def placeholder(self, key: int) -> dict[str, Any]:
+    spec = self._spec
+    t, s, l = spec.num_frames, spec.image_size, spec.max_text_len
+    text_mask = np.zeros(l, np.int32)
+    text_mask[0] = 1
+    example = {"video": np.zeros((t, s, s, 3), transforms.video_dtype(spec.dtype)),
+               "frame_mask": np.ones(t, np.int32), "text_ids": np.zeros(l, np.int32), "text_mask": text_mask,
+               "clip_index": np.int64(key)}
+    if spec.pretraining:
+      for name in ("subtitle", "caption"):
+        example[f"{name}_ids"], example[f"{name}_mask"] = example["text_ids"], text_mask
+      example["image"] = example["video"][0]
     return example
-
-
-class GroupExample(grain.transforms.RandomMap):
-  """A group of (key, bytes) -> one example per record stacked on a new leading axis; None if any is corrupt."""
-
-  def __init__(self, example: TrainExample):
-    self._example = example
-
-  def random_map(self, group: list[tuple[int, bytes]], rng: np.random.Generator) -> dict[str, Any] | None:
-    members = [self._example.random_map(element, rng) for element in group]
-    if any(m is None for m in members):
-      return None
-    return {k: np.stack([m[k] for m in members]) for k in members[0]}
-
-
-class FlattenGroups(grain.transforms.Map):
-  """[B/G, G, ...] batches of grouped examples -> [B, ...], each group's members adjacent."""
-
-  def map(self, batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
-
-
-class DropCorrupt(grain.transforms.Filter):
-  def filter(self, element: Any) -> bool:
-    return element is not None
 
 
 class EvalVideo(grain.transforms.Map):

@@ -1,17 +1,17 @@
 """The Grain input pipeline: clip shards -> batches the trainer and the evaluators consume.
 
-Training (`make_train_iterator`):
-  source (ArrayRecord shards of a split, or any sequence of record bytes)
-  -> IndexSampler: per-host shard (jax process index/count), global shuffle with `seed`, repeat
-  -> TrainExample (in `worker_count` processes): frame sampling, JPEG decode of the sampled frames only, resize,
-     CLIP normalisation, one random caption tokenised; corrupt records dropped and counted
-  -> Batch(per-host batch, drop_remainder=True)
-  -> ClipBatchIterator: sums and logs corrupt records; get_state/set_state for exact resumption.
-Per-record randomness (frames, caption) comes from Grain's per-record generator, seeded from `seed` and the
-record's position in the sampled order. Each worker batches its own share of that order and the batches are read
-round-robin, so the batches are a function of (seed, worker_count, process count): the same config gives the same
-batches, and resuming needs the same config, worker_count included (Grain validates it).
-
+Training (`make_train_iterator`): the sequence of GLOBAL batches is a function of the data, `seed` and the
+global `batch_size` only, never of the number of processes, devices or Grain workers:
+  GlobalOrder: global row q -> record key (epochs of keyed permutations of groups of `group_size` records)
+  -> each process reads only its rows of each global batch (the rows its devices hold: `host_rows`)
+  -> TrainExample per row: frame sampling, JPEG decode of the sampled frames only, resize, CLIP normalisation,
+     one random caption tokenised; randomness keyed by (seed, q), so a clip is augmented alike on any topology
+  -> a corrupt record keeps its row as a placeholder with valid 0 (masked out of the loss; counted, logged), so
+     it never shifts which clips the other rows hold
+  -> host batches built whole inside `worker_count` Grain processes (worker w builds batches w, w + W, ...),
+     handed out in order
+  -> ClipBatchIterator: state = the next global row (JSON), one value valid on every host: resume on any number
+     of processes, devices or workers continues at exactly the next global batch.
 Evaluation (`make_eval_dataset`): every text of the split tokenised up front (one row per caption with the index
 of its video, or one paragraph per video), and `video_batches()`: every video once, in order, test-time sampling,
 the last batch padded, `valid` marking real rows; each host reads a contiguous slice and all hosts yield the same
@@ -27,12 +27,12 @@ Config keys (dict or ml_collections.ConfigDict; unknown keys are an error):
   sampling       "clipvip" | "clip2video" (see sampling.py)                    ("clipvip")
   target_fps     clip2video only: thin stored frames to this rate first (CLIP2Video used 5); None keeps all  (None)
   max_text_len   L, token length incl. start/end tokens                        (32)
-  batch_size     global batch; each of the jax processes gets batch_size / process_count   (required)
+  batch_size     global batch; each process reads the rows its devices hold       (required)
   seed           shuffle and sampling seed, 0 <= seed < 2**32                  (42)
   worker_count   Grain worker processes, 0 = in the calling process            (0)
   worker_buffer_size  batches each worker prepares ahead                       (2)
-  read_threads   threads per process that read and transform clips (Grain ReadOptions)  (16)
-  read_buffer    clips those threads prepare ahead (Grain ReadOptions)           (500)
+  read_threads   threads per process that build batches (Grain ReadOptions; evaluation: per clip)  (16)
+  read_buffer    clips those threads prepare ahead, rounded up to whole batches (Grain ReadOptions)  (500)
   dtype          video dtype: "float32" | "bfloat16" | "uint8" (raw frames, a quarter of float32's bytes; the
                  train step and the evaluator normalise them on the device)    ("float32")
   paragraph      join all captions of a clip into one text (DiDeMo, ActivityNet)   (False)
@@ -41,16 +41,17 @@ Config keys (dict or ml_collections.ConfigDict; unknown keys are an error):
   num_epochs     training epochs before StopIteration, None = repeat forever  (None)
   group_size     G > 1 shuffles groups of G consecutive records and keeps each group inside one batch: hard
                  negatives that share a batch (the synthetic set's time-reversed twins; clips cut from the same
-                 video). A group with a corrupt record is dropped whole.                               (1)
+                 video). A corrupt member is masked like any corrupt record; its group keeps its rows.   (1)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import jax
@@ -150,45 +151,207 @@ def _per_host_batch(batch_size: int, shard_count: int) -> int:
   return batch_size // shard_count
 
 
-class ClipBatchIterator:
-  """A Grain DataLoader iterator that also counts corrupt records (`num_corrupt_skipped`).
+# ------------------------------------------------------------------------------------------------ training order
 
-  Duck-types DataLoaderIterator for grain.checkpoint.CheckpointHandler: get_state() -> bytes (JSON),
-  set_state(bytes), start_prefetch().
+
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalOrder:
+  """The training order: global row q (counted from the start of training, over all hosts) -> record key.
+
+  Rows come in groups of G consecutive records (data.group_size; G = 1 is plain shuffling). Epoch e is a
+  permutation of the N // G groups, drawn by Grain's index_shuffle (a keyed bijection: O(1) memory and time per
+  row, so a 100M-clip corpus costs no permutation table in any worker) with a seed derived from (seed, e); the
+  epochs follow each other without a gap, and global batch b is rows [b B, (b + 1) B). Nothing here depends on
+  the number of processes, devices or workers.
+  """
+  num_records: int
+  group_size: int
+  seed: int
+  shuffle: bool
+  num_epochs: int | None
+
+  @property
+  def num_groups(self) -> int:
+    return self.num_records // self.group_size
+
+  @property
+  def rows_per_epoch(self) -> int:
+    return self.num_groups * self.group_size
+
+  @property
+  def total_rows(self) -> int | None:
+    return None if self.num_epochs is None else self.num_epochs * self.rows_per_epoch
+
+  def _epoch_seed(self, epoch: int) -> int:
+    return int(np.random.SeedSequence([self.seed, epoch, 0x6f72646572]).generate_state(1)[0])
+
+  def record_of(self, row: int) -> int:
+    group, member = divmod(int(row), self.group_size)
+    epoch, index = divmod(group, self.num_groups)
+    if self.shuffle and self.num_groups > 1:
+      index = int(grain.experimental.index_shuffle(index, max_index=self.num_groups - 1,
+                                                   seed=self._epoch_seed(epoch), rounds=4))
+    return index * self.group_size + member
+
+  def row_rng(self, row: int) -> np.random.Generator:
+    """The generator of row q's frame jitter and caption choice: keyed by (seed, q), so a clip gets the same
+    augmentation at that position on any topology."""
+    return np.random.default_rng([self.seed, int(row), 0x726f77])
+
+
+class _HostBatch:
+  """Element k of the host's batch dataset: this host's rows of global batch (first_batch + k), decoded.
+
+  Picklable (Grain workers rebuild it). Each element is a whole host batch, so worker w of W computes batches
+  w, w + W, ... and Grain hands them out in order: the batches are the same for any worker count.
   """
 
-  def __init__(self, iterator: grain.DataLoaderIterator):
-    self._iterator = iterator
-    self.num_corrupt_skipped = 0
+  def __init__(self, source: sources.RecordSource, order: GlobalOrder, example: examples.TrainExample,
+               rows: tuple[int, ...], batch_size: int, first_row: int):
+    self._source, self._order, self._example = source, order, example
+    self._rows, self._batch_size, self._first_row = rows, batch_size, first_row
+
+  def __call__(self, k: int) -> dict[str, np.ndarray]:
+    base = self._first_row + int(k) * self._batch_size
+    parts, valid = [], []
+    for r in self._rows:
+      row = base + r
+      key = self._order.record_of(row)
+      try:
+        data = self._source[key]
+        data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else b""
+      except Exception as e:  # noqa: BLE001 — a storage error is a corrupt record: masked, counted, reported
+        logging.warning("clip record %d could not be read: %s", key, e)
+        data = b""
+      example, ok = self._example(key, data, self._order.row_rng(row))
+      parts.append(example)
+      valid.append(ok)
+    batch = {name: np.stack([p[name] for p in parts]) for name in parts[0]}
+    batch["valid"] = np.asarray(valid, np.int32)
+    return batch
+
+
+def host_rows(sharding: Any, batch_size: int) -> tuple[int, ...]:
+  """The rows of a global batch of `batch_size` that this process's devices hold under `sharding` (a
+  jax.sharding.Sharding of the batch's leading axis), ascending. One process: every row."""
+  index_map = sharding.addressable_devices_indices_map((batch_size,))
+  rows: set[int] = set()
+  for index in index_map.values():
+    rows.update(range(batch_size)[index[0]] if index else range(batch_size))
+  return tuple(sorted(rows))
+
+
+class ClipBatchIterator:
+  """This host's rows of each global training batch, in order, from a position that resumes exactly.
+
+  get_state() -> bytes (JSON): {"next_row": first global row of the next batch, and the settings that define the
+  order}; valid for every process and for any process, device or worker count, so one copy in the checkpoint
+  serves all hosts. set_state() validates it against this config and restarts the workers at that row: a changed
+  batch size continues at the same row (global batches of the new size from there), a changed seed, group size,
+  shuffle or dataset size is an error naming the setting.
+
+  Corrupt records stay in their rows with batch["valid"] 0; `num_corrupt` counts them on this host. A run of
+  `max_consecutive_corrupt` corrupt rows raises: a wholly unreadable split fails loudly instead of training on
+  placeholders.
+  """
+
+  def __init__(self, cfg: DataConfig, source: sources.RecordSource, example: examples.TrainExample,
+               rows: tuple[int, ...], max_consecutive_corrupt: int = 1000):
+    self._cfg, self._source, self._example, self._rows = cfg, source, example, tuple(rows)
+    self.order = GlobalOrder(num_records=len(source), group_size=cfg.group_size, seed=cfg.seed,
+                             shuffle=cfg.shuffle, num_epochs=cfg.num_epochs)
+    self._max_consecutive_corrupt = max_consecutive_corrupt
+    self.num_corrupt = 0
+    self._consecutive_corrupt = 0
+    self._next_row = 0
+    self._iterator: Any = None
+
+  # Older name of the counter (examples and tests of earlier versions read it).
+  @property
+  def num_corrupt_skipped(self) -> int:
+    return self.num_corrupt
+
+  def _start(self) -> None:
+    self.close()
+    cfg, batch = self._cfg, self._cfg.batch_size
+    total = self.order.total_rows
+    num_batches = (2**62 if total is None else max(total - self._next_row, 0) // batch)
+    dataset = grain.MapDataset.range(num_batches).map(
+        _HostBatch(self._source, self.order, self._example, self._rows, batch, self._next_row))
+    per_thread = max(len(self._rows), 1)
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=cfg.read_threads, prefetch_buffer_size=max(1, -(-cfg.read_buffer // per_thread))))
+    if cfg.worker_count:
+      _allow_grain_workers_outside_absl_app()
+      iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                                   per_worker_buffer_size=cfg.worker_buffer_size))
+    self._iterator = iter(iterable)
 
   def __iter__(self) -> "ClipBatchIterator":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._start()
     batch = next(self._iterator)
-    skipped = int(np.sum(batch.pop("corrupt_skipped")))
-    if skipped:
-      self.num_corrupt_skipped += skipped
-      logging.warning("input pipeline: %d corrupt clip record(s) skipped (%d so far)", skipped,
-                      self.num_corrupt_skipped)
+    self._next_row += self._cfg.batch_size
+    bad = int(len(batch["valid"]) - batch["valid"].sum())
+    if bad:
+      self.num_corrupt += bad
+      logging.warning("input pipeline: %d corrupt clip record(s) in this host's rows of the batch, masked out of "
+                      "the loss (%d so far)", bad, self.num_corrupt)
+    if bad == len(batch["valid"]):
+      self._consecutive_corrupt += bad
+      if self._consecutive_corrupt >= self._max_consecutive_corrupt:
+        raise RuntimeError(f"{self._consecutive_corrupt} consecutive corrupt clip records (last: "
+                           f"{int(batch['clip_index'][-1])}); the shards are unreadable")
+    else:
+      self._consecutive_corrupt = 0
     return batch
 
   def get_state(self) -> bytes:
-    return self._iterator.get_state()
+    o = self.order
+    return json.dumps({"version": STATE_VERSION, "next_row": self._next_row, "batch_size": self._cfg.batch_size,
+                       "seed": o.seed, "num_records": o.num_records, "group_size": o.group_size,
+                       "shuffle": o.shuffle}).encode()
 
-  def set_state(self, state: bytes) -> None:
-    self._iterator.set_state(state)
+  def set_state(self, state: bytes | str) -> None:
+    try:
+      saved = json.loads(state)
+      next_row = int(saved["next_row"])
+    except (ValueError, KeyError, TypeError):
+      raise ValueError("the checkpoint's data position is not one this version writes (a checkpoint of an older "
+                       "version holds Grain's per-process state, which cannot resume on another topology); "
+                       "start a new workdir or restore the parameters with config.init.checkpoint") from None
+    o = self.order
+    for name, value in (("seed", o.seed), ("num_records", o.num_records), ("group_size", o.group_size),
+                        ("shuffle", o.shuffle)):
+      if name in saved and saved[name] != value:
+        what = "the training split's record count" if name == "num_records" else f"data.{name}"
+        raise ValueError(f"the checkpoint's data order was made with {what} = {saved[name]!r}, this config has "
+                         f"{value!r}: the same order cannot continue; set it back or start a new workdir")
+    if next_row % o.group_size:
+      raise ValueError(f"the checkpoint's data position (row {next_row}) is not a multiple of data.group_size "
+                       f"{o.group_size}")
+    self._next_row = next_row
+    self.close()
+
+  @property
+  def next_row(self) -> int:
+    return self._next_row
 
   def start_prefetch(self) -> None:
-    self._iterator.start_prefetch()
+    if self._iterator is None:
+      self._start()
 
   def close(self) -> None:
-    """Stops the worker processes and frees their shared memory now rather than at garbage collection (at
-    interpreter exit that order is undefined and leaks shared-memory segments). grain 0.2.18's DataLoaderIterator
-    has no close(); the dataset iterator it wraps does."""
-    inner = getattr(self._iterator, "_iterator", None)
-    if inner is not None and hasattr(inner, "close"):
-      inner.close()
+    """Stops the worker processes (and frees their shared memory) now rather than at garbage collection."""
+    iterator, self._iterator = self._iterator, None
+    if iterator is not None and hasattr(iterator, "close"):
+      iterator.close()
 
   def __enter__(self) -> "ClipBatchIterator":
     return self
@@ -207,56 +370,34 @@ def _allow_grain_workers_outside_absl_app() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def make_train_loader(config_data: Any, *, source: sources.RecordSource | None = None,
-                      tokenize_fn: TokenizeFn | None = None,
-                      shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
-  """The training DataLoader. shard_options defaults to ShardByJaxProcess (drop_remainder: equal host shards)."""
-  cfg = DataConfig.from_config(config_data)
-  data = sources.KeyedSource(_open_source(cfg, source))
-  example = examples.TrainExample(cfg.example_spec(), tokenize_fn or examples.DefaultTokenize())
-  if cfg.group_size > 1:
-    data = sources.GroupedSource(data, cfg.group_size)
-    example = examples.GroupExample(example)
-  shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  if len(data) < shard_options.shard_count:
-    raise ValueError(f"{len(data)} clips cannot be split over {shard_options.shard_count} hosts")
-  sampler = grain.samplers.IndexSampler(num_records=len(data), shard_options=shard_options, shuffle=cfg.shuffle,
-                                        num_epochs=cfg.num_epochs, seed=cfg.seed)
-  per_host = _per_host_batch(cfg.batch_size, shard_options.shard_count)
-  if per_host % cfg.group_size:
-    raise ValueError(f"per-host batch {per_host} is not divisible by data.group_size {cfg.group_size}")
-  operations = [
-      example,
-      examples.DropCorrupt(),
-      grain.transforms.Batch(per_host // cfg.group_size, drop_remainder=True),
-  ]
-  if cfg.group_size > 1:
-    operations.append(examples.FlattenGroups())
-  if cfg.worker_count:
-    _allow_grain_workers_outside_absl_app()
-  return grain.DataLoader(data_source=data, sampler=sampler, operations=operations, worker_count=cfg.worker_count,
-                          worker_buffer_size=cfg.worker_buffer_size, shard_options=shard_options,
-                          read_options=grain.ReadOptions(num_threads=cfg.read_threads,
-                                                         prefetch_buffer_size=cfg.read_buffer))
-
-
 def make_train_iterator(config_data: Any, *, source: sources.RecordSource | None = None,
                         tokenize_fn: TokenizeFn | None = None,
-                        shard_options: grain.sharding.ShardOptions | None = None) -> ClipBatchIterator:
-  """Host batches for training: dict of numpy arrays, per-host batch B = batch_size / process_count:
+                        rows: Sequence[int] | None = None) -> ClipBatchIterator:
+  """This host's part of each global training batch: dict of numpy arrays with R = len(rows) rows:
 
-    video [B,T,S,S,3] (dtype), frame_mask [B,T] int32, text_ids [B,L] int32, text_mask [B,L] int32,
-    clip_index [B] int64; pretraining adds subtitle_ids/mask, caption_ids/mask [B,L] and image [B,S,S,3].
+    video [R,T,S,S,3] (dtype), frame_mask [R,T] int32, text_ids [R,L] int32, text_mask [R,L] int32,
+    clip_index [R] int64, valid [R] int32 (0: a corrupt record's placeholder, to be masked out of the loss);
+    pretraining adds subtitle_ids/mask, caption_ids/mask [R,L] and image [R,S,S,3].
 
-  Wrap with `prefetch_to_device(it, sharding)` for jax.Arrays. Save/restore with get_state()/set_state() (JSON
-  bytes) or with orbax, beside the model state: manager.save(step, args=ocp.args.Composite(...,
-  data=grain.checkpoint.CheckpointSave(it))) and manager.restore(step, args=ocp.args.Composite(...,
-  data=grain.checkpoint.CheckpointRestore(it))) (grain registers its CheckpointHandler for these args; it writes
-  one process_{i}-of-{n}.json per host). The prefetcher's get_state is the position after the last batch it
-  handed out, so either object can be checkpointed. Close with close() or use as a context manager.
+  rows: which rows of each global batch (of data.batch_size) this host reads: `host_rows(batch_sharding,
+  batch_size)`, so that it decodes exactly what its devices hold. Default: one process reads every row; with
+  several processes, process i reads the i-th contiguous slice (what a mesh over jax.devices() puts there).
+  Wrap with `prefetch_to_device(it, sharding, global_batch=...)` for jax.Arrays. Save/restore with
+  get_state()/set_state() (JSON bytes). Close with close() or use as a context manager.
   """
-  loader = make_train_loader(config_data, source=source, tokenize_fn=tokenize_fn, shard_options=shard_options)
-  return ClipBatchIterator(iter(loader))
+  cfg = DataConfig.from_config(config_data)
+  data = _open_source(cfg, source)
+  if len(data) < cfg.group_size:
+    raise ValueError(f"{len(data)} clip records cannot form one group of data.group_size {cfg.group_size}")
+  if rows is None:
+    count, index = jax.process_count(), jax.process_index()
+    per_host = _per_host_batch(cfg.batch_size, count)
+    rows = range(index * per_host, (index + 1) * per_host)
+  rows = tuple(int(r) for r in rows)
+  if not rows or min(rows) < 0 or max(rows) >= cfg.batch_size:
+    raise ValueError(f"host rows {rows[:4]}... do not lie in a global batch of {cfg.batch_size}")
+  example = examples.TrainExample(cfg.example_spec(), tokenize_fn or examples.DefaultTokenize())
+  return ClipBatchIterator(cfg, data, example, rows)
 
 
 @dataclasses.dataclass

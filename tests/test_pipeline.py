@@ -98,7 +98,8 @@ def test_batch_layout(shard_dir):
   assert batch["frame_mask"].shape == (4, T) and batch["frame_mask"].dtype == np.int32
   assert batch["text_ids"].shape == batch["text_mask"].shape == (4, L) and batch["text_ids"].dtype == np.int32
   assert batch["clip_index"].shape == (4,)
-  assert set(batch) == {"video", "frame_mask", "text_ids", "text_mask", "clip_index"}
+  assert set(batch) == {"video", "frame_mask", "text_ids", "text_mask", "clip_index", "valid"}
+  assert batch["valid"].dtype == np.int32 and batch["valid"].all()
   assert (batch["text_ids"][:, 0] == 1).all()  # each row is one tokenised caption
 
 
@@ -153,15 +154,56 @@ def test_resume_through_orbax(shard_dir, tmp_path):
   import orbax.checkpoint as ocp
 
   with pipeline.make_train_iterator(_config(shard_dir), tokenize_fn=fake_tokenize) as it, \
-       ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+       ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
     _take(it, 3)
-    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.save(3, args=ocp.args.Composite(data=ocp.args.JsonSave({"state": it.get_state().decode()})))
     manager.wait_until_finished()
     expected = _take(it, 2)
   with pipeline.make_train_iterator(_config(shard_dir), tokenize_fn=fake_tokenize) as resumed, \
-       ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+       ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+    resumed.set_state(manager.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data["state"])
     _assert_same_batches(_take(resumed, 2), expected)
+
+
+def test_global_batches_do_not_depend_on_hosts_or_workers(shard_dir):
+  """The same global batches whether one host reads every row or two hosts read two rows each, with or
+  without worker processes, and a state taken on one topology resumes on another."""
+  config = _config(shard_dir, group_size=2)
+  with pipeline.make_train_iterator(config, tokenize_fn=fake_tokenize) as whole:
+    expected = _take(whole, 7)  # crosses the end of the epoch (11 groups of 2 per 5.5 batches)
+  halves = []
+  for rows in ((0, 1), (2, 3)):
+    with pipeline.make_train_iterator(config, tokenize_fn=fake_tokenize, rows=rows) as host:
+      _take(host, 4)
+      state = host.get_state()
+      halves.append(_take(host, 3))
+  for k in range(3):
+    joined = {key: np.concatenate([halves[0][k][key], halves[1][k][key]]) for key in expected[4 + k]}
+    _assert_same_batches([joined], [expected[4 + k]])
+  with pipeline.make_train_iterator(dict(config, read_threads=1), tokenize_fn=fake_tokenize, rows=(1, 3)) as other:
+    other.set_state(state)  # a state of a host that read rows (2, 3), restored on a host of rows (1, 3)
+    batch = next(other)
+  for key in batch:
+    np.testing.assert_array_equal(batch[key], expected[4][key][[1, 3]], err_msg=key)
+  assert json.loads(state)["next_row"] == 4 * 4
+
+
+def test_state_of_another_order_is_refused(shard_dir):
+  with pipeline.make_train_iterator(_config(shard_dir), tokenize_fn=fake_tokenize) as it:
+    next(it)
+    state = it.get_state()
+  with pipeline.make_train_iterator(_config(shard_dir, seed=5), tokenize_fn=fake_tokenize) as other:
+    with pytest.raises(ValueError, match="data.seed = 3, this config has 5"):
+      other.set_state(state)
+    with pytest.raises(ValueError, match="older version"):
+      other.set_state(b'{"sampler": "grain"}')
+  # A new global batch size continues at the same row: batch 0 of size 2 after 4 rows = rows 4, 5.
+  with pipeline.make_train_iterator(_config(shard_dir), tokenize_fn=fake_tokenize) as it:
+    next(it)
+    rows_4_to_8 = next(it)
+  with pipeline.make_train_iterator(_config(shard_dir, batch_size=2), tokenize_fn=fake_tokenize) as smaller:
+    smaller.set_state(state)
+    np.testing.assert_array_equal(next(smaller)["clip_index"], rows_4_to_8["clip_index"][:2])
 
 
 def test_device_prefetch_checkpoints_the_consumed_position(shard_dir):
@@ -194,10 +236,14 @@ def test_worker_processes_are_deterministic_and_resumable(shard_dir):
   in_process = list(pipeline.make_eval_dataset(dict(eval_config, worker_count=0),
                                                tokenize_fn=fake_tokenize).video_batches())
   _assert_same_batches(with_workers, in_process)
-  # Same records as in-process loading of the same sampled order, only grouped into batches per worker.
+  # The same batches as in-process loading: workers build whole batches and hand them out in order.
   with pipeline.make_train_iterator(_config(shard_dir, batch_size=1, num_epochs=1, worker_count=2),
-                                    tokenize_fn=fake_tokenize) as it:
-    assert sorted(int(b["clip_index"][0]) for b in it) == list(range(N_TRAIN))
+                                    tokenize_fn=fake_tokenize) as it, \
+       pipeline.make_train_iterator(_config(shard_dir, batch_size=1, num_epochs=1),
+                                    tokenize_fn=fake_tokenize) as in_process:
+    with_workers = [int(b["clip_index"][0]) for b in it]
+    assert with_workers == [int(b["clip_index"][0]) for b in in_process]
+    assert sorted(with_workers) == list(range(N_TRAIN))
 
 
 def test_short_clips_frame_masks(shard_dir):
@@ -231,12 +277,16 @@ def test_pretraining_fields(shard_dir):
   assert any((batch["caption_ids"][r] == none_ids[0]).all() for r in range(N_TRAIN))
 
 
-def test_corrupt_records_are_skipped_and_counted(shard_dir, caplog):
+def test_corrupt_records_keep_their_rows_masked_and_counted(shard_dir, caplog):
   config = _config(shard_dir, split="corrupt", batch_size=1, num_epochs=1)
   with pipeline.make_train_iterator(config, tokenize_fn=fake_tokenize) as it:
-    seen = sorted(int(b["clip_index"][0]) for b in it)
-    assert it.num_corrupt_skipped == 2
-  assert seen == [k for k in range(12) if k not in (3, 7)]
+    batches = list(it)
+    assert it.num_corrupt == 2
+  seen = {int(b["clip_index"][0]): int(b["valid"][0]) for b in batches}
+  assert seen == {k: int(k not in (3, 7)) for k in range(12)}  # every row stays; the corrupt ones are invalid
+  for b in batches:
+    if not b["valid"][0]:  # a placeholder the encoders stay finite on: zero pixels, real frames, one token
+      assert not b["video"].any() and b["frame_mask"].all() and b["text_mask"].sum() == 1
   assert "corrupt clip record 3" in caplog.text and "corrupt clip record 7" in caplog.text
 
   data = pipeline.make_eval_dataset(_config(shard_dir, split="corrupt"), tokenize_fn=fake_tokenize)
@@ -357,9 +407,11 @@ def test_group_size_keeps_consecutive_records_in_one_batch(shard_dir):
     pipeline.make_train_iterator(_config(shard_dir, batch_size=4, group_size=3), tokenize_fn=fake_tokenize)
 
 
-def test_group_with_a_corrupt_record_is_dropped_whole(shard_dir):
-  # "corrupt" split: record 3 does not decode, so group (2, 3) is dropped; record 7's frames fail: (6, 7) too.
+def test_group_with_a_corrupt_record_keeps_its_rows_and_is_counted(shard_dir):
+  # "corrupt" split: record 3 does not decode, record 7's frames fail: their rows are masked, their twins stay.
   config = _config(shard_dir, split="corrupt", batch_size=2, group_size=2, num_epochs=1, shuffle=False)
   with pipeline.make_train_iterator(config, tokenize_fn=fake_tokenize) as it:
-    seen = [b["clip_index"].tolist() for b in it]
-  assert seen == [[0, 1], [4, 5], [8, 9], [10, 11]]
+    batches = list(it)
+    assert it.num_corrupt == 2  # counted with group_size > 1 too
+  assert [b["clip_index"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+  assert [b["valid"].tolist() for b in batches] == [[1, 1], [1, 0], [1, 1], [1, 0], [1, 1], [1, 1]]

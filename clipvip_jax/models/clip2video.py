@@ -275,13 +275,14 @@ class CLIP2Video(nnx.Module):
     text, vid = self.text_features(ids, mask), self.video_features(video, frame_mask)
     return {**text, **vid, **self.logits(text, vid)}
 
-  def loss(self, outputs: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+  def loss(self, outputs: dict[str, Array], valid: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """The training loss from `__call__`'s outputs (text i paired with video i): w * L_global + (1 - w) * L_TAB,
-    each (CE(S) + CE(S^T)) / 2; without TAB, L_global. Returns (loss, {"loss_global", "loss_tab"})."""
+    each (CE(S) + CE(S^T)) / 2; without TAB, L_global. Returns (loss, {"loss_global", "loss_tab"}).
+    valid: optional [B] mask of real samples (losses.mask_columns)."""
     from clipvip_jax import losses
-    parts = {"loss_global": losses.symmetric_ce(outputs["logits_global"])}
+    parts = {"loss_global": losses.symmetric_ce(outputs["logits_global"], valid)}
     if not self.cfg.uses_tab:
       return parts["loss_global"], parts
-    parts["loss_tab"] = losses.symmetric_ce(outputs["logits_tab"])
-    total = losses.clip2video_loss(outputs["logits_global"], outputs["logits_tab"], self.cfg.center_weight)
+    parts["loss_tab"] = losses.symmetric_ce(outputs["logits_tab"], valid)
+    total = losses.clip2video_loss(outputs["logits_global"], outputs["logits_tab"], self.cfg.center_weight, valid)
     return total, parts

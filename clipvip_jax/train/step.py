@@ -2,7 +2,9 @@
 
 An objective has two halves, so that gradient accumulation can keep every negative of the global batch:
   features(model, batch) -> {name: [b, ...]}   per-example embeddings; row i depends on example i only
-  loss(model, features)  -> (scalar, parts)    the contrastive loss over the whole (global) batch
+  loss(model, features, valid) -> (scalar, parts)   the contrastive loss over the whole (global) batch
+`valid` ([B], from the input pipeline) marks rows whose record was corrupt: they stay in the batch (so no other
+row moves) but are neither positives nor negatives (losses.mask_columns); None when the batch has no "valid".
 Modes:
   "nce"         CLIP-ViP fine-tuning (and meanP): L_{V<->T} = CE(V T^T) + CE(T V^T), logits e^s * cosine.
   "omnisource"  CLIP-ViP pretraining: one of losses.OMNISOURCE_LOSSES over video, subtitle, caption and the
@@ -50,7 +52,7 @@ class Objective:
   name: str
   batch_keys: tuple[str, ...]
   features: Callable[[nnx.Module, Batch], dict[str, Array]]
-  loss: Callable[[nnx.Module, Mapping[str, Array]], tuple[Array, dict[str, Array]]]
+  loss: Callable[[nnx.Module, Mapping[str, Array], Array | None], tuple[Array, dict[str, Array]]]
 
 
 def pixels(x: Array, frame_mask: Array | None = None) -> Array:
@@ -65,8 +67,8 @@ def _nce_features(model, batch):
           "text": model.encode_text(batch["text_ids"], batch["text_mask"])}
 
 
-def _nce_loss(model, f):
-  return losses.nce_loss(f["video"], f["text"], model.logit_scale[...]), {}
+def _nce_loss(model, f, valid=None):
+  return losses.nce_loss(f["video"], f["text"], model.logit_scale[...], valid), {}
 
 
 def _omnisource_features(model, batch):
@@ -83,13 +85,14 @@ def _clip2video_features(model, batch):
   return {k: v for k, v in {**text, **video}.items() if k in keep}
 
 
-def _clip2video_loss(model, f):
+def _clip2video_loss(model, f, valid=None):
   text = {k: f[k] for k in ("text_global", "tab_text") if k in f}
   video = {k: f[k] for k in ("video_global", "tab_video") if k in f}
-  return model.loss(model.logits(text, video))
+  return model.loss(model.logits(text, video), valid)
 
 
 VIDEO_TEXT_KEYS = ("video", "frame_mask", "text_ids", "text_mask")
+OPTIONAL_KEYS = ("valid",)  # used when the batch has it (the input pipeline's corrupt-row mask)
 MODES = ("nce", "omnisource", "clip2video")
 
 
@@ -100,8 +103,8 @@ def make_objective(mode: str, loss_name: str | None = None) -> Objective:
   if mode == "omnisource":
     fn = losses.get_omnisource_loss(loss_name or "NCELearnableTempLoss_vsc_fc")
 
-    def loss(model, f):
-      return fn(f["video"], f["subtitle"], f["frame"], f["caption"], model.logit_scale[...]), {}
+    def loss(model, f, valid=None):
+      return fn(f["video"], f["subtitle"], f["frame"], f["caption"], model.logit_scale[...], valid), {}
 
     keys = ("video", "frame_mask", "subtitle_ids", "subtitle_mask", "caption_ids", "caption_mask", "image")
     return Objective(f"omnisource:{loss_name}", keys, _omnisource_features, loss)
@@ -147,7 +150,7 @@ class TrainStep:
   grad_accum: int
 
   def __call__(self, params, opt_state, batch):
-    return self.fn(params, opt_state, {k: batch[k] for k in self.objective.batch_keys})
+    return self.fn(params, opt_state, {k: batch[k] for k in self.objective.batch_keys + OPTIONAL_KEYS if k in batch})
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx: optax.GradientTransformation,
@@ -169,13 +172,15 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
   def features_fn(params, batch):
     return objective.features(nnx.merge(graphdef, stop_frozen(params), rest), batch)
 
-  def loss_fn(params, features):
-    return objective.loss(nnx.merge(graphdef, stop_frozen(params), rest), features)
+  def loss_fn(params, features, valid):
+    return objective.loss(nnx.merge(graphdef, stop_frozen(params), rest), features, valid)
 
   def gradients(params, batch):
+    batch = dict(batch)
+    valid = batch.pop("valid", None)
     if grad_accum == 1:
       def total(p):
-        return loss_fn(p, features_fn(p, batch))
+        return loss_fn(p, features_fn(p, batch), valid)
       (loss, parts), grads = jax.value_and_grad(total, has_aux=True)(params)
       return loss, parts, grads
     sizes = {k: v.shape[0] for k, v in batch.items()}
@@ -186,7 +191,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
     stacked = jax.lax.map(lambda mb: features_fn(params, mb), micro)  # pass 1: features, no gradients
     features = jax.tree.map(_whole_batch, stacked)
     (loss, parts), (direct, feature_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        params, features)  # the loss on the whole batch; `direct` holds d loss / d logit_scale
+        params, features, valid)  # the loss on the whole batch; `direct` holds d loss / d logit_scale
     feature_grads = jax.tree.map(lambda g: _micro_batches(g, grad_accum, None), feature_grads)
 
     def accumulate(acc, inputs):  # pass 2: back-propagate each micro-batch's share of the feature gradient
@@ -220,6 +225,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
     metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm.astype(jnp.float32), "finite": finite,
                "logit_scale": logit_scale_of(new_params).astype(jnp.float32),
                **{k: v.astype(jnp.float32) for k, v in parts.items()}}
+    if "valid" in batch:  # corrupt records of the global batch, masked out of the loss (counted on the device)
+      metrics["masked_rows"] = (batch["valid"].shape[0] - jnp.sum(batch["valid"])).astype(jnp.float32)
     return new_params, new_opt_state, metrics
 
   if param_shardings is None:

@@ -49,16 +49,12 @@ class Hooks:
 # ------------------------------------------------------------------------------------------------ setup helpers
 
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when this process is one of several (SLURM, a TPU pod slice, Open MPI, or an
-  explicit JAX_COORDINATOR_ADDRESS); jax auto-detects the coordinator and the process ids in each case."""
-  if jax.distributed.is_initialized():
-    return
-  env = os.environ
-  several = (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-             or "," in env.get("TPU_WORKER_HOSTNAMES", "") or bool(env.get("JAX_COORDINATOR_ADDRESS")))
-  if several:
-    jax.distributed.initialize()
+def maybe_initialize_distributed(label: str | None = None) -> None:
+  """jax.distributed on every multi-process launch (clipvip_jax.distributed: plain env, SLURM, Open MPI, Cloud
+  TPU, Kubernetes); a no-op for one process."""
+  from clipvip_jax import distributed
+  distributed.initialize(label)
+  if jax.process_count() > 1:
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
@@ -141,22 +137,47 @@ class _MappedIterator:
 
 
 class _Preemption:
-  """SIGTERM sets a flag (the handler does nothing else); the loop saves and stops at the next step boundary."""
+  """SIGTERM (a preemption, `scancel`, a TPU maintenance event) and Ctrl-C ask for a save at the next step
+  boundary; a second Ctrl-C stops at once (KeyboardInterrupt).
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread: no handler, preemption is then only Orbax's multi-host signal
-      self._previous = None
+  One process: Python handlers set a flag. Several processes: every process must save the SAME step, so the
+  decision goes through JAX's preemption sync point (`reached(step)`, checked every step): the distributed
+  runtime catches SIGTERM itself (no Python SIGTERM handler may replace its handler) and the processes agree on
+  the first step boundary that all of them reach after the notice. Ctrl-C is turned into that SIGTERM.
+  """
+
+  def __init__(self, checkpointer: Any):
+    self._checkpointer = checkpointer
+    self._multi = jax.process_count() > 1
+    self._local = False
+    self._interrupts = 0
+    self._previous: dict[int, Any] = {}
+    wanted = (signal.SIGINT,) if self._multi else (signal.SIGINT, signal.SIGTERM)
+    for sig in wanted:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handler)
+      except ValueError:  # not the main thread: only the runtime's multi-host signal remains
+        pass
 
   def _handler(self, signum, frame) -> None:  # pylint: disable=unused-argument
-    self.requested = True
+    if signum == signal.SIGINT:
+      self._interrupts += 1
+      if self._interrupts > 1:
+        raise KeyboardInterrupt
+      log.warning("interrupted: saving a checkpoint at the next step boundary (Ctrl-C again to stop at once)")
+    if self._multi:
+      os.kill(os.getpid(), signal.SIGTERM)  # the runtime's own notifier: every process saves the same step
+    else:
+      self._local = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return bool(self._checkpointer.manager.reached_preemption(step))
+    return self._local
 
   def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -215,7 +236,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
   check_config(config)
   check_inputs(config)
   hooks = hooks or Hooks()
-  maybe_initialize_distributed()
+  maybe_initialize_distributed(f"train {workdir}")
   if config.get("compilation_cache_dir"):  # restarts (preemptions, resumed runs) then skip recompilation
     from jax.experimental.compilation_cache import compilation_cache
     jax.config.update("jax_compilation_cache_dir", str(config.compilation_cache_dir))
@@ -250,7 +271,10 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
                                        best_metric=ckpt_cfg.get("best_metric"),
                                        best_mode=ckpt_cfg.get("best_mode", "max"),
                                        async_save=bool(ckpt_cfg.get("async_save", True)))
-  host_iter = pipeline.make_train_iterator(config.data)
+  # This process reads only the rows of each global batch that its devices hold; the order of global batches
+  # depends on the data, the seed and the global batch size alone, so a checkpoint resumes on any topology.
+  host_iter = pipeline.make_train_iterator(config.data, rows=pipeline.host_rows(batch_sharding,
+                                                                                 config.data.batch_size))
   step, nonfinite_steps = 0, []
   latest = checkpointer.restorable_step(report=log.warning)  # damaged newer steps: named, set aside
   if latest is not None:
@@ -262,7 +286,8 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
     log.info("resumed from %s at step %d", workdir / ckpt_lib.CHECKPOINT_DIR, step)
   if hooks.transform_host_batch is not None:
     host_iter = _MappedIterator(host_iter, hooks.transform_host_batch, step + 1)
-  batches = pipeline.prefetch_to_device(host_iter, batch_sharding, size=int(config.get("prefetch", 2)))
+  batches = pipeline.prefetch_to_device(host_iter, batch_sharding, size=int(config.get("prefetch", 2)),
+                                        global_batch=config.data.batch_size)
 
   evaluator = _make_evaluator(config, ms, mesh, rules)
   eval_every = int((config.get("eval") or {}).get("every", 0) or 0)
@@ -283,7 +308,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
     checkpointer.save(at, params, opt_state, batches.get_state(), meta_of(), json.loads(config.to_json_best_effort()),
                       metrics=eval_metrics)
 
-  preemption = _Preemption()
+  preemption = _Preemption(checkpointer)
   compiled, flops, peak = None, None, run_logging.peak_flops_per_device(config.get("peak_flops_per_device"))
   pending: list[tuple[int, Any]] = []
   consecutive = 0
@@ -292,6 +317,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
   last_eval: dict[str, Any] = {}
   timing: dict[str, float] = {}
   preempted = False
+  masked_rows = [0]  # corrupt records of the global batches, kept in their rows and masked out of the loss
 
   def flush() -> None:
     """Metrics of the pending steps to the host (one transfer): report non-finite steps, log, time the window."""
@@ -313,6 +339,10 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
         consecutive = 0
       values = {k: float(v) for k, v in m.items() if k != "finite"}
       values["lr"] = float(lr)
+      if values.get("masked_rows"):
+        masked_rows[0] += int(values["masked_rows"])
+        logger.message(f"step {at}: {int(values['masked_rows'])} corrupt clip record(s) masked out of the loss "
+                       f"({masked_rows[0]} in this run)")
       logger.scalars(at, values)
       last_train = values
     step_time = (now - window_start) / max(window_steps, 1)
@@ -334,7 +364,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
       except StopIteration:
         logger.message(f"the training data ran out at step {step}")
         break
-      batch = {k: device_batch[k] for k in objective.batch_keys}
+      batch = {k: device_batch[k] for k in objective.batch_keys + step_lib.OPTIONAL_KEYS if k in device_batch}
       if compiled is None:  # compile once ahead of time: the executable also reports its FLOPs for the MFU
         t0 = time.time()
         compiled = train_step.fn.lower(params, opt_state, batch).compile()
@@ -361,7 +391,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
         window_start, window_steps = time.time(), 0
       if ((ckpt_every and step % ckpt_every == 0) or eval_metrics is not None) and step < total_steps:
         save(step, eval_metrics)
-      if preemption.requested or (jax.process_count() > 1 and checkpointer.manager.reached_preemption(step)):
+      if preemption.reached(step):
         flush()
         save(step)
         logger.message(f"preempted: saved step {step} in {workdir}; run again to resume")
@@ -380,7 +410,8 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
     logger.close()
     lock.release()
   summary = {"step": step, "total_steps": total_steps, "preempted": preempted, "workdir": str(workdir),
-             "nonfinite_steps": list(nonfinite_steps), "seconds": round(time.time() - started, 1),
+             "nonfinite_steps": list(nonfinite_steps), "masked_rows": masked_rows[0],
+             "seconds": round(time.time() - started, 1),
              "train": last_train, "perf": timing, "val": last_eval}
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
