@@ -8,13 +8,14 @@ scores are the model's own and only the candidate set is approximate. Recall@10 
 when the index is built (queries: index rows plus noise, renormalised) and nprobe is the smallest of NPROBES that
 reaches `target_recall`; both are recorded in approximate.json and printed by `info`.
 
-Why FAISS IVF with 8-bit scalar codes (faiss-cpu, "IVF{nlist},SQ8"; the coarse quantiser an HNSW graph from 1024
-clusters so that adding 10M rows does not cost 10M x nlist dot products): measured on 200k clustered rows of 512
-dims on the 2-core machine (docs/performance.md), after the exact re-scoring the recall is set by nprobe alone
-(0.858 / 0.895 / 0.932 / 0.954 at nprobe 8 / 16 / 32 / 64 for SQ8, PQ64 and PQ128 alike), while training took 7 s
-for SQ8 against 196 s (PQ64) and 370 s (PQ128). PQ's smaller codes (64 bytes a row against 512) are the choice
-when RAM is short: `codes="pq"` (0.7 GB at 10M x 512 instead of 5.1 GB). HNSW over the rows themselves keeps float
+Why FAISS IVF (faiss-cpu) with 8-bit codes: measured on 200k clustered rows of 512 dims on the 2-core machine
+(docs/performance.md), after the exact re-scoring the recall is set by nprobe alone (0.858 / 0.895 / 0.932 / 0.954
+at nprobe 8 / 16 / 32 / 64 for SQ8, PQ64 and PQ128 alike), so the codes only decide speed and memory: SQ8
+("IVF{nlist},SQ8", 512 bytes a row) trains in seconds (7 s there, against 196 s for PQ64 and 370 s for PQ128)
+and is the default below PQ_FROM rows; from there PQ64 (64 bytes a row: 0.7 GB at 10M x 512 instead of 5.1 GB,
+and 8x fewer bytes scanned per probe) is worth its fixed training time. HNSW over the rows themselves keeps float
 vectors plus a graph in memory (> 20 GB at 10M x 512), more than the 24 GB machine holds beside anything else.
+The coarse quantiser is exact (flat): assigning 10M rows to 1024 clusters is one matrix product per chunk.
 Inner-product metric: the stored rows are what the model's similarity takes a dot product of.
 """
 
@@ -40,12 +41,13 @@ DEFAULT_REFINE = 200  # candidates re-scored exactly per query
 DEFAULT_TARGET_RECALL = 0.95
 RECALL_QUERIES = 200
 TRAIN_PER_LIST = 64  # k-means training rows per cluster (FAISS warns below 39)
+PQ_FROM = 2_000_000  # rows from which codes="auto" picks PQ64 over SQ8
 
 
 def default_nlist(count: int) -> int:
-  """~2 sqrt(N) clusters, a power of two in [16, 4096]: about sqrt(N)/2 rows per cluster, so a probe of a few
-  dozen clusters scans well under 1% of a 10M-row index; capped so k-means training stays minutes on 2 cores."""
-  return int(min(4096, max(16, 2 ** round(math.log2(2 * math.sqrt(max(count, 1)))))))
+  """~sqrt(N) clusters, a power of two in [16, 1024]; capped so that assigning every row (N x nlist x D
+  multiply-adds) stays minutes for 10M rows on 2 cores (pass nlist for more on a bigger machine)."""
+  return int(min(1024, max(16, 2 ** round(math.log2(math.sqrt(max(count, 1)))))))
 
 
 def default_pq(dims: int) -> int:
@@ -126,10 +128,10 @@ def search(approx: ApproximateIndex, index, queries: np.ndarray, k: int, *, refi
   return rescore(index, queries, approx.candidates(queries, refine, nprobe), k)
 
 
-CODES = ("sq8", "pq")
+CODES = ("auto", "sq8", "pq")
 
 
-def build(index, *, nlist: int | None = None, codes: str = "sq8", refine: int = DEFAULT_REFINE,
+def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int = DEFAULT_REFINE,
           target_recall: float = DEFAULT_TARGET_RECALL, train_rows: int | None = None, add_rows: int = 262144,
           seed: int = 0, log=print) -> dict[str, Any]:
   """Trains and fills the IVF index for `index`, measures recall@10 per nprobe, writes DIR/approximate/
@@ -145,8 +147,9 @@ def build(index, *, nlist: int | None = None, codes: str = "sq8", refine: int = 
   nlist = min(nlist, max(1, index.count // 39))
   if codes not in CODES:
     raise UsageError(f"--codes {codes!r} is not one of {CODES}")
-  coarse = f"IVF{nlist}_HNSW32" if nlist >= 1024 else f"IVF{nlist}"
-  factory = f"{coarse},{'SQ8' if codes == 'sq8' else f'PQ{default_pq(d)}'}"
+  if codes == "auto":
+    codes = "pq" if index.count >= PQ_FROM else "sq8"
+  factory = f"IVF{nlist},{'SQ8' if codes == 'sq8' else f'PQ{default_pq(d)}'}"
   ivf = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
   rng = np.random.default_rng(seed)
   n_train = min(index.count, train_rows or max(nlist * TRAIN_PER_LIST, 65536))
@@ -161,24 +164,30 @@ def build(index, *, nlist: int | None = None, codes: str = "sq8", refine: int = 
   log(f"added {index.count} rows in {time.perf_counter() - t0:.0f} s")
   queries = recall_queries(index, seed=seed)
   _, truth = exact.top_k(index, queries, 10)
-  approx = ApproximateIndex(ivf, {"refine": refine})
-  recalls = {}
+  approx = ApproximateIndex(ivf, {"refine": refine, "factory": factory})
+  recalls: dict[tuple[int, int], float] = {}
   chosen = None
-  for nprobe in NPROBES:
-    if nprobe > nlist:
-      break
-    _, rows = search(approx, index, queries, 10, nprobe=nprobe)
-    recalls[nprobe] = recall_at(rows, truth)
-    log(f"nprobe {nprobe}: recall@10 {recalls[nprobe]:.3f}")
-    if recalls[nprobe] >= target_recall:
-      chosen = nprobe
+  # The smallest nprobe reaching the target; when PQ's ranking loses true neighbours before the re-scoring even
+  # with every cluster probed, 4x more candidates are re-scored.
+  for tried_refine in (refine, 4 * refine):
+    approx.meta["refine"] = tried_refine
+    for nprobe in NPROBES:
+      if nprobe > nlist:
+        break
+      _, rows = search(approx, index, queries, 10, nprobe=nprobe)
+      recalls[(nprobe, tried_refine)] = recall_at(rows, truth)
+      log(f"nprobe {nprobe}, refine {tried_refine}: recall@10 {recalls[(nprobe, tried_refine)]:.3f}")
+      if recalls[(nprobe, tried_refine)] >= target_recall:
+        chosen = (nprobe, tried_refine)
+        break
+    if chosen is not None:
       break
   if chosen is None:
-    chosen = max(recalls)
+    chosen = max(recalls, key=lambda key: (recalls[key], -key[1], -key[0]))
   meta = {"backend": "faiss", "faiss_version": faiss.__version__, "factory": factory, "metric": "inner_product",
-          "count": index.count, "dims": d, "nlist": nlist, "codes": codes, "nprobe": chosen, "refine": refine,
-          "recall_at_10": round(recalls[chosen], 4), "recall_by_nprobe": {str(k): round(v, 4) for k, v in
-                                                                         recalls.items()},
+          "count": index.count, "dims": d, "nlist": nlist, "codes": codes, "nprobe": chosen[0], "refine": chosen[1],
+          "recall_at_10": round(recalls[chosen], 4),
+          "recall_by_nprobe_refine": {f"{n},{r}": round(v, 4) for (n, r), v in recalls.items()},
           "recall_queries": "index rows + Gaussian noise (0.5 x norm), renormalised", "target_recall": target_recall}
   folder = approximate_dir(index.path)
   tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")

@@ -26,9 +26,10 @@ def _parser() -> argparse.ArgumentParser:
   info.add_argument("index", metavar="DIR")
   build = commands.add_parser("build-approximate", help="build the approximate-search index of DIR")
   build.add_argument("index", metavar="DIR")
-  build.add_argument("--nlist", type=int, help="IVF clusters (default ~2 sqrt(rows), a power of two <= 4096)")
-  build.add_argument("--codes", choices=("sq8", "pq"), default="sq8",
-                     help="row codes: 8-bit scalar (default) or product quantisation (8x smaller, slow to train)")
+  build.add_argument("--nlist", type=int, help="IVF clusters (default ~sqrt(rows), a power of two <= 1024)")
+  build.add_argument("--codes", choices=("auto", "sq8", "pq"), default="auto",
+                     help="row codes: 8-bit scalar or product quantisation (8x smaller, slow to train); auto: PQ from "
+                          "2M rows (default %(default)s)")
   build.add_argument("--refine", type=int, default=200, help="candidates re-scored exactly (default %(default)s)")
   build.add_argument("--target-recall", type=float, default=0.95,
                      help="smallest nprobe reaching this recall@10 is chosen (default %(default)s)")
