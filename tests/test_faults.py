@@ -293,23 +293,29 @@ def test_truncated_shard_is_named_by_train_eval_encode_and_preview(workdir, shar
 
 @pytest.mark.slow
 def test_full_disk_during_a_save_is_one_sentence_and_the_leftover_is_removed(workdir, shards, tmp_path):
-  """A file-size limit stands in for a full disk (EFBIG instead of ENOSPC, through the same write path): the
-  first save of a fresh run fails. One sentence; the next start removes the unfinished folder and says so."""
-  run = tmp_path / "run"
+  """A file-size limit stands in for a full disk (EFBIG instead of ENOSPC, through the same write path): a resumed
+  run's save of step 6 fails. One sentence; steps 2 and 4 intact; the next start removes the unfinished folder."""
+  run = _copy(workdir, tmp_path)
   # The limit is set in a launcher that then execs the trainer (no preexec_fn: this process runs JAX's threads).
   launcher = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
               "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
   env = {**os.environ, "XLA_FLAGS": ""}
-  proc = subprocess.run([sys.executable, "-c", launcher, "-m", "clipvip_jax.train", *_args(run, shards)], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=600)
+  argv = _args(run, shards)
+  argv[argv.index(f"--config.total_steps={STEPS}")] = "--config.total_steps=6"
+  proc = subprocess.run([sys.executable, "-c", launcher, "-m", "clipvip_jax.train", *argv], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  _assert_one_sentence(proc.stderr, "saving checkpoint step 2", str(run / "checkpoints"), "File too large")
+  _assert_one_sentence(proc.stderr, "saving checkpoint step 6", str(run / "checkpoints"), "File too large")
   assert len(proc.stderr.splitlines()) < 15, proc.stderr[-3000:]
-  assert [p.name for p in (run / "checkpoints").iterdir()] == ["2.orbax-checkpoint-tmp"]
+  assert "resumed from" in proc.stderr
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "6.orbax-checkpoint-tmp"]
+  assert ckpt_lib.step_damage(run / "checkpoints" / "4") is None  # nothing earlier lost
+  assert not (run / workdir_lock.LOCK_NAME).exists()
   reports = []
   ckpt_lib.remove_dead_saves(run / "checkpoints", reports.append)
-  assert list((run / "checkpoints").iterdir()) == [] and "2.orbax-checkpoint-tmp" in reports[0]
+  assert ckpt_lib.finished_steps(run / "checkpoints") == [2, 4] and "6.orbax-checkpoint-tmp" in reports[0]
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
 
 
 def test_checkpointer_removes_dead_saves_at_start(workdir, tmp_path, monkeypatch):
