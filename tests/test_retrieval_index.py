@@ -88,13 +88,19 @@ def test_a_future_format_fails_with_how_to_rebuild(tmp_path):
     read_index(tmp_path / "idx")
 
 
-def test_truncated_and_missing_parts_are_one_sentence(tmp_path):
+def test_truncated_and_missing_parts_are_one_sentence(tmp_path, capsys):
   rows = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
   write_index(tmp_path / "idx", rows, [str(i) for i in range(6)], META, part_rows=3)
   emb = tmp_path / "idx" / "parts" / "part-00001" / "embeddings.npy"
   emb.write_bytes(emb.read_bytes()[:-10])
   with pytest.raises(UsageError, match="part-00001/embeddings.npy is not a readable .npy array, probably truncated"):
     read_index(tmp_path / "idx")
+  before = sorted(tmp_path.rglob("*"))
+  with pytest.raises(SystemExit) as exc:
+    index_command.main(["info", str(tmp_path / "idx")])
+  assert exc.value.code == 2 and sorted(tmp_path.rglob("*")) == before  # nothing written
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "probably truncated" in err[0]
   emb.unlink()
   with pytest.raises(UsageError, match="part-00001/embeddings.npy is missing"):
     read_index(tmp_path / "idx")
