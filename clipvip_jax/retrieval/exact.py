@@ -2,8 +2,12 @@
 
 Each chunk of `chunk_rows` rows is scored against every query at once (one matrix product), and only the chunk's
 best k per query survive (np.argpartition: linear, no sort of the chunk); those are merged into the running top k.
-The process never holds more than one chunk's scores ([queries, chunk_rows] float32) and, for a float16 index, one
-float32 copy of the chunk; the rows themselves stay in the page cache, mapped, not copied.
+`threads` workers (default: the usable cores, at most 2) take alternate chunks, each with one BLAS thread: for a few
+queries the product is matrix-vector and bound by memory bandwidth, and separate chunks per thread stream memory
+without the per-call synchronisation of a multi-threaded BLAS call, which on a loaded machine stalls (1M rows, one
+query, load average 7 on the 2 cores: 899 ms with one 2-thread BLAS call per chunk, 191 ms single-threaded).
+The process holds at most `threads` chunks' scores ([queries, chunk_rows] float32 each) and, for a float16 index,
+as many float32 copies of chunks; the rows themselves stay in the page cache, mapped, not copied.
 
 Order is score descending, then row ascending: equal scores rank in index order, as a stable full sort would, and
 that holds at the chunk boundary too (every row tied with the k-th best of a chunk is kept for the merge).
@@ -15,16 +19,19 @@ for all of them.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import threading
+
 import numpy as np
 
 DEFAULT_CHUNK_ROWS = 65536  # 128 MiB of float32 rows at D = 512; the scores of 64 queries add 16 MiB
-# Up to this many queries the product is a matrix-vector one, bound by memory bandwidth: one BLAS thread reads as
-# fast as two, and on a loaded machine OpenBLAS's threads wait for each other at every call (1M rows, one query,
-# load average 7 on 2 cores: 899 ms with 2 threads, 191 ms with 1; docs/performance.md).
-SINGLE_THREAD_QUERIES = 8
-
-
 _NO_ROW = np.iinfo(np.int64).max  # padding rows sort after every real row
+
+
+def default_threads() -> int:
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return max(1, min(2, cores))
 
 
 def _merge(best_s: np.ndarray, best_r: np.ndarray, new_s: np.ndarray, new_r: np.ndarray,
@@ -36,8 +43,43 @@ def _merge(best_s: np.ndarray, best_r: np.ndarray, new_s: np.ndarray, new_r: np.
   return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
 
 
-def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray,
-                                                                                              np.ndarray]:
+def _empty(b: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+  return np.full((b, k), -np.inf, np.float32), np.full((b, k), _NO_ROW, np.int64)
+
+
+class _ChunkScorer:
+  """A chunk's own top k per query (ties at its k-th best decided by row); a float32 buffer per thread."""
+
+  def __init__(self, queries: np.ndarray, k: int):
+    self.queries, self.k = queries, k
+    self._local = threading.local()
+
+  def __call__(self, start: int, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    k, b = self.k, self.queries.shape[0]
+    if chunk.dtype != np.float32:  # float16 parts: one float32 copy of the chunk, reused by this thread
+      buffer = getattr(self._local, "buffer", None)
+      if buffer is None or buffer.shape != chunk.shape:
+        buffer = self._local.buffer = np.empty(chunk.shape, np.float32)
+      np.copyto(buffer, chunk, casting="unsafe")
+      chunk = buffer
+    scores = self.queries @ chunk.T
+    c = scores.shape[1]
+    cols = np.broadcast_to(np.arange(c), (b, c)) if c <= k else np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    cand_s = np.take_along_axis(scores, cols, axis=1)
+    best_s, best_r = _merge(*_empty(b, k), cand_s, cols + start, k)
+    if c > k:
+      # Columns tied with a query's k-th best that argpartition left out: the lowest row numbers must win the
+      # tie, so such queries merge every tied column (rare: exact float ties).
+      kth = cand_s.min(axis=1)
+      for i in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
+        tied = np.flatnonzero(scores[i] >= kth[i])
+        row_s, row_r = _merge(*_empty(1, k), scores[i:i + 1, tied], tied[None] + start, k)
+        best_s[i], best_r[i] = row_s[0], row_r[0]
+    return best_s, best_r
+
+
+def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+          threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(scores [B, k'] float32, rows [B, k'] int64), k' = min(k, rows in the index), best first.
 
   index: a clipvip_jax.retrieval.index.EmbeddingIndex (anything with `chunks(n)` and `count`).
@@ -45,39 +87,22 @@ def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK
   """
   from threadpoolctl import threadpool_limits
   queries = np.ascontiguousarray(queries, np.float32)
-  b = queries.shape[0]
-  with threadpool_limits(1 if b <= SINGLE_THREAD_QUERIES else None, user_api="blas"):
-    return _top_k(index, queries, k, chunk_rows)
-
-
-def _top_k(index, queries: np.ndarray, k: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
-  b = queries.shape[0]
-  best_s = np.full((b, k), -np.inf, np.float32)
-  best_r = np.full((b, k), _NO_ROW, np.int64)
-  buffer = None
-  for start, chunk in index.chunks(chunk_rows):
-    if chunk.dtype != np.float32:  # float16 parts: one float32 copy of the chunk, reused
-      if buffer is None or buffer.shape[0] < chunk.shape[0]:
-        buffer = np.empty((chunk.shape[0], chunk.shape[1]), np.float32)
-      np.copyto(buffer[:chunk.shape[0]], chunk, casting="unsafe")
-      chunk = buffer[:chunk.shape[0]]
-    scores = queries @ chunk.T
-    c = scores.shape[1]
-    if c <= k:
-      cols = np.broadcast_to(np.arange(c), (b, c))
+  threads = threads or default_threads()
+  scorer = _ChunkScorer(queries, k)
+  best_s, best_r = _empty(queries.shape[0], k)
+  with threadpool_limits(1, user_api="blas"):
+    if threads == 1:
+      for start, chunk in index.chunks(chunk_rows):
+        best_s, best_r = _merge(best_s, best_r, *scorer(start, chunk), k)
     else:
-      cols = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    cand_s = np.take_along_axis(scores, cols, axis=1)
-    merged_s, merged_r = _merge(best_s, best_r, cand_s, cols + start, k)
-    if c > k:
-      # Rows tied with a query's k-th best of this chunk that argpartition left out: the lowest row numbers
-      # must win the tie, so such queries merge every tied column (rare: exact float ties).
-      kth = cand_s.min(axis=1)
-      for i in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
-        tied = np.flatnonzero(scores[i] >= kth[i])
-        row_s, row_r = _merge(best_s[i:i + 1], best_r[i:i + 1], scores[i:i + 1, tied], tied[None] + start, k)
-        merged_s[i], merged_r[i] = row_s[0], row_r[0]
-    best_s, best_r = merged_s, merged_r
+      with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending = []
+        for start, chunk in index.chunks(chunk_rows):
+          pending.append(pool.submit(scorer, start, chunk))
+          if len(pending) >= threads:  # at most `threads` chunks in flight: memory stays bounded
+            best_s, best_r = _merge(best_s, best_r, *pending.pop(0).result(), k)
+        for future in pending:
+          best_s, best_r = _merge(best_s, best_r, *future.result(), k)
   kk = min(k, index.count)
   return best_s[:, :kk], best_r[:, :kk]
 
