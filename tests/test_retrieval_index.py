@@ -35,10 +35,11 @@ def test_exact_chunked_search_equals_the_brute_force_reference(tmp_path, dtype, 
   assert len(index.parts) == -(-n // part_rows) and index.dtype == dtype
   queries = np.concatenate([_tied_rows(5, 6, seed=99), rows[:2]])
   for k in (1, 3, 10, n + 5):
-    got_s, got_r = exact.top_k(index, queries, k, chunk_rows=chunk_rows)
     want_s, want_r = exact.reference_top_k(rows, queries, k)
-    np.testing.assert_array_equal(got_r, want_r)
-    np.testing.assert_array_equal(got_s, want_s)
+    for options in ({"threads": 1}, {"threads": 2}, {"on_device": True}):
+      got_s, got_r = exact.top_k(index, queries, k, chunk_rows=chunk_rows, **options)
+      np.testing.assert_array_equal(got_r, want_r)
+      np.testing.assert_array_equal(got_s, want_s)
 
 
 def test_ties_at_a_chunk_cut_rank_by_row(tmp_path):
@@ -46,8 +47,10 @@ def test_ties_at_a_chunk_cut_rank_by_row(tmp_path):
   rows = np.ones((10, 4), np.float32)
   rows[5] = 2.0  # the one better row
   write_index(tmp_path / "idx", rows, [str(i) for i in range(10)], META, part_rows=4)
-  _, got = exact.top_k(read_index(tmp_path / "idx"), np.ones((1, 4), np.float32), 4, chunk_rows=3)
-  assert got.tolist() == [[5, 0, 1, 2]]
+  for on_device in (False, True):
+    _, got = exact.top_k(read_index(tmp_path / "idx"), np.ones((1, 4), np.float32), 4, chunk_rows=3,
+                         on_device=on_device)
+    assert got.tolist() == [[5, 0, 1, 2]]
 
 
 def test_parts_ids_captions_and_row_lookup(tmp_path):

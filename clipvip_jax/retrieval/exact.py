@@ -9,6 +9,11 @@ query, load average 7 on the 2 cores: 899 ms with one 2-thread BLAS call per chu
 The process holds at most `threads` chunks' scores ([queries, chunk_rows] float32 each) and, for a float16 index,
 as many float32 copies of chunks; the rows themselves stay in the page cache, mapped, not copied.
 
+With an accelerator (jax's default backend is not the CPU; or `on_device=True`), each chunk is copied to the
+device, padded to `chunk_rows` rows so that one compiled function serves every chunk, and scored there with
+lax.top_k; the host merges the per-chunk results the same way (a query whose k-th best is tied inside a chunk is
+re-done on the host from the chunk, so the tie order is the same).
+
 Order is score descending, then row ascending: equal scores rank in index order, as a stable full sort would, and
 that holds at the chunk boundary too (every row tied with the k-th best of a chunk is kept for the merge).
 
@@ -78,15 +83,62 @@ class _ChunkScorer:
     return best_s, best_r
 
 
+class _DeviceChunkScorer:
+  """_ChunkScorer's result computed on the default JAX device (one compiled shape: [chunk_rows, D])."""
+
+  def __init__(self, queries: np.ndarray, k: int, chunk_rows: int):
+    import jax
+    import jax.numpy as jnp
+    self.host, self.k, self.chunk_rows = _ChunkScorer(queries, k), k, chunk_rows
+    self.queries = jax.device_put(queries)
+    kk = min(k, chunk_rows)
+
+    @jax.jit
+    def score(q, chunk, valid):
+      scores = jnp.dot(q, chunk.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+      scores = jnp.where(jnp.arange(chunk.shape[0])[None] < valid, scores, -jnp.inf)
+      values, cols = jax.lax.top_k(scores, kk)
+      ties = jnp.sum(scores >= values[:, -1:], axis=1)
+      return values, cols, ties
+
+    self._score = score
+
+  def __call__(self, start: int, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c = chunk.shape[0]
+    if c < self.k:
+      return self.host(start, chunk)
+    padded = chunk if c == self.chunk_rows else np.concatenate(
+        [chunk, np.zeros((self.chunk_rows - c, chunk.shape[1]), chunk.dtype)])
+    values, cols, ties = (np.asarray(x) for x in self._score(self.queries, padded, np.int32(c)))
+    b = values.shape[0]
+    best_s, best_r = _merge(*_empty(b, self.k), values.astype(np.float32), cols.astype(np.int64) + start, self.k)
+    tied = np.flatnonzero(ties > self.k)
+    if len(tied):  # exact ties at the cut: the host decides them by row, as everywhere else
+      host_s, host_r = _ChunkScorer(self.host.queries[tied], self.k)(start, np.asarray(chunk))
+      best_s[tied], best_r[tied] = host_s, host_r
+    return best_s, best_r
+
+
 def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-          threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+          threads: int | None = None, on_device: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(scores [B, k'] float32, rows [B, k'] int64), k' = min(k, rows in the index), best first.
 
   index: a clipvip_jax.retrieval.index.EmbeddingIndex (anything with `chunks(n)` and `count`).
-  queries: [B, D] float32 query embeddings.
+  queries: [B, D] float32 query embeddings. on_device: score on the JAX default device (None: when it is not
+  the CPU).
   """
   from threadpoolctl import threadpool_limits
   queries = np.ascontiguousarray(queries, np.float32)
+  if on_device is None:
+    import jax
+    on_device = jax.default_backend() != "cpu"
+  if on_device:
+    scorer = _DeviceChunkScorer(queries, k, chunk_rows)
+    best_s, best_r = _empty(queries.shape[0], k)
+    for start, chunk in index.chunks(chunk_rows):
+      best_s, best_r = _merge(best_s, best_r, *scorer(start, chunk), k)
+    kk = min(k, index.count)
+    return best_s[:, :kk], best_r[:, :kk]
   threads = threads or default_threads()
   scorer = _ChunkScorer(queries, k)
   best_s, best_r = _empty(queries.shape[0], k)
