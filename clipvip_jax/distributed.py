@@ -113,6 +113,35 @@ def initialize(label: str | None = None) -> None:
                              cluster_detection_method="deactivate" if explicit else None,
                              heartbeat_timeout_seconds=heartbeat)
   _set_filter_process_id(jax.process_index(), jax.process_count())
+  _exit_promptly_on_uncaught_errors()
+
+
+def _exit_promptly_on_uncaught_errors() -> None:
+  """An uncaught exception in one process: print it, then leave at once. A normal interpreter exit would first
+  wait in jax's shutdown barrier for processes that are still working (up to its 5-minute timeout); leaving now
+  lets the others learn at once that this process is gone."""
+  previous = sys.excepthook
+
+  def hook(kind, value, traceback):
+    previous(kind, value, traceback)
+    finish(1)
+
+  sys.excepthook = hook
+
+
+def finish(code: int) -> int:
+  """The exit status of a command: a failing process of a multi-process run exits here and now (see above);
+  otherwise `code` is returned for sys.exit."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if code and jax.distributed.is_initialized():
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):
+        pass
+    os._exit(code if 0 < code < 256 else 1)
+  return code
 
 
 _filter: subprocess.Popen | None = None

@@ -9,4 +9,5 @@ import sys
 from clipvip_jax.train.cli import eval_main
 
 if __name__ == "__main__":
-  sys.exit(eval_main())
+  from clipvip_jax import distributed
+  sys.exit(distributed.finish(eval_main()))

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.peak_flops_per_device = 0.0
   c.prefetch = 2
   c.compilation_cache_dir = ""
+  c.record_batches = False  # write every global batch's clip ids to WORKDIR/batches.jsonl (debugging)
 
   c.mesh = (-1, 1, 1)
   c.sharding_rules = tuple(DEFAULT_RULES)

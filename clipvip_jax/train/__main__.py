@@ -5,4 +5,5 @@ import sys
 from clipvip_jax.train.cli import train_main
 
 if __name__ == "__main__":
-  sys.exit(train_main())
+  from clipvip_jax import distributed
+  sys.exit(distributed.finish(train_main()))

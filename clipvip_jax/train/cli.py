@@ -192,6 +192,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if isinstance(e, (ckpt_lib.DamagedCheckpointError, sources.DamagedShardError)):
       return _fail(prog, one_sentence(e))  # names the step or file itself
     return _fail(prog, f"{type(e).__name__}: {one_sentence(e)}")
+  import jax
+  if jax.process_index() != 0:  # every process computed the same metrics; one writes and prints them
+    return 0
   print(format_table(result))
   output = args.output
   if output is None and ckpt_lib.is_workdir(ckpt):
@@ -207,11 +210,12 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, split: str, *, which: str = "latest",
                         dtype: str = "float32") -> dict[str, Any]:
   """Library form of the eval command: metrics of `checkpoint` on `split` with the config's data settings."""
-  from clipvip_jax import kinds
+  from clipvip_jax import distributed, kinds
   from clipvip_jax.evaluate import Evaluator
   from clipvip_jax.train import checkpoint as ckpt_lib
   from clipvip_jax.train import model_init, sharding
   from data_pipelines import pipeline
+  distributed.initialize(f"eval {checkpoint}")  # several processes: each encodes its slice of the videos
   step = None
   if ckpt_lib.is_workdir(checkpoint):
     step_dir = ckpt_lib.resolve_step(checkpoint, which)

@@ -309,6 +309,19 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
                       metrics=eval_metrics)
 
   preemption = _Preemption(checkpointer)
+  record_batches = bool(config.get("record_batches"))
+  if record_batches:
+    from jax.experimental import multihost_utils
+
+    def record_batch(at: int, device_batch: Mapping[str, jax.Array]) -> None:
+      """config.record_batches: the global batch's clip ids (and valid flags) to WORKDIR/batches.jsonl, one line
+      a step, written by process 0: how to check that two topologies or a resumed run see the same data. It
+      gathers the batch's ids on every step (a small collective): for debugging, not for production runs."""
+      ids, valid = (np.asarray(multihost_utils.process_allgather(device_batch[k], tiled=True))
+                    for k in ("clip_index", "valid"))
+      if jax.process_index() == 0:
+        with open(workdir / "batches.jsonl", "a", encoding="utf-8") as f:
+          f.write(json.dumps({"step": at, "clip_index": ids.tolist(), "valid": valid.tolist()}) + "\n")
   compiled, flops, peak = None, None, run_logging.peak_flops_per_device(config.get("peak_flops_per_device"))
   pending: list[tuple[int, Any]] = []
   consecutive = 0
@@ -365,6 +378,8 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
         logger.message(f"the training data ran out at step {step}")
         break
       batch = {k: device_batch[k] for k in objective.batch_keys + step_lib.OPTIONAL_KEYS if k in device_batch}
+      if record_batches:
+        record_batch(step + 1, device_batch)
       if compiled is None:  # compile once ahead of time: the executable also reports its FLOPs for the MFU
         t0 = time.time()
         compiled = train_step.fn.lower(params, opt_state, batch).compile()
