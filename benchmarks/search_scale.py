@@ -165,7 +165,7 @@ def measure_one(path: pathlib.Path, backend: str, repeats: int, batch_repeats: i
   return result
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--sizes", default="100000,1000000,10000000")
   p.add_argument("--backends", default="exact,approximate")
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.one:
     print(json.dumps(measure_one(pathlib.Path(args.one[0]), args.one[1], args.repeats, args.batch_repeats)))
-    return 0
+    return []
   from benchmarks.common import machine_lines
   work = pathlib.Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
@@ -191,9 +191,11 @@ def main(argv=None) -> int:
       # Exact search of 10M float16 rows takes seconds per call: fewer calls there.
       repeats, batch_repeats = ((5, 2) if backend == "exact" and n > 2_000_000 else (args.repeats, args.batch_repeats))
       load = os.getloadavg()
+      repo = str(pathlib.Path(__file__).resolve().parents[1])
+      env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
       done = subprocess.run([sys.executable, "-m", "benchmarks.search_scale", "--one", str(path), backend,
                              "--repeats", str(repeats), "--batch-repeats", str(batch_repeats)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=env, cwd=repo)
       if done.returncode:
         print(done.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"measuring {path} {backend} failed")
@@ -204,6 +206,11 @@ def main(argv=None) -> int:
       print(json.dumps(row), flush=True)
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+  _print_table(rows)
+  return rows
+
+
+def _print_table(rows: list[dict]) -> None:
   print("\n| rows | dtype | backend | 1 query p50 / p99 (min-max) ms | 64 queries p50 / p99 (min-max) ms | "
         "peak anon MiB | VmHWM MiB | recall@10 |")
   print("|---|---|---|---|---|---|---|---|")
@@ -213,8 +220,7 @@ def main(argv=None) -> int:
     recall = f"{r['recall_at_10']:.3f}" if "recall_at_10" in r else "1 (exact)"
     print(f"| {r['rows']:,} | {r['dtype']} | {r['backend']}{' ' + r['factory'] + ' nprobe ' + str(r['nprobe']) if 'factory' in r else ''} | "
           f"{lat(r['one'])} | {lat(r['batch64'])} | {r['peak_anon_mib']:.0f} | {r['vm_hwm_mib']:.0f} | {recall} |")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()
