@@ -138,3 +138,63 @@ def test_pattern_matching_no_parameter_is_an_error():
     optim.param_rules(_params(), frozen=[r"^vision/patch"])
   with pytest.raises(ValueError, match="not a regular expression"):
     optim.param_rules(_params(), frozen=["("])
+
+
+def test_global_clip_uses_torch_arithmetic_norm_plus_1e6():
+  # clip_grad_norm_: g * max_norm / (norm + 1e-6) when that is below 1; unchanged otherwise.
+  tx = optim.clip_by_global_norm(1.0)
+  grads = {"w": jnp.array([3.0, 4.0])}
+  out, _ = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(out["w"], np.array([3.0, 4.0]) / (5.0 + 1e-6), rtol=1e-7)
+  small = {"w": jnp.array([0.3, 0.4])}
+  np.testing.assert_array_equal(tx.update(small, tx.init(small))[0]["w"], small["w"])
+
+
+def test_bert_adam_clips_each_original_tensor_with_split_parts_joined():
+  """BertAdam's per-tensor clip_grad_norm_(p, 1.0): query/key/value of one fused in_proj clipped on their joint
+  norm, every other tensor on its own; frozen tensors are left alone."""
+  params = {"attn": {"query": {"kernel": jnp.zeros(2)}, "key": {"kernel": jnp.zeros(2)},
+                     "value": {"kernel": jnp.zeros(2)}, "out": {"kernel": jnp.zeros(2)}},
+            "frozen": jnp.zeros(1)}
+  rules = optim.param_rules(params, frozen=[r"^frozen$"],
+                            clip_units=[(r"/(query|key|value)/(kernel|bias)$", r"/in_proj/\2")])
+  assert {r.clip_unit for r in jax.tree.leaves(rules) if "attn" in r.name} == {"attn/in_proj/kernel",
+                                                                               "attn/out/kernel"}
+  grads = {"attn": {"query": {"kernel": jnp.array([2.0, 0.0])}, "key": {"kernel": jnp.array([0.0, 2.0])},
+                    "value": {"kernel": jnp.array([1.0, 0.0])}, "out": {"kernel": jnp.array([0.6, 0.8])}},
+           "frozen": jnp.array([5.0])}
+  out = optim.clip_per_tensor(grads, rules, 1.0)
+  joint = 1.0 / (3.0 + 1e-6)  # |(2, 0, 0, 2, 1, 0)| = 3
+  np.testing.assert_allclose(out["attn"]["query"]["kernel"], [2.0 * joint, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(out["attn"]["value"]["kernel"], [joint, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(out["attn"]["out"]["kernel"], [0.6, 0.8], rtol=1e-6)  # norm 1: min(1, 1/(1+1e-6))
+  np.testing.assert_array_equal(out["frozen"], [5.0])
+  # Inside the optimiser the clipped gradient is what enters the moments.
+  tx = optim.reference_adam(lambda c: jnp.float32(0.1), rules, variant="bert_adam", per_tensor_clip_norm=1.0)
+  _, state = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(state.mu["attn"]["key"]["kernel"], [0.0, 0.1 * 2.0 * joint], rtol=1e-6)
+
+
+def test_clamp_rules_act_before_or_after_the_update():
+  params = {"logit_scale": jnp.array(5.5), "w": jnp.array([9.0])}
+  before = optim.param_rules(params, clamp=[(r"^logit_scale$", 0.0, math.log(200.0))], clamp_when="before_update")
+  after = optim.param_rules(params, clamp=[(r"^logit_scale$", None, math.log(100.0))], clamp_when="after_update")
+  assert float(optim.clamp_params(params, before, "before_update")["logit_scale"]) == pytest.approx(math.log(200))
+  assert float(optim.clamp_params(params, before, "after_update")["logit_scale"]) == 5.5
+  assert float(optim.clamp_params(params, after, "after_update")["logit_scale"]) == pytest.approx(math.log(100))
+  low = {"logit_scale": jnp.array(-3.0), "w": jnp.array([9.0])}
+  assert float(optim.clamp_params(low, after, "after_update")["logit_scale"]) == -3.0  # no lower bound
+  assert float(optim.clamp_params(low, before, "before_update")["logit_scale"]) == 0.0
+  np.testing.assert_array_equal(optim.clamp_params(params, before, "before_update")["w"], [9.0])
+  with pytest.raises(ValueError, match="clamp_when"):
+    optim.param_rules(params, clamp_when="after_backward")
+
+
+def test_bert_schedule_spans_a_fractional_t_total():
+  # CLIP4Clip: t_total = (int(batches + accum - 1) / accum) * epochs, e.g. 13 / 4 = 3.25 updates.
+  cfg = {"name": "bert_adam", "lr": 1.0, "schedule": "bert_warmup_cosine", "warmup_fraction": 0.1,
+         "schedule_steps": 3.25}
+  _, schedule, _ = optim.make_optimizer(cfg, {"w": jnp.zeros(1)}, total_steps=4)
+  assert float(schedule(1)) == pytest.approx(0.5 * (1 + math.cos(math.pi / 3.25)), rel=1e-6)
+  with pytest.raises(ValueError, match="whole updates"):
+    optim.make_optimizer({"lr": 1.0, "schedule_steps": 3.25}, {"w": jnp.zeros(1)}, total_steps=4)

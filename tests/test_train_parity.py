@@ -240,6 +240,24 @@ def test_recipe_optimiser_schedule_and_clamp_are_the_originals(fx):
   assert o.clamp_when == expected
 
 
+RULE_KEYS = ("name", "schedule", "b1", "b2", "eps", "no_decay", "frozen", "clamp", "clamp_when",
+             "per_tensor_clip_norm", "per_tensor_clip_units")
+
+
+@pytest.mark.parametrize("kind", sorted(RECIPE))
+def test_every_recipe_of_a_kind_has_the_same_update_rules(kind):
+  """The rules checked against the fixture hold for every recipe of that original, not only the one run here (the
+  settings - lr, decay, clip norm, warmup, multipliers - are each recipe's own)."""
+  from clipvip_jax.train.cli import load_config
+  main = load_config(str(REPO / RECIPE[kind])).optim
+  recipes = sorted(REPO.glob(FAMILY[kind]))
+  assert len(recipes) > 1
+  for path in recipes:
+    o = load_config(str(path)).optim
+    for key in RULE_KEYS:
+      assert o.get(key) == main.get(key), f"{path.name}: optim.{key} = {o.get(key)!r}, {RECIPE[kind]} has {main.get(key)!r}"
+
+
 def test_parameter_groups_lr_decay_and_freezing_match_the_fixture(fx, run):
   """Every parameter in the group the original put it in: its lr at every update (schedule x multiplier), weight
   decay or not, frozen or not; and every parameter of ours belongs to exactly one original tensor."""
