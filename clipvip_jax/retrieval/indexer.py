@@ -178,6 +178,9 @@ class ShardClips:
     videos = grain.MapDataset.source(sources.KeyedSource(data.source, range(start, stop))).map(
         examples.EvalVideo(data.config.example_spec())).to_iter_dataset()
     if self.workers:
+      from absl import flags
+      if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers (as pipeline.py does)
+        flags.FLAGS.mark_as_parsed()
       videos = videos.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
                                                                per_worker_buffer_size=2 * batch_size))
 
