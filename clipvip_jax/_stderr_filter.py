@@ -88,6 +88,9 @@ def run(label: str, process_id: int, stdin, stdout) -> None:
         fields = line[len(CONTROL):].split()
         if len(fields) == 3 and fields[0] == b"process":
           process = f"process {int(fields[1])} of {int(fields[2])}"
+        elif fields and fields[0] == b"say" and not done:  # the run's own sentence: print it, drop the rest
+          emit(line[len(CONTROL) + 4:])
+          done = True
         continue
       if done:
         continue

@@ -108,7 +108,9 @@ def initialize(label: str | None = None) -> None:
     raise LaunchError(f"{ENV_PROCESS_ID}={process_id} is outside 0..{num_processes - 1}")
   heartbeat = _int_env(env, ENV_HEARTBEAT) or DEFAULT_HEARTBEAT_SECONDS
   explicit = None not in (coordinator, num_processes, process_id)
-  _start_stderr_filter(label or " ".join(sys.argv[:1]), process_id)
+  global _label
+  _label = label or " ".join(sys.argv[:1])
+  _start_stderr_filter(_label, process_id)
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                              cluster_detection_method="deactivate" if explicit else None,
                              heartbeat_timeout_seconds=heartbeat)
@@ -123,10 +125,46 @@ def _exit_promptly_on_uncaught_errors() -> None:
   previous = sys.excepthook
 
   def hook(kind, value, traceback):
+    if is_lost_peer(value):
+      exit_lost_peer(value)
     previous(kind, value, traceback)
     finish(1)
 
   sys.excepthook = hook
+
+
+_PEER_LOST_MARKS = ("Gloo", "Connection closed by peer", "Connection reset by peer", "coordination service",
+                    "UNAVAILABLE", "Socket closed")
+
+
+def is_lost_peer(error: BaseException) -> bool:
+  """Whether `error` is a collective or runtime call that failed because another process of a multi-process run
+  is gone (a gloo/NCCL peer closed its connection, the coordination service is unreachable)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if not jax.distributed.is_initialized() or jax.process_count() < 2:
+    return False
+  if not isinstance(error, (jax.errors.JaxRuntimeError, RuntimeError)):
+    return False
+  text = str(error)
+  return any(mark in text for mark in _PEER_LOST_MARKS)
+
+
+def exit_lost_peer(error: BaseException, label: str | None = None) -> None:
+  """Ends this process now with one sentence for an `is_lost_peer` error: no traceback from inside the
+  collective, and no cleanup that would wait on the lost process (exit status 1)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+  text = (f"clipvip_jax: {label or _label}: process {jax.process_index()} of {jax.process_count()} stops because "
+          f"another process of the job was lost (a collective failed: {first}); the JAX distributed runtime "
+          "cannot continue without every process. Relaunch all processes to resume (training continues from its "
+          "last complete checkpoint).")
+  if _filter is not None:
+    sys.stderr.write(f"{_FILTER_CONTROL}say {text}\n")  # printed once, and the runtime's later noise dropped
+  else:
+    sys.stderr.write(text + "\n")
+  finish(1)
 
 
 def finish(code: int) -> int:
@@ -145,6 +183,7 @@ def finish(code: int) -> int:
 
 
 _filter: subprocess.Popen | None = None
+_label = "run"
 
 
 def _start_stderr_filter(label: str, process_id: int | None) -> None:

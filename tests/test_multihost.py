@@ -78,6 +78,12 @@ def test_stderr_filter_turns_the_runtime_abort_into_one_sentence(tmp_path):
   text = out.read_text().splitlines()
   assert text[0] == "step 3 ok" and len(text) == 2, text
   assert text[1].startswith("clipvip_jax: train w: process 0 of 2 stops because process 1 stopped responding")
+  # The run's own sentence (a collective failed first) is printed once and the runtime's abort after it dropped.
+  (tmp_path / "in").write_bytes(distributed._FILTER_CONTROL.encode() + b"say clipvip_jax: train w: lost\n"  # pylint: disable=protected-access
+                                + b"".join(lines[1:]))
+  with open(tmp_path / "in", "rb") as stdin, open(out, "wb") as stdout:
+    _stderr_filter.run("train w", 0, stdin, stdout)
+  assert out.read_text() == "clipvip_jax: train w: lost\n"
   assert "the coordinator (process 0) is gone" in _stderr_filter.lost_processes(
       "Failed to send RPC to coordination service. Either the leader task was preempted/died")
 

@@ -419,6 +419,11 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
         logger.scalars(step, _scalars(last_eval), prefix=eval_prefix)
         logger.message(f"final val t2v R@1 {last_eval['t2v/R@1']:.1f}, v2t R@1 {last_eval['v2t/R@1']:.1f}")
       save(step, {f"{eval_prefix}{k}": v for k, v in _scalars(last_eval).items()} if last_eval else None)
+  except Exception as e:
+    from clipvip_jax import distributed
+    if distributed.is_lost_peer(e):  # another process is gone: one sentence, no cleanup that would wait for it
+      distributed.exit_lost_peer(e)
+    raise
   finally:
     preemption.restore()
     checkpointer.close()
