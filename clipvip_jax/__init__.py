@@ -3,6 +3,7 @@
     import clipvip_jax
     model = clipvip_jax.load_pretrained(path)       # converted dir, HF CLIP dir or PyTorch checkpoint
     ids, mask = clipvip_jax.tokenize(["a cat"])     # CLIP BPE, [N, 77] int32
+    clipvip_jax.Searcher("idx/").search(["a cat"])   # an index from python -m clipvip_jax.encode, model loaded once
 
 Names are imported on first use, so `import clipvip_jax` stays cheap (no JAX, torch or transformers import).
 """
@@ -18,6 +19,7 @@ _EXPORTS = {
     "Pretrained": "clipvip_jax.retrieval.pretrained",
     "tokenize": "clipvip_jax.tokenizer",
     "extract_embeddings": "clipvip_jax.retrieval.extraction",
+    "Searcher": "clipvip_jax.retrieval.search",
     "CLIP": "clipvip_jax.models.clip",
     "CLIPConfig": "clipvip_jax.models.clip",
     "clip_config": "clipvip_jax.models.clip",
