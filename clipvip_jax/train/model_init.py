@@ -174,7 +174,8 @@ def _override_logit_scale(ms: ModelState, value: Any) -> ModelState:
     name = path_name(path)
     if name == "logit_scale" or name.endswith("/logit_scale"):
       hits.append(name)
-      return jax.device_put(np.full(x.shape, value, np.float32), x.sharding)
+      full = np.full(x.shape, value, np.float32)  # every host holds it: works across hosts, as place_params
+      return jax.make_array_from_callback(x.shape, x.sharding, lambda index: full[index])
     return x
 
   params = jax.tree_util.tree_map_with_path(one, ms.params)
