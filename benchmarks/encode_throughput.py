@@ -1,10 +1,11 @@
-"""Encode throughput (clips/s): CLIP-ViP through encode's own path against the PyTorch peer, in the same run.
+"""Encode throughput (clips/s): CLIP-ViP (and our meanP) through encode's own path against the PyTorch peer.
 
     nice python -m benchmarks.encode_throughput --variants B/32,B/16 --batch 8 --frames 12 --repeats 5
 
 ours: a CLIP-ViP model (random weights, 4 proxies, block-sparse proxy attention, T = --frames) wrapped as encode
 wraps it (retrieval.pretrained.Pretrained -> extraction.device_encoder over the local devices), one jitted
-encode_video call per batch of --batch clips, float32. peer: transformers' CLIPModel of the same width and depth,
+encode_video call per batch of --batch clips, float32; `--models meanp`: our meanP, the peer's own model (CLIP per
+frame, mean-pooled) in JAX, for the framework comparison at equal work. peer: transformers' CLIPModel of the same width and depth,
 every frame through the vision tower as an image (SDPA attention), frame embeddings L2-normalised and mean-pooled
 (CLIP4Clip meanP: what a user without CLIP-ViP would run), torch.no_grad, float32. The two are timed
 interleaved (A B A B) after a warm-up so a change in the shared machine's load hits both; the figure is clips per
@@ -24,11 +25,19 @@ import numpy as np
 from benchmarks.common import interleaved, machine_lines
 
 
-def _ours(variant: str, frames: int):
+def _ours(variant: str, frames: int, model: str):
+  """encode's path for CLIP-ViP, or for our meanP (the peer's own model: the same per-frame CLIP, mean-pooled)."""
+  from flax import nnx
+
   from clipvip_jax import kinds
   from clipvip_jax.models import clip, clipvip
+  from clipvip_jax.models.meanp import MeanPoolCLIP
   from clipvip_jax.retrieval.extraction import device_encoder
   from clipvip_jax.retrieval.pretrained import Pretrained
+  if model == "meanp":
+    cfg = clip.clip_config(variant)
+    pretrained = Pretrained(MeanPoolCLIP(cfg, rngs=nnx.Rngs(0)), "meanp", cfg)
+    return device_encoder(pretrained, "encode_video"), cfg
   cfg = clipvip.CLIPViPConfig(clip=clip.clip_config(variant), num_proxies=4, temporal_size=frames)
   pretrained = Pretrained(kinds.build_model("clipvip", cfg), "clipvip", cfg)
   return device_encoder(pretrained, "encode_video"), cfg.clip
@@ -58,6 +67,7 @@ def _peer(clip_cfg):
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--variants", default="B/32")
+  p.add_argument("--models", default="clipvip", help="ours: clipvip and/or meanp (comma-separated)")
   p.add_argument("--batch", type=int, default=8, help="clips per call")
   p.add_argument("--frames", type=int, default=12)
   p.add_argument("--repeats", type=int, default=5)
@@ -67,8 +77,8 @@ def main(argv=None) -> list[dict]:
   for line in machine_lines(("torch", "transformers")):
     print(line)
   rows = []
-  for variant in args.variants.split(","):
-    ours, clip_cfg = _ours(variant, args.frames)
+  for variant, model in ((v, m) for v in args.variants.split(",") for m in args.models.split(",")):
+    ours, clip_cfg = _ours(variant, args.frames, model)
     if args.image_size != clip_cfg.vision.image_size:
       raise SystemExit(f"--image-size {args.image_size}: {variant} takes {clip_cfg.vision.image_size}")
     peer = _peer(clip_cfg)
@@ -78,7 +88,7 @@ def main(argv=None) -> list[dict]:
     mask = np.ones((args.batch, args.frames), np.int32)
     out = interleaved({"ours": lambda: ours(video=video, frame_mask=mask), "peer": lambda: peer(video, mask)},
                       warmup=args.warmup, repeats=args.repeats, track_memory=False)
-    row = {"variant": variant, "frames": args.frames, "batch": args.batch, "load_avg": os.getloadavg(),
+    row = {"variant": variant, "model": model, "frames": args.frames, "batch": args.batch, "load_avg": os.getloadavg(),
            **{f"{name}_clips_per_s": args.batch / m.median for name, m in out.items()},
            **{f"{name}_spread": m.spread for name, m in out.items()}}
     row["speedup"] = row["ours_clips_per_s"] / row["peer_clips_per_s"]
@@ -87,7 +97,7 @@ def main(argv=None) -> list[dict]:
   print("\n| model | frames | batch | ours clips/s (spread) | peer clips/s (spread) | ours / peer |")
   print("|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| CLIP-ViP {r['variant']} | {r['frames']} | {r['batch']} | {r['ours_clips_per_s']:.2f} "
+    print(f"| {'CLIP-ViP' if r['model'] == 'clipvip' else 'meanP'} {r['variant']} | {r['frames']} | {r['batch']} | {r['ours_clips_per_s']:.2f} "
           f"({r['ours_spread']:.0%}) | {r['peer_clips_per_s']:.2f} ({r['peer_spread']:.0%}) | {r['speedup']:.2f}x |")
   return rows
 
