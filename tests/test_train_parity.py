@@ -41,9 +41,10 @@ FAMILY = {"clipvip": "configs/clipvip_*.py", "clip2video": "configs/clip2video_*
 LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
 # Gradient norms: the originals' float32 weight gradients (sums over every token of the batch) are themselves off
 # a float64 evaluation of the same model by up to 6e-5 per tensor and 1.5e-5 on the global norm (CLIP2Video's
-# mlp and in_proj weights); ours agree with float64 to 2e-5 per tensor. Hence 5e-5 on the global norm and 2e-4 per
-# tensor (plus 1e-6 of the global norm for gradients that are zero but for rounding, e.g. key-projection biases).
-NORM_RTOL, TENSOR_NORM_RTOL, TENSOR_NORM_ATOL = 5e-5, 2e-4, 1e-6
+# mlp and in_proj weights, measured); ours agree with float64 to 2e-5 per tensor. Hence 1e-4 on the global norm
+# and 1e-3 per tensor, plus 1e-5 of the global norm for gradients that are zero but for rounding (key-projection
+# biases). A wrong rule (a clamp moment, a frozen or undecayed tensor) moves them by far more.
+NORM_RTOL, TENSOR_NORM_RTOL, TENSOR_NORM_ATOL = 1e-4, 1e-3, 1e-5
 
 
 @dataclasses.dataclass
