@@ -187,3 +187,35 @@ def test_sharded_clip2video_loss(axis_type):
   grads = jax.jit(jax.grad(losses.clip2video_loss, argnums=(0, 1)))(*sharded, 0.5)
   for got, want in zip(grads, expected_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _unit(key, shape):
+  x = jax.random.normal(key, shape)
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", sorted(losses.OMNISOURCE_LOSSES) + ["nce", "clip2video"])
+def test_masked_rows_equal_the_loss_without_them(name):
+  """A corrupt record keeps its row (valid 0): the loss equals the loss of the batch without it, the masked
+  row's features get no gradient, and an all-valid mask changes nothing, bit for bit."""
+  keys = jax.random.split(jax.random.key(7), 4)
+  feats = [_unit(k, (6, 8)) for k in keys]
+  scale = jnp.asarray(2.3)
+  valid = jnp.asarray([1, 1, 0, 1, 0, 1])
+  keep = np.flatnonzero(np.asarray(valid))
+  if name == "nce":
+    fn = lambda f, v=None: losses.nce_loss(f[0], f[1], scale, v)
+  elif name == "clip2video":
+    fn = lambda f, v=None: losses.clip2video_loss(10 * f[0] @ f[1].T, 10 * f[2] @ f[3].T, 0.5, v)
+  else:
+    loss = losses.get_omnisource_loss(name)
+    fn = lambda f, v=None: loss(f[0], f[1], f[2], f[3], scale, v)
+  masked = fn(feats, valid)
+  np.testing.assert_allclose(masked, fn([f[keep] for f in feats]), rtol=1e-6)
+  assert fn(feats, jnp.ones(6, jnp.int32)) == fn(feats)
+  grads = jax.grad(lambda f: fn(f, valid))(feats)
+  for g in grads:
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(np.asarray(g)[[2, 4]], 0.0)
+  # Every row masked: a finite zero, not NaN.
+  assert fn(feats, jnp.zeros(6, jnp.int32)) == 0.0

@@ -155,3 +155,25 @@ def test_uint8_frames_are_normalised_on_device_as_the_host_pipeline_does():
     _, _, metrics = setup.train_step(params, opt_state, _place_batch(mesh, _rules(_config()), batch))
     out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
   assert out[1] == pytest.approx(out[0], rel=1e-5)
+
+
+def test_a_masked_row_trains_like_a_batch_without_it():
+  """A corrupt record's row (valid 0; whatever finite pixels its placeholder holds) leaves the step exactly as if
+  the batch were the other rows: same loss and gradient norm as the 7-row batch without it; the count comes back
+  as masked_rows."""
+  setup, mesh = _setup((1, 1, 1))
+  rules = _rules(_config())
+  batch = _batch()
+  batch["video"] = batch["video"].copy()
+  batch["video"][5] = 1e3  # far from any real clip: it would dominate the loss if it counted
+  valid = np.ones(BATCH, np.int32)
+  valid[5] = 0
+  params, opt_state = _fresh_state(setup)
+  _, _, masked = setup.train_step(params, opt_state, _place_batch(mesh, rules, dict(batch, valid=valid)))
+  keep = np.flatnonzero(valid)
+  params, opt_state = _fresh_state(setup)
+  _, _, reference = setup.train_step(params, opt_state, _place_batch(mesh, rules,
+                                                                     {k: v[keep] for k, v in batch.items()}))
+  assert bool(masked["finite"]) and float(masked["masked_rows"]) == 1.0
+  assert float(masked["loss"]) == pytest.approx(float(reference["loss"]), rel=1e-5)
+  assert float(masked["grad_norm"]) == pytest.approx(float(reference["grad_norm"]), rel=1e-5)
