@@ -226,6 +226,12 @@ def test_recipe_optimiser_schedule_and_clamp_are_the_originals(fx):
   if _is_bert_adam(meta):
     assert (o.name, o.schedule) == ("bert_adam", "bert_warmup_cosine") and meta["schedule"]["name"] == "warmup_cosine"
     assert not meta["optimizer"]["bias_correction"]
+    # The clip norms are settings (taken from the fixture), but the recipe itself must clip per tensor as BertAdam
+    # does whenever the original did.
+    from clipvip_jax.train.cli import load_config
+    own = load_config(str(REPO / RECIPE[fx.kind])).optim
+    assert (own.per_tensor_clip_norm > 0) == (meta["optimizer"]["max_grad_norm"] > 0)
+    assert (own.grad_clip_norm > 0) == (meta["grad_clip"]["global"] > 0)
   else:
     assert (o.name, o.schedule) == ("adamw", "warmup_cosine") and meta["schedule"]["decay"] == "cosine"
     assert meta["optimizer"]["correct_bias"] and o.per_tensor_clip_norm == 0
