@@ -31,7 +31,6 @@ from clipvip_jax.convert import clipvip as convert_vip
 from clipvip_jax.convert import hf_clip
 from clipvip_jax.convert.common import load_state_dict, read_config
 from clipvip_jax.convert.formats import convert
-from clipvip_jax.params import flat_params
 from clipvip_jax.train import optim, sharding, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -173,11 +172,12 @@ class Run:
   grad_norms: list
   logit_forward: list  # logit_scale the forward of each update saw
   logit_clamped: list  # ... and after the clamps that act before the update
-  params: dict  # {update k (1-based): flat numpy params after it}; 0 = start
+  params: dict  # {k: flat numpy params after k updates} (0 = the start) for the k stored, and the last
 
 
 def run_updates(fx: Fixture, mesh_shape=(1, 1, 1), grad_accum: int = 1, batches=None, num_steps=None,
                 store=None) -> Run:
+  """The fixture's updates (or `batches(k)`'s) through trainer.setup_training on a mesh of `mesh_shape`."""
   config, total = recipe_config(fx)
   config.grad_accum = grad_accum
   mesh = trainer.make_mesh(mesh_shape)
