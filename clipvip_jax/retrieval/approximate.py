@@ -9,8 +9,9 @@ when the index is built (queries: index rows plus noise, renormalised) and nprob
 reaches `target_recall`; both are recorded in approximate.json and printed by `info`.
 
 Why FAISS IVF (faiss-cpu) with 8-bit codes: measured on 200k clustered rows of 512 dims on the 2-core machine
-(docs/performance.md), after the exact re-scoring the recall is set by nprobe alone (0.858 / 0.895 / 0.932 / 0.954
-at nprobe 8 / 16 / 32 / 64 for SQ8, PQ64 and PQ128 alike), so the codes only decide speed and memory: SQ8
+(docs/performance.md), after the exact re-scoring the recall was set by nprobe alone (0.858 / 0.895 / 0.932 / 0.954
+at nprobe 8 / 16 / 32 / 64 for SQ8, PQ64 and PQ128 alike; at 10M rows PQ64 needs more candidates, which the
+build's sweep finds), so the codes mostly decide speed and memory: SQ8
 ("IVF{nlist},SQ8", 512 bytes a row) trains in seconds (7 s there, against 196 s for PQ64 and 370 s for PQ128)
 and is the default below PQ_FROM rows; from there PQ64 (64 bytes a row: 0.7 GB at 10M x 512 instead of 5.1 GB,
 and 8x fewer bytes scanned per probe) is worth its fixed training time. HNSW over the rows themselves keeps float
@@ -168,8 +169,9 @@ def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int =
   recalls: dict[tuple[int, int], float] = {}
   chosen = None
   # The smallest nprobe reaching the target; when PQ's ranking loses true neighbours before the re-scoring even
-  # with every cluster probed, 4x more candidates are re-scored.
-  for tried_refine in (refine, 4 * refine):
+  # with every cluster probed, 2x then 4x more candidates are re-scored (10M clustered rows: recall stops at
+  # 0.75 with 200 candidates, docs/performance.md).
+  for tried_refine in (refine, 2 * refine, 4 * refine):
     approx.meta["refine"] = tried_refine
     for nprobe in NPROBES:
       if nprobe > nlist:
