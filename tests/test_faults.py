@@ -415,6 +415,49 @@ def test_preemption_message_reaches_the_terminal(shards, compile_cache, tmp_path
   assert f"preempted: saved step {summary['step']}" in capsys.readouterr().err
 
 
+def _tiny_config(shards, compile_cache, steps=STEPS):
+  config = cli.config_from_args("configs/tiny_test.py", [])
+  config.data.shard_dir, config.total_steps, config.mesh = str(shards), steps, (1, 1, 1)
+  config.eval.split, config.compilation_cache_dir = "", str(compile_cache)
+  return config
+
+
+def test_ctrl_c_saves_like_sigterm_and_the_run_resumes(shards, compile_cache, tmp_path, capsys):
+  from clipvip_jax.train import logging as run_logging
+  from clipvip_jax.train import trainer
+  run_logging.log_to_terminal()
+
+  def interrupt(step, batch):  # pylint: disable=unused-argument
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  before = signal.getsignal(signal.SIGINT)
+  summary = trainer.train(_tiny_config(shards, compile_cache), tmp_path / "run",
+                          hooks=trainer.Hooks(on_step=interrupt))
+  err = capsys.readouterr().err
+  assert summary["preempted"] and summary["step"] < STEPS
+  assert "Ctrl-C again to stop at once" in err and f"preempted: saved step {summary['step']}" in err
+  assert ckpt_lib.finished_steps(tmp_path / "run" / "checkpoints") == [summary["step"]]
+  assert signal.getsignal(signal.SIGINT) is before  # the trainer's handler is gone
+  resumed = trainer.train(_tiny_config(shards, compile_cache), tmp_path / "run")
+  assert resumed["step"] == STEPS and not resumed["preempted"]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(shards, compile_cache, tmp_path):
+  from clipvip_jax.train import trainer
+
+  def interrupt_twice(step, batch):  # pylint: disable=unused-argument
+    if step == 1:  # two Ctrl-C before the step boundary where the first would have saved
+      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train(_tiny_config(shards, compile_cache, steps=50), tmp_path / "run",
+                  hooks=trainer.Hooks(on_step=interrupt_twice))
+  assert ckpt_lib.finished_steps(tmp_path / "run" / "checkpoints") == []  # nothing half-saved either
+  assert not (tmp_path / "run" / workdir_lock.LOCK_NAME).exists()  # the lock is released on the way out
+
+
 # ------------------------------------------------------------------------------------------ build_shards Ctrl-C
 
 

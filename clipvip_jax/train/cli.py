@@ -140,6 +140,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return _fail(prog, one_sentence(e))  # each names the workdir, step or process itself
   except (OSError, ValueError) as e:  # missing shards, an unwritable workdir, mismatched checkpoint and config
     return _fail(prog, f"{type(e).__name__}: {one_sentence(e)}")
+  except KeyboardInterrupt:  # the second Ctrl-C: the first one had asked for a save at the next step boundary
+    print(f"{prog}: interrupted again: stopped at once without saving; the last complete checkpoint in "
+          f"{args.workdir} is intact", file=sys.stderr)
+    return 130
   print(json.dumps({k: summary[k] for k in ("step", "preempted", "val", "perf") if k in summary}, default=float))
   return 0
 
