@@ -161,7 +161,7 @@ def exit_lost_peer(error: BaseException, label: str | None = None) -> None:
           "cannot continue without every process. Relaunch all processes to resume (training continues from its "
           "last complete checkpoint).")
   if _filter is not None:
-    sys.stderr.write(f"{_FILTER_CONTROL}say {text}\n")  # printed once, and the runtime's later noise dropped
+    sys.stderr.write(f"{FILTER_CONTROL}say {text}\n")  # printed once, and the runtime's later noise dropped
   else:
     sys.stderr.write(text + "\n")
   finish(1)
@@ -209,11 +209,11 @@ def _start_stderr_filter(label: str, process_id: int | None) -> None:
 def _set_filter_process_id(index: int, count: int) -> None:
   """Tells the filter which process this is once jax knows (scheduler launches learn it only at initialize)."""
   if _filter is not None:
-    sys.stderr.write(f"{_FILTER_CONTROL}process {index} {count}\n")
+    sys.stderr.write(f"{FILTER_CONTROL}process {index} {count}\n")
     sys.stderr.flush()
 
 
-_FILTER_CONTROL = "\x00clipvip-stderr-filter:"
+FILTER_CONTROL = "\x00clipvip-stderr-filter:"
 
 
 def describe() -> str:

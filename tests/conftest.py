@@ -35,3 +35,22 @@ def shared_data_dir(fixtures_dir) -> pathlib.Path:
       pytest.fail(f"shared data not found at {path}")
     pytest.skip(f"shared data not found at {path}")
   return path
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache for one module's training runs (they compile the same programs; processes
+  they start share it through config.compilation_cache_dir), reset after the module."""
+  yield tmp_path_factory.mktemp("jax_cache")
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
+
+
+def synthetic_shards(tmp_path_factory, **kwargs) -> pathlib.Path:
+  """A synthetic twin-clip shard set (data_pipelines.synthetic.generate with 4 frames of 32 x 32 by default)."""
+  from data_pipelines import synthetic
+  out = tmp_path_factory.mktemp("synthetic")
+  synthetic.generate(str(out), **{"frames": 4, "size": 32, **kwargs})
+  return out

@@ -9,6 +9,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from conftest import synthetic_shards
 
 from clipvip_jax.train import checkpoint as ckpt_lib
 from clipvip_jax.train import sharding, trainer
@@ -18,20 +19,8 @@ TOTAL, STOP_AT, NAN_AT = 6, 2, 3
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's runs (each run compiles the same programs), reset after."""
-  yield tmp_path_factory.mktemp("jax_cache")
-  from jax.experimental.compilation_cache import compilation_cache
-  jax.config.update("jax_compilation_cache_dir", None)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-  from data_pipelines import synthetic
-  out = tmp_path_factory.mktemp("synthetic")
-  synthetic.generate(str(out), num_clips=48, seed=1, frames=4, size=32)
-  return out
+  return synthetic_shards(tmp_path_factory, num_clips=48, seed=1)
 
 
 def _config(shard_dir, mesh=(8, 1, 1), cache_dir=""):

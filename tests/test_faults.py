@@ -21,6 +21,7 @@ import zipfile
 
 import jax
 import pytest
+from conftest import synthetic_shards
 
 from clipvip_jax.train import checkpoint as ckpt_lib
 from clipvip_jax.train import cli, run_config, workdir_lock
@@ -49,19 +50,8 @@ def _assert_one_sentence(err: str, *fragments: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  yield tmp_path_factory.mktemp("jax_cache")
-  from jax.experimental.compilation_cache import compilation_cache
-  jax.config.update("jax_compilation_cache_dir", None)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-  from data_pipelines import synthetic
-  out = tmp_path_factory.mktemp("synthetic")
-  synthetic.generate(str(out), num_clips=32, seed=3, frames=4, size=32, shard_size=8)
-  return out
+  return synthetic_shards(tmp_path_factory, num_clips=32, seed=3, shard_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import synthetic_shards
 
 from clipvip_jax import _stderr_filter, distributed, launch_local
 from clipvip_jax.train import checkpoint as ckpt_lib
@@ -79,7 +80,7 @@ def test_stderr_filter_turns_the_runtime_abort_into_one_sentence(tmp_path):
   assert text[0] == "step 3 ok" and len(text) == 2, text
   assert text[1].startswith("clipvip_jax: train w: process 0 of 2 stops because process 1 stopped responding")
   # The run's own sentence (a collective failed first) is printed once and the runtime's abort after it dropped.
-  (tmp_path / "in").write_bytes(distributed._FILTER_CONTROL.encode() + b"say clipvip_jax: train w: lost\n"  # pylint: disable=protected-access
+  (tmp_path / "in").write_bytes(distributed.FILTER_CONTROL.encode() + b"say clipvip_jax: train w: lost\n"
                                 + b"".join(lines[1:]))
   with open(tmp_path / "in", "rb") as stdin, open(out, "wb") as stdout:
     _stderr_filter.run("train w", 0, stdin, stdout)
@@ -89,17 +90,17 @@ def test_stderr_filter_turns_the_runtime_abort_into_one_sentence(tmp_path):
 
 
 def control(index, count):
-  return distributed._FILTER_CONTROL.encode() + f"process {index} {count}\n".encode()  # pylint: disable=protected-access
+  return distributed.FILTER_CONTROL.encode() + f"process {index} {count}\n".encode()
 
 
 # ------------------------------------------------------------------------------------------------ real runs
 
 
-def _train_args(workdir, shards, cache, *extra):
+def _train_args(workdir, shards, compile_cache, *extra):
   return ["--config", "configs/tiny_test.py", "--workdir", str(workdir), f"--config.data.shard_dir={shards}",
           f"--config.total_steps={STEPS}", "--config.record_batches=True", "--config.log_every=1",
-          "--config.checkpoint.every=4", "--config.checkpoint.keep=10", f"--config.compilation_cache_dir={cache}",
-          *extra]
+          "--config.checkpoint.every=4", "--config.checkpoint.keep=10",
+          f"--config.compilation_cache_dir={compile_cache}", *extra]
 
 
 def _launch(args, processes=2, devices=4, **kw):
@@ -138,34 +139,23 @@ def _wait_for(predicate, timeout, what):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  yield tmp_path_factory.mktemp("jax_cache")
-  from jax.experimental.compilation_cache import compilation_cache
-  jax.config.update("jax_compilation_cache_dir", None)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-  from data_pipelines import synthetic
-  out = tmp_path_factory.mktemp("synthetic")
-  synthetic.generate(str(out), num_clips=64, seed=5, frames=4, size=32, shard_size=16)
-  return out
+  return synthetic_shards(tmp_path_factory, num_clips=64, seed=5, shard_size=16)
 
 
 @pytest.fixture(scope="module")
-def one_process(shards, cache, tmp_path_factory):
+def one_process(shards, compile_cache, tmp_path_factory):
   """The uninterrupted run on 1 process x 8 devices (in this process)."""
   run = tmp_path_factory.mktemp("one") / "run"
-  assert cli.train_main(_train_args(run, shards, cache)) == 0
+  assert cli.train_main(_train_args(run, shards, compile_cache)) == 0
   return run
 
 
 @pytest.fixture(scope="module")
-def two_processes(shards, cache, tmp_path_factory):
+def two_processes(shards, compile_cache, tmp_path_factory):
   """The uninterrupted run on 2 processes x 4 devices."""
   run = tmp_path_factory.mktemp("two") / "run"
-  _run(["clipvip_jax.train", *_train_args(run, shards, cache)])
+  _run(["clipvip_jax.train", *_train_args(run, shards, compile_cache)])
   return run
 
 
@@ -189,10 +179,10 @@ def test_two_processes_see_the_batches_losses_and_params_of_one(one_process, two
 
 
 @pytest.mark.slow
-def test_sigterm_to_every_process_saves_one_step_and_the_relaunch_is_bit_identical(two_processes, shards, cache,
+def test_sigterm_to_every_process_saves_one_step_and_the_relaunch_is_bit_identical(two_processes, shards, compile_cache,
                                                                                    tmp_path):
   run = tmp_path / "run"
-  args = ["clipvip_jax.train", *_train_args(run, shards, cache)]
+  args = ["clipvip_jax.train", *_train_args(run, shards, compile_cache)]
   proc = _launch(args)
   _wait_for(lambda: (run / "batches.jsonl").exists() and len(_batches(run)) >= 6, 300, "step 6")
   proc.send_signal(signal.SIGTERM)  # launch_local forwards it to both processes, as a scheduler would
@@ -209,7 +199,7 @@ def test_sigterm_to_every_process_saves_one_step_and_the_relaunch_is_bit_identic
   # uninterrupted run saw.
   other = tmp_path / "other"
   shutil.copytree(run, other, ignore=shutil.ignore_patterns("*.lock"))
-  assert cli.train_main(_train_args(other, shards, cache, f"--config.total_steps={stopped_at + 1}",
+  assert cli.train_main(_train_args(other, shards, compile_cache, f"--config.total_steps={stopped_at + 1}",
                                     "--config.data.worker_count=2")) == 0
   assert _batches(other)[stopped_at + 1] == _batches(two_processes)[stopped_at + 1]
 
@@ -223,19 +213,20 @@ def test_sigterm_to_every_process_saves_one_step_and_the_relaunch_is_bit_identic
 
 
 @pytest.mark.slow
-def test_a_one_process_checkpoint_resumes_on_two_processes(one_process, shards, cache, tmp_path):
+def test_a_one_process_checkpoint_resumes_on_two_processes(one_process, shards, compile_cache, tmp_path):
   run = tmp_path / "run"
-  assert cli.train_main(_train_args(run, shards, cache, "--config.total_steps=8")) == 0
-  _run(["clipvip_jax.train", *_train_args(run, shards, cache, "--config.total_steps=10")])
+  assert cli.train_main(_train_args(run, shards, compile_cache, "--config.total_steps=8")) == 0
+  _run(["clipvip_jax.train", *_train_args(run, shards, compile_cache, "--config.total_steps=10")])
   batches, reference = _batches(run), _batches(one_process)
   assert sorted(batches) == list(range(1, 11))
   assert all(batches[s] == reference[s] for s in batches)
 
 
 @pytest.mark.slow
-def test_sigkill_of_one_process_ends_the_other_with_one_sentence(shards, cache, tmp_path):
+def test_sigkill_of_one_process_ends_the_other_with_one_sentence(shards, compile_cache, tmp_path):
   run = tmp_path / "run"
-  args = [sys.executable, "-m", "clipvip_jax.train", *_train_args(run, shards, cache, "--config.total_steps=64")]
+  args = [sys.executable, "-m", "clipvip_jax.train",
+          *_train_args(run, shards, compile_cache, "--config.total_steps=64")]
   port = launch_local.free_port()
   procs = []
   for index in range(2):
@@ -259,7 +250,7 @@ def test_sigkill_of_one_process_ends_the_other_with_one_sentence(shards, cache, 
   assert len(sentences) == 1 and "process 1 stopped responding" in sentences[0], err[-3000:]
   last = max(ckpt_lib.finished_steps(run / "checkpoints"))
   # The relaunch (here on one process) resumes from the last complete checkpoint; the dead run's lock is stale.
-  assert cli.train_main(_train_args(run, shards, cache, f"--config.total_steps={last + 2}")) == 0
+  assert cli.train_main(_train_args(run, shards, compile_cache, f"--config.total_steps={last + 2}")) == 0
   assert max(ckpt_lib.finished_steps(run / "checkpoints")) == last + 2
 
 
