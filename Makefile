@@ -27,7 +27,10 @@ demo: install
 
 # Test files run in parallel processes (pytest-xdist), a file's tests in one process so that its module fixtures
 # are built once: the suite is compile-bound, and XLA compiles on one core (2 cores: 9.7 instead of 15 minutes).
-PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
+# The test processes share one persistent compilation cache (.jax_cache): the tiny models' steps compiled by one
+# file are loaded by the others, and by the next run.
+PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache \
+  $(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 # The whole suite, slow tests included (CI runs exactly this).
 test: install

@@ -41,10 +41,11 @@ def shared_data_dir(fixtures_dir) -> pathlib.Path:
 def compile_cache(tmp_path_factory):
   """A persistent compilation cache for one module's training runs (they compile the same programs; processes
   they start share it through config.compilation_cache_dir), reset after the module."""
-  yield tmp_path_factory.mktemp("jax_cache")
   import jax
+  previous = jax.config.jax_compilation_cache_dir  # the suite's shared cache (Makefile), if any
+  yield tmp_path_factory.mktemp("jax_cache")
   from jax.experimental.compilation_cache import compilation_cache
-  jax.config.update("jax_compilation_cache_dir", None)
+  jax.config.update("jax_compilation_cache_dir", previous)
   compilation_cache.reset_cache()
 
 
