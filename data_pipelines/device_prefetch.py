@@ -93,7 +93,7 @@ class DevicePrefetchIterator:
   def __exit__(self, *exc: Any) -> None:
     self.close()
 
-  def __getattr__(self, name: str) -> Any:  # counters etc. of the host iterator (num_corrupt_skipped)
+  def __getattr__(self, name: str) -> Any:  # counters etc. of the host iterator (num_corrupt)
     if name.startswith("_"):
       raise AttributeError(name)
     return getattr(self._iterator, name)

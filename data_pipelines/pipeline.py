@@ -269,11 +269,6 @@ class ClipBatchIterator:
     self._next_row = 0
     self._iterator: Any = None
 
-  # Older name of the counter (examples and tests of earlier versions read it).
-  @property
-  def num_corrupt_skipped(self) -> int:
-    return self.num_corrupt
-
   def _start(self) -> None:
     self.close()
     cfg, batch = self._cfg, self._cfg.batch_size
