@@ -193,6 +193,9 @@ def _run(argv: Sequence[str] | None) -> int:
                             force=args.force, progress=not args.quiet)
   if out is None:
     return 0  # another process writes the index
+  if inputs.modality == "video":  # the page of python -m clipvip_jax.serve shows these, not the sources
+    from clipvip_jax.retrieval.thumbnails import write_thumbnails
+    write_thumbnails(out)
   from clipvip_jax.retrieval.index import read_index
   index = read_index(out)
   skipped_inputs = index.skipped()

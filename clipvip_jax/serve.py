@@ -1,0 +1,8 @@
+"""python -m clipvip_jax.serve: the command users call; it lives in clipvip_jax.retrieval.serve_command."""
+
+import sys
+
+from clipvip_jax.retrieval.serve_command import main
+
+if __name__ == "__main__":
+  sys.exit(main())
