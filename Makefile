@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install browser demo test test-fast clean
 
 install: $(STAMP)
 
@@ -19,8 +19,17 @@ $(STAMP): requirements.txt pyproject.toml
 	-$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | $(QUIET)
 	$(BIN)/python -m pip install -q -r requirements.txt 2>&1 | $(QUIET)
 	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | $(QUIET)
-	$(BIN)/python -c "import jax, flax, optax, orbax.checkpoint, grain, transformers, torch, clipvip_jax"
+	$(BIN)/python -c "import jax, flax, optax, orbax.checkpoint, grain, transformers, torch, fastapi, uvicorn, selenium, clipvip_jax"
 	touch $(STAMP)
+
+# Debian's chromium + chromedriver for the page test (tests/test_serve.py drives them with Selenium; no browser
+# download). Installed with apt-get when missing and we are root (CI is); otherwise one line says how.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "make: the page test needs chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"; fi; }
 
 demo: install
 	$(BIN)/python -m clipvip_jax.demo
@@ -33,11 +42,11 @@ PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CAC
   $(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 # The whole suite, slow tests included (CI runs exactly this).
-test: install
+test: install browser
 	$(PYTEST) tests
 
 # Everything but the tests marked slow.
-test-fast: install
+test-fast: install browser
 	$(PYTEST) -m "not slow" tests
 
 clean:

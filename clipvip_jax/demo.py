@@ -9,7 +9,8 @@
 3. Evaluates both best checkpoints on the held-out test split and prints the table (t2v and v2t R@1/5/10, MdR,
    MnR), writes OUT/results.json, TensorBoard logs (OUT/<model>/tensorboard) and OUT/training_curves.png.
 4. Encodes the test clips with the CLIP-ViP checkpoint (python -m clipvip_jax.encode -> OUT/index) and searches
-   the index with every test caption (clipvip_jax.search): how often each caption finds its own clip.
+   the index with every test caption (clipvip_jax.search): how often each caption finds its own clip; ends with
+   the command that opens the index in the search page (python -m clipvip_jax.serve).
 
 Every synthetic clip has a time-reversed twin whose caption differs only in the motion words, so a model that
 ignores frame order can at best guess between the twins: meanP tops out near half of the pairs, CLIP-ViP can not.
@@ -191,6 +192,7 @@ def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS,
         f"  \"{example['query']}\" ({example['truth']}) -> " +
         ", ".join(f"{clip_id} {score:.3f}" for clip_id, score in example["ranking"][:3]))
   print(f"results: {out / 'results.json'}  curves: {curves}  TensorBoard: tensorboard --logdir {out}")
+  print(f"\nLook at the clips: python -m clipvip_jax.serve --index {out / 'index'}   then open http://127.0.0.1:8000/")
   return summary
 
 
