@@ -297,3 +297,34 @@ def test_page_in_headless_chromium(index_dir, tmp_path):
       assert browser.find_element(By.ID, "query").get_attribute("value") == caption
     finally:
       browser.quit()
+
+
+def test_a_failure_inside_gets_500_with_one_sentence(searcher, monkeypatch):
+  from fastapi.testclient import TestClient
+  from clipvip_jax.retrieval import query_batcher
+
+  def broken(model, queries):
+    raise RuntimeError("a bug\nwith a second line")
+
+  monkeypatch.setattr(query_batcher.search, "encode_queries", broken)
+  with TestClient(service.create_app(searcher), raise_server_exceptions=False) as c:
+    response = c.get("/api/search", params={"q": "a dog"})
+  assert response.status_code == 500
+  assert response.json() == {"error": "the server failed to answer (RuntimeError); see its log"}
+
+
+def test_serve_command_refuses_bad_input_in_one_sentence(index_dir, tmp_path, capsys):
+  from clipvip_jax.retrieval import serve_command
+  for argv, words in ((["--index", str(tmp_path / "none")], "does not exist"),
+                      (["--index", str(index_dir), "--port", "70000"], "0..65535"),
+                      (["--index", str(index_dir), "--step", "3"], "go with --checkpoint")):
+    with pytest.raises(SystemExit) as exit_info:
+      serve_command.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and words in err and len(err.splitlines()) == 1, err
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with pytest.raises(SystemExit):
+      serve_command.main(["--index", str(index_dir), "--port", str(taken.getsockname()[1])])
+  assert "pick another --port" in capsys.readouterr().err

@@ -49,11 +49,27 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _check_address(host: str, port: int) -> None:
+  import socket
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except socket.gaierror:
+    raise UsageError(f"--host {host} is not an address of this machine") from None
+  family, _, _, _, address = infos[0]
+  with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(address)
+    except OSError as e:
+      raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+
+
 def _run(argv: Sequence[str] | None) -> int:
   args = _parser().parse_args(argv)
   quiet_library_logs()
   if args.checkpoint is None and (args.config is not None or args.step is not None):
     raise UsageError("--config and --step go with --checkpoint (the index's own checkpoint uses what it recorded)")
+  _check_address(args.host, args.port)  # before the model load: a taken port fails in a second, not a minute
   import uvicorn
 
   from clipvip_jax.retrieval import search, service, thumbnails

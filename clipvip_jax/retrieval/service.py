@@ -126,6 +126,26 @@ def _validation_sentence(exc: RequestValidationError) -> str:
   return f"{where}: {first.get('msg', 'invalid value')}".rstrip(".")
 
 
+class RefusePathNames:
+  """ASGI middleware: a raw path holding `..` or `.` segments, encoded dots, slashes or backslashes, or an empty
+  segment is refused before routing (Starlette decodes %2e%2e%2f into ../ before a route sees the name)."""
+
+  def __init__(self, app):
+    self.app = app
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] == "http":
+      raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+      raw = raw.decode("latin-1").split("?", 1)[0]
+      lowered = raw.lower()
+      if "/../" in f"{raw}/" or "/./" in f"{raw}/" or "//" in raw or "\\" in raw or \
+          any(code in lowered for code in ("%2e", "%2f", "%5c", "%00")):
+        response = _error(400, "the address holds a path segment this service does not serve")
+        await response(scope, receive, send)
+        return
+    await self.app(scope, receive, send)
+
+
 def create_app(searcher: Searcher, *, title: str = "clipvip_jax search") -> FastAPI:
   """The ASGI app serving `searcher`'s index (module doc). Queries are batched by a QueryBatcher started with the
   app (lifespan), so the app must run in one event loop (uvicorn, or TestClient used as a context manager)."""
@@ -161,16 +181,7 @@ def create_app(searcher: Searcher, *, title: str = "clipvip_jax search") -> Fast
   async def internal(request: Request, exc: Exception):
     return _error(500, f"the server failed to answer ({type(exc).__name__}); see its log")
 
-  @app.middleware("http")
-  async def refuse_path_names(request: Request, call_next):
-    # Starlette decodes %2e%2e%2f before routing: a raw path holding '..' segments or encoded slashes/dots is
-    # refused here, before any route sees it.
-    raw = request.scope.get("raw_path", b"").decode("latin-1").split("?", 1)[0]
-    lowered = raw.lower()
-    if "/../" in f"{raw}/" or "/./" in f"{raw}/" or "%2e" in lowered or "%2f" in lowered or "%5c" in lowered \
-        or "\\" in raw or "//" in raw:
-      return _error(400, "the address holds a path segment this service does not serve")
-    return await call_next(request)
+  app.add_middleware(RefusePathNames)
 
   @app.get("/api/health", summary="Liveness")
   async def health() -> dict[str, str]:
