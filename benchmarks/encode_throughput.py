@@ -5,9 +5,10 @@
 ours: a CLIP-ViP model (random weights, 4 proxies, block-sparse proxy attention, T = --frames) wrapped as encode
 wraps it (retrieval.pretrained.Pretrained -> extraction.device_encoder over the local devices), one jitted
 encode_video call per batch of --batch clips, float32; `--models meanp`: our meanP, the peer's own model (CLIP per
-frame, mean-pooled) in JAX, for the framework comparison at equal work. peer: transformers' CLIPModel of the same width and depth,
-every frame through the vision tower as an image (SDPA attention), frame embeddings L2-normalised and mean-pooled
-(CLIP4Clip meanP: what a user without CLIP-ViP would run), torch.no_grad, float32. The two are timed
+frame, mean-pooled) in JAX, for the framework comparison at equal work. peer: transformers' CLIPModel of the same
+width and depth, every frame through the vision tower as an image (SDPA attention), frame embeddings
+L2-normalised and mean-pooled (CLIP4Clip meanP: what a user without CLIP-ViP would run), torch.no_grad, float32.
+The two are timed
 interleaved (A B A B) after a warm-up so a change in the shared machine's load hits both; the figure is clips per
 second at the median call, with the spread ((max - min) / median) beside it. Decoding is not included (the same
 for both: encode decodes in worker threads while the devices run).
@@ -49,13 +50,15 @@ def _peer(clip_cfg):
 
   from clipvip_jax.convert.hf_clip import config_to_hf
   torch.manual_seed(0)
-  model = CLIPModel._from_config(HFConfig.from_dict(config_to_hf(clip_cfg)), attn_implementation="sdpa")  # pylint: disable=protected-access
+  hf = HFConfig.from_dict(config_to_hf(clip_cfg))
+  model = CLIPModel._from_config(hf, attn_implementation="sdpa")  # pylint: disable=protected-access
   model.eval()
 
   def encode(video: np.ndarray, mask: np.ndarray):
     with torch.no_grad():
       b, t = video.shape[:2]
-      pixels = torch.from_numpy(np.ascontiguousarray(np.transpose(video, (0, 1, 4, 2, 3))).reshape(b * t, 3, *video.shape[2:4]))
+      nchw = np.ascontiguousarray(np.transpose(video, (0, 1, 4, 2, 3)))
+      pixels = torch.from_numpy(nchw.reshape(b * t, 3, *video.shape[2:4]))
       frames = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
       frames = torch.nn.functional.normalize(frames, dim=-1).view(b, t, -1)
       m = torch.from_numpy(mask.astype(np.float32))[..., None]
@@ -97,7 +100,8 @@ def main(argv=None) -> list[dict]:
   print("\n| model | frames | batch | ours clips/s (spread) | peer clips/s (spread) | ours / peer |")
   print("|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {'CLIP-ViP' if r['model'] == 'clipvip' else 'meanP'} {r['variant']} | {r['frames']} | {r['batch']} | {r['ours_clips_per_s']:.2f} "
+    name = "CLIP-ViP" if r["model"] == "clipvip" else "meanP"
+    print(f"| {name} {r['variant']} | {r['frames']} | {r['batch']} | {r['ours_clips_per_s']:.2f} "
           f"({r['ours_spread']:.0%}) | {r['peer_clips_per_s']:.2f} ({r['peer_spread']:.0%}) | {r['speedup']:.2f}x |")
   return rows
 

@@ -218,7 +218,8 @@ def _print_table(rows: list[dict]) -> None:
     def lat(s):
       return f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f} ({s['min_ms']:.1f}-{s['max_ms']:.1f})"
     recall = f"{r['recall_at_10']:.3f}" if "recall_at_10" in r else "1 (exact)"
-    print(f"| {r['rows']:,} | {r['dtype']} | {r['backend']}{' ' + r['factory'] + ' nprobe ' + str(r['nprobe']) if 'factory' in r else ''} | "
+    backend = r["backend"] + (f" {r['factory']} nprobe {r['nprobe']}" if "factory" in r else "")
+    print(f"| {r['rows']:,} | {r['dtype']} | {backend} | "
           f"{lat(r['one'])} | {lat(r['batch64'])} | {r['peak_anon_mib']:.0f} | {r['vm_hwm_mib']:.0f} | {recall} |")
 
 
