@@ -328,3 +328,17 @@ def test_serve_command_refuses_bad_input_in_one_sentence(index_dir, tmp_path, ca
     with pytest.raises(SystemExit):
       serve_command.main(["--index", str(index_dir), "--port", str(taken.getsockname()[1])])
   assert "pick another --port" in capsys.readouterr().err
+
+
+def test_an_index_without_thumbnails_gets_them_once_from_its_source(index_dir, tmp_path):
+  copy = tmp_path / "old_index"
+  shutil.copytree(index_dir, copy)
+  shutil.rmtree(copy / thumbnails.FOLDER)
+  index = read_index(copy)
+  assert not thumbnails.Thumbnails(copy, index.count).available
+  assert thumbnails.ensure_thumbnails(index) and not thumbnails.ensure_thumbnails(index)
+  assert thumbnails.Thumbnails(copy, index.count).strip(3) == thumbnails.Thumbnails(index_dir, index.count).strip(3)
+  moved = json.loads((copy / "index.json").read_text())
+  shutil.rmtree(copy / thumbnails.FOLDER)
+  (copy / "index.json").write_text(json.dumps({**moved, "source": str(tmp_path / "gone")}))
+  assert not thumbnails.ensure_thumbnails(read_index(copy))  # nothing to read: the page shows captions only

@@ -74,11 +74,15 @@ def _run(argv: Sequence[str] | None) -> int:
 
   from clipvip_jax.retrieval import search, service, thumbnails
   searcher = search.Searcher(args.index, args.checkpoint, args.config, args.step, backend=args.backend, warn=False)
-  if not (searcher.index.path / thumbnails.FOLDER).is_dir() and thumbnails.source_frames(searcher.index):
-    print(f"{PROG}: writing thumbnails into {searcher.index.path / thumbnails.FOLDER} from "
-          f"{searcher.index.meta.get('source')} (once)", file=sys.stderr, flush=True)
-    thumbnails.write_thumbnails(searcher.index.path)
-  search.encode_queries(searcher.model, ["warm up"])  # compile the text tower before the first request waits on it
+  if thumbnails.ensure_thumbnails(searcher.index):
+    print(f"{PROG}: wrote thumbnails into {searcher.index.path / thumbnails.FOLDER} from "
+          f"{searcher.index.meta.get('source')} (once: encode writes them now)", file=sys.stderr, flush=True)
+  # Compile the text tower for every batch shape the batcher can form (powers of two up to QUERY_BATCH) now, so
+  # that no request waits on a compilation under load.
+  size = 1
+  while size <= search.QUERY_BATCH:
+    search.encode_queries(searcher.model, ["warm up"] * size)
+    size *= 2
   app = service.create_app(searcher)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
   server = uvicorn.Server(config)

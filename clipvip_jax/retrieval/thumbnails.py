@@ -138,6 +138,14 @@ def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, l
   return True
 
 
+def ensure_thumbnails(index: index_lib.EmbeddingIndex) -> bool:
+  """Writes the strips of an index encoded before encode wrote them, when its source is still there; True when
+  it wrote them now (serve calls this once at start)."""
+  if (index.path / FOLDER).is_dir() or source_frames(index) is None:
+    return False
+  return write_thumbnails(index.path)
+
+
 class Thumbnails:
   """The read side: strip(row) -> JPEG bytes or None; the arrays memory-mapped, strips.bin read per request."""
 
