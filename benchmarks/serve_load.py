@@ -186,6 +186,7 @@ def main(argv=None) -> dict:
   p.add_argument("--seconds", type=float, default=30.0)
   p.add_argument("--max-requests", type=int, default=200_000, help="stop after this many requests in all")
   p.add_argument("--work", default="/tmp/serve_bench", help="where the checkpoint and index are made (reused)")
+  p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch (1 = no batching)")
   p.add_argument("--out", help="write the result as JSON here")
   args = p.parse_args(argv)
   from benchmarks.common import cpu_model
@@ -197,7 +198,7 @@ def main(argv=None) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   server = subprocess.Popen([sys.executable, "-m", "clipvip_jax.serve", "--index", str(index), "--port", str(port),
-                             "--backend", "exact"], cwd=REPO, env=env)
+                             "--backend", "exact", "--max-batch", str(args.max_batch)], cwd=REPO, env=env)
   try:
     deadline = time.time() + 300
     while True:
@@ -231,7 +232,8 @@ def main(argv=None) -> dict:
     except subprocess.TimeoutExpired:
       server.kill()
   calls = after["model_calls"] - before["model_calls"]
-  result.update({"rows": args.rows, "dims": DIMS, "clients": args.clients, "queries_per_model_call":
+  result.update({"rows": args.rows, "dims": DIMS, "clients": args.clients, "max_batch": args.max_batch,
+                 "queries_per_model_call":
                  round((after["queries"] - before["queries"]) / max(calls, 1), 2), "cpu": cpu_model(),
                  "cores": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                  "load_after": [round(x, 2) for x in load_after]})

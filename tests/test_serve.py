@@ -317,7 +317,8 @@ def test_serve_command_refuses_bad_input_in_one_sentence(index_dir, tmp_path, ca
   from clipvip_jax.retrieval import serve_command
   for argv, words in ((["--index", str(tmp_path / "none")], "does not exist"),
                       (["--index", str(index_dir), "--port", "70000"], "0..65535"),
-                      (["--index", str(index_dir), "--step", "3"], "go with --checkpoint")):
+                      (["--index", str(index_dir), "--step", "3"], "go with --checkpoint"),
+                      (["--index", str(index_dir), "--max-batch", "0"], "--max-batch must be in 1..64")):
     with pytest.raises(SystemExit) as exit_info:
       serve_command.main(argv)
     err = capsys.readouterr().err.strip()

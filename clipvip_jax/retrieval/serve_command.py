@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
+from clipvip_jax.retrieval import search
 
 PROG = "python -m clipvip_jax.serve"
 DEFAULT_HOST = "127.0.0.1"
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--step", help="with --checkpoint naming a training workdir: step number, 'latest' or 'best'")
   p.add_argument("--backend", default="auto", choices=("auto", "exact", "approximate"),
                  help="search backend (see python -m clipvip_jax.search --help; default %(default)s)")
+  p.add_argument("--max-batch", type=int, default=search.QUERY_BATCH,
+                 help="most queries encoded in one model call (default %(default)s; 1 = no batching)")
   p.add_argument("--host", default=DEFAULT_HOST,
                  help="address to bind (default %(default)s: this machine only; 0.0.0.0 opens it to the network)")
   p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port (default %(default)s; 0 = any free one)")
@@ -69,21 +72,25 @@ def _run(argv: Sequence[str] | None) -> int:
   quiet_library_logs()
   if args.checkpoint is None and (args.config is not None or args.step is not None):
     raise UsageError("--config and --step go with --checkpoint (the index's own checkpoint uses what it recorded)")
+  if not 1 <= args.max_batch <= search.QUERY_BATCH:
+    raise UsageError(f"--max-batch must be in 1..{search.QUERY_BATCH}, got {args.max_batch}")
   _check_address(args.host, args.port)  # before the model load: a taken port fails in a second, not a minute
   import uvicorn
 
-  from clipvip_jax.retrieval import search, service, thumbnails
+  from clipvip_jax.retrieval import service, thumbnails
   searcher = search.Searcher(args.index, args.checkpoint, args.config, args.step, backend=args.backend, warn=False)
   if thumbnails.ensure_thumbnails(searcher.index):
     print(f"{PROG}: wrote thumbnails into {searcher.index.path / thumbnails.FOLDER} from "
           f"{searcher.index.meta.get('source')} (once: encode writes them now)", file=sys.stderr, flush=True)
-  # Compile the text tower for every batch shape the batcher can form (powers of two up to QUERY_BATCH) now, so
+  # Compile the text tower for every batch shape the batcher can form (powers of two up to --max-batch) now, so
   # that no request waits on a compilation under load.
   size = 1
-  while size <= search.QUERY_BATCH:
+  while True:
     search.encode_queries(searcher.model, ["warm up"] * size)
+    if size >= args.max_batch:
+      break
     size *= 2
-  app = service.create_app(searcher)
+  app = service.create_app(searcher, max_batch=args.max_batch)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
   server = uvicorn.Server(config)
   host = f"[{args.host}]" if ":" in args.host else args.host

@@ -146,12 +146,12 @@ class RefusePathNames:
     await self.app(scope, receive, send)
 
 
-def create_app(searcher: Searcher, *, title: str = "clipvip_jax search") -> FastAPI:
+def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str = "clipvip_jax search") -> FastAPI:
   """The ASGI app serving `searcher`'s index (module doc). Queries are batched by a QueryBatcher started with the
   app (lifespan), so the app must run in one event loop (uvicorn, or TestClient used as a context manager)."""
   thumbnails = Thumbnails(searcher.index.path, searcher.index.count)
   clips = ClipTable(searcher, thumbnails)
-  batcher = QueryBatcher(searcher)
+  batcher = QueryBatcher(searcher) if max_batch is None else QueryBatcher(searcher, max_batch)
 
   @contextlib.asynccontextmanager
   async def lifespan(app: FastAPI):
