@@ -11,5 +11,8 @@
   exact.py          exact chunked top-k (argpartition per chunk, merged; ties by row)
   approximate.py    FAISS IVF (8-bit codes) candidates re-scored exactly; built with its measured recall
   search.py         Searcher: index + model loaded once, batched queries, backend choice
+  thumbnails.py     a strip of frames per clip inside the index (written by encode), for the search page
+  query_batcher.py  queries of concurrent requests answered by one model call per batch
+  service.py        the FastAPI app: JSON API + the page in static/ (python -m clipvip_jax.serve)
   *_command.py      the commands python -m clipvip_jax.encode / .search / .index run
 """
