@@ -288,6 +288,10 @@ def test_page_in_headless_chromium(index_dir, tmp_path):
                  len(b.find_elements(By.CSS_SELECTOR, "#similar .card")) > 0)
       assert "More like this" in browser.find_element(By.ID, "detail").text
       assert "clip=" in browser.current_url
+      if os.environ.get(WRITE_SCREENSHOT_ENV, "") not in ("", "0"):
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(str(tmp_path / "serve_clip.png"))
+        os.replace(tmp_path / "serve_clip.png", SCREENSHOT.with_name("serve_clip.png"))
       similar = [c.get_attribute("data-id") for c in browser.find_elements(By.CSS_SELECTOR, "#similar .card")]
       assert clip_id not in similar and len(similar) == min(12, index.count - 1)
       assert loaded >= 1
