@@ -36,7 +36,9 @@ from clipvip_jax.retrieval.query_batcher import Hits, QueryBatcher
 from clipvip_jax.retrieval.search import Searcher
 from clipvip_jax.retrieval.thumbnails import Thumbnails
 
-MAX_QUERY_CHARS = 500  # longer than any caption; the text tower truncates at its token length anyway
+# Longer than any caption, and than what the text tower's tokens hold (it truncates); stricter than the library's
+# tokenizer.MAX_QUERY_CHARS, which guards against pasted files: a query over HTTP is a sentence.
+MAX_QUERY_CHARS = 500
 MAX_TOP_K = 100
 DEFAULT_TOP_K = 12
 MAX_ID_CHARS = 1000
