@@ -121,6 +121,18 @@ def test_search_json_output(shard_index, capsys):
   assert all(len(r["results"]) == 2 for r in result)
 
 
+def test_search_states_a_cut_query_and_refuses_an_absurd_one(shard_index, capsys):
+  long_query = "a yellow diamond moves down " * 8  # more tokens than the model's text length
+  assert search_command.main(["--index", str(shard_index), long_query, "--top-k", "1"]) == 0
+  err = capsys.readouterr().err
+  assert "note: query 1 has" in err and "only the first" in err
+  with pytest.raises(SystemExit) as stop:
+    search_command.main(["--index", str(shard_index), "x" * 10_001])
+  assert stop.value.code == 2
+  err = capsys.readouterr().err
+  assert "query 1 is 10001 characters long" in err and "Traceback" not in err
+
+
 def test_encode_videos_skips_and_reports_a_corrupt_file(checkpoint, model, tmp_path, capsys):
   videos = tmp_path / "videos"
   videos.mkdir()

@@ -186,6 +186,9 @@ def _run(argv: Sequence[str] | None) -> int:
     inputs = indexer.ShardClips(args.shards, args.split, model.recipe, workers=args.workers or 0)
     source, what = args.shards, f"clips of split {args.split!r}"
   else:
+    from clipvip_jax.retrieval.search import truncation_warnings
+    for note in truncation_warnings(model, found, what="text"):
+      print(f"{PROG}: note: {args.texts}: {note}", file=sys.stderr)
     inputs = indexer.Texts(found, model.tokenize)
     source, what = args.texts, "texts"
   out = indexer.build_index(model, inputs, args.out, meta=_index_meta(model, args, inputs.modality, source),

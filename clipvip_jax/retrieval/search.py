@@ -27,6 +27,7 @@ from clipvip_jax.cli_errors import UsageError
 from clipvip_jax.retrieval import approximate, exact
 from clipvip_jax.retrieval.index import EmbeddingIndex, read_index
 from clipvip_jax.retrieval.model import RetrievalModel
+from clipvip_jax.tokenizer import MAX_QUERY_CHARS
 
 DEFAULT_TOP_K = 10
 BACKENDS = ("auto", "exact", "approximate")
@@ -48,7 +49,19 @@ def check_queries(queries: str | Sequence[str]) -> list[str]:
   for i, q in enumerate(queries):
     if not isinstance(q, str) or not q.strip():
       raise UsageError(f"query {i + 1} is empty" if isinstance(q, str) else f"query {i + 1} is not a string")
+    if len(q) > MAX_QUERY_CHARS:  # a file pasted by mistake: refused before any model work
+      raise UsageError(f"query {i + 1} is {len(q)} characters long; the model reads a few hundred at most, so more "
+                       f"than {MAX_QUERY_CHARS} is refused")
   return [q.strip() for q in queries]
+
+
+def truncation_warnings(model: RetrievalModel, queries: Sequence[str], what: str = "query") -> list[str]:
+  """The queries the text tower would cut at its token length, one sentence each (tokenizer.truncation_notes)."""
+  from clipvip_jax.tokenizer import truncation_notes
+  try:
+    return truncation_notes(list(queries), model.recipe.max_text_len, model.pretrained.tokenizer_dir, what=what)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
 
 
 def check_top_k(top_k: int) -> int:

@@ -55,7 +55,7 @@ def _print_rankings(index: EmbeddingIndex, queries: list[str], rankings: list[Ra
 
 
 def _run(argv: Sequence[str] | None) -> int:
-  from clipvip_jax.retrieval.search import encode_queries, top_rows
+  from clipvip_jax.retrieval.search import encode_queries, top_rows, truncation_warnings
   args = _parser().parse_args(argv)
   quiet_library_logs()
   queries, top_k = check_queries(args.queries), check_top_k(args.top_k)
@@ -67,6 +67,8 @@ def _run(argv: Sequence[str] | None) -> int:
   if searcher.model.checkpoint != index.meta["checkpoint"]:
     print(f"{PROG}: note: the index was built with {index.meta['checkpoint']}; searching it with "
           f"{searcher.model.checkpoint}", file=sys.stderr)
+  for note in truncation_warnings(searcher.model, queries):
+    print(f"{PROG}: note: {note}", file=sys.stderr)
   scores, rows, _ = top_rows(index, encode_queries(searcher.model, queries), top_k, args.backend, searcher.approx)
   rankings = [[(index.id(r), float(s)) for s, r in zip(srow, rrow)] for srow, rrow in zip(scores, rows)]
   if args.json:
