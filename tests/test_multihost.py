@@ -247,7 +247,11 @@ def test_sigkill_of_one_process_ends_the_other_with_one_sentence(shards, compile
   assert procs[0].returncode != 0
   assert "Traceback" not in err and "Check failure stack trace" not in err, err[-3000:]
   sentences = [line for line in err.splitlines() if line.startswith("clipvip_jax: train")]
-  assert len(sentences) == 1 and "process 1 stopped responding" in sentences[0], err[-3000:]
+  # Which message depends on what notices first: the runtime's heartbeat (names the lost process) or a collective
+  # whose peer closed its connection.
+  assert len(sentences) == 1, err[-3000:]
+  assert ("process 1 stopped responding" in sentences[0]
+          or "another process of the job was lost (a collective failed" in sentences[0]), sentences[0]
   last = max(ckpt_lib.finished_steps(run / "checkpoints"))
   # The relaunch (here on one process) resumes from the last complete checkpoint; the dead run's lock is stale.
   assert cli.train_main(_train_args(run, shards, compile_cache, f"--config.total_steps={last + 2}")) == 0

@@ -364,18 +364,24 @@ def test_default_tokenizer_is_clip_bpe(shard_dir):
   np.testing.assert_array_equal(batch["text_ids"][0], tokenize(["clip 0 caption 0"], L)[0][0])
 
 
+def _write_one_record(path):
+  writer = ArrayRecordWriter(str(path), "group_size:1")
+  writer.write(b"x")
+  writer.close()
+
+
 def test_shard_paths_manifest_and_pattern(shard_dir, tmp_path):
   paths = sources.shard_paths(shard_dir, "train")
   assert [p.rsplit("/", 1)[1] for p in paths] == ["train-00000-of-00002.array_record",
                                                    "train-00001-of-00002.array_record"]
   partial = tmp_path / "partial"
   partial.mkdir()
-  (partial / "train-00001-of-00003.array_record").write_bytes(b"")
+  _write_one_record(partial / "train-00001-of-00003.array_record")
   with pytest.raises(FileNotFoundError, match="1 of 3"):
     sources.shard_paths(partial, "train")
   listed = tmp_path / "listed"
   listed.mkdir()
-  (listed / "a.array_record").write_bytes(b"")
+  _write_one_record(listed / "a.array_record")  # a real (readable) shard: every shard's footer is checked
   (listed / "manifest.json").write_text(json.dumps(
       {"schema_version": 1, "splits": {"train": {"shards": ["a.array_record"]}},
        "shards": [{"file": "a.array_record", "split": "train", "records": 0}]}))
