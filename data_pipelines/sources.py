@@ -155,29 +155,3 @@ class KeyedSource:
     plain = isinstance(self._source, (list, tuple)) or type(self._source).__repr__ is object.__repr__
     inner = type(self._source).__qualname__ if plain else repr(self._source)
     return f"KeyedSource({inner}, {len(self)} records)"
-
-
-class GroupedSource:
-  """Groups of `group_size` consecutive items of a source: item j is [source[j*G], ..., source[j*G + G - 1]].
-
-  Shuffling the groups instead of the items keeps each group together in one batch (data.group_size).
-  A trailing incomplete group is left out.
-  """
-
-  def __init__(self, source: Any, group_size: int):
-    if group_size < 1:
-      raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if len(source) < group_size:
-      raise ValueError(f"{len(source)} records cannot form one group of {group_size}")
-    self._source = source
-    self._group_size = group_size
-
-  def __len__(self) -> int:
-    return len(self._source) // self._group_size
-
-  def __repr__(self) -> str:  # Grain validates a restored iterator's source by its repr
-    return f"GroupedSource({self._source!r}, group_size={self._group_size})"
-
-  def __getitem__(self, index: int) -> list[Any]:
-    start = int(index) * self._group_size
-    return [self._source[start + i] for i in range(self._group_size)]

@@ -255,9 +255,12 @@ def _chromium(tmp_path: pathlib.Path):
 
 @pytest.mark.slow
 def test_page_in_headless_chromium(index_dir, tmp_path):
+  """Also takes the README's screenshots: CLIPVIP_WRITE_SCREENSHOT=1 writes them, and CLIPVIP_SCREENSHOT_INDEX=DIR
+  runs the same test on another index (the demo's: `demo_out/index`)."""
   from selenium.webdriver.common.by import By
   from selenium.webdriver.common.keys import Keys
   from selenium.webdriver.support.ui import WebDriverWait
+  index_dir = pathlib.Path(os.environ.get("CLIPVIP_SCREENSHOT_INDEX") or index_dir)
   index = read_index(index_dir)
   row = 5
   caption, clip_id = index.captions(row)[0], index.id(row)

@@ -4,7 +4,8 @@ Each step directory holds five items, saved together and asynchronously (the dev
 writes run in the background while training continues):
   params     the parameter pytree (float32, sharded arrays; restored onto any mesh with target shardings)
   opt_state  the optimiser state (moments and update count; frozen parameters have none)
-  data       {"state": the Grain iterator state (JSON text)}: resuming reads exactly the batches that follow
+  data       {"state": the input position (JSON text: the next global row and the settings that fix the order),
+             the same on every process: resuming on any topology reads exactly the batches that follow
   meta       {"step", "kind", "model" (the model config dict), "nonfinite_total", "nonfinite_steps"}
   config     the run config (JSON)
 Retention: the latest `keep` checkpoints, plus the best one by a validation metric (saved with the metrics of an
