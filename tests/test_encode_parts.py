@@ -159,8 +159,6 @@ def test_float16_texts_index_and_bad_searches(checkpoint, model, shards, tmp_pat
 @pytest.mark.slow  # two JAX processes start and compile (about a minute on 2 cores)
 def test_two_processes_of_four_devices_give_the_one_process_index(checkpoint, shards, tmp_path):
   """launch_local: 2 processes x 4 CPU devices (gloo), against 1 process of 8 devices, through the command."""
-  if not (REPO / "clipvip_jax" / "launch_local.py").is_file():
-    pytest.skip("clipvip_jax.launch_local is not there yet")
   common = ["--checkpoint", str(checkpoint), "--shards", str(shards), "--split", "train", "--part-size", "3",
             "--batch-size", "4", "--quiet"]
   env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -17,7 +17,6 @@ compiles once.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
@@ -164,10 +163,9 @@ def _index_meta(model: RetrievalModel, args: argparse.Namespace, modality: str, 
 
 
 def _start_processes() -> None:
-  """Joins the other JAX processes of a multi-process launch (no-op for one process), where that support exists."""
-  if importlib.util.find_spec("clipvip_jax.distributed") is not None:
-    from clipvip_jax import distributed
-    distributed.initialize()
+  """Joins the other JAX processes of a multi-process launch (clipvip_jax.distributed; no-op for one process)."""
+  from clipvip_jax import distributed
+  distributed.initialize("encode")
 
 
 def _run(argv: Sequence[str] | None) -> int:
