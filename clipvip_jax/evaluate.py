@@ -1,5 +1,6 @@
 """Retrieval evaluation: encode every video and text of a split once, then R@1/5/10, MdR, MnR both ways, with and
-without dual softmax, under the split's protocol.
+without dual softmax, under the split's protocol. The Evaluator serves the trainer and the eval command (its
+command line is train/cli.py's eval_main; this module imports no command, so there is no import circle):
 
   python -m clipvip_jax.eval --config configs/clipvip_msrvtt.py --checkpoint WORKDIR [--which best] \
       [--split test] [--output results.json] [--config.eval.batch_size=64 ...]
@@ -146,12 +147,6 @@ def format_table(result: Mapping[str, Any]) -> str:
       v = [result[f"{key}/{m}"] for m in ("R@1", "R@5", "R@10", "MdR", "MnR")]
       lines.append(f"{name + direction:8s} {v[0]:6.1f} {v[1]:6.1f} {v[2]:6.1f} {v[3]:6.1f} {v[4]:7.1f}")
   return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-  """The `python -m clipvip_jax.eval` command; see the module docstring."""
-  from clipvip_jax.train import cli
-  return cli.eval_main(argv)
 
 
 def dump(result: Mapping[str, Any], path: str) -> None:

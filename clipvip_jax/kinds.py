@@ -38,6 +38,9 @@ def model_class(kind: str) -> type:
 
 
 def config_class(kind: str) -> type:
+  if kind == "meanp":  # CLIP4Clip's meanP baseline (models/meanp.py) is configured by the CLIP towers' config
+    from clipvip_jax.models.clip import CLIPConfig  # pylint: disable=import-outside-toplevel
+    return CLIPConfig
   return _classes(kind)[1]
 
 

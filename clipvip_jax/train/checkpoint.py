@@ -411,16 +411,15 @@ def resolve_step(path: str | pathlib.Path, which: str | int | None = None) -> pa
 def load_workdir_params(path: str | pathlib.Path, which: str | int | None = None
                         ) -> tuple[str, Any, dict[str, np.ndarray]]:
   """(kind, model config object, flat float32 numpy params) of a workdir checkpoint, restored on the host."""
+  from clipvip_jax import kinds
   from clipvip_jax.checkpoint_io import flatten
-  from clipvip_jax.train import model_init
   step_dir = resolve_step(path, which)
   meta = json.loads((step_dir / "meta" / "metadata").read_text()) if (step_dir / "meta" / "metadata").exists() \
       else None
   if meta is None:
     raise FileNotFoundError(f"{step_dir} has no meta item")
   kind = meta["kind"]
-  _, config_cls = model_init._classes(kind)  # pylint: disable=protected-access
-  cfg = config_cls.from_dict(meta["model"])
+  cfg = kinds.config_class(kind).from_dict(meta["model"])
   with ocp.PyTreeCheckpointer() as ckpt:
     tree = ckpt.metadata(step_dir / "params").item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
