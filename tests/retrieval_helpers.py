@@ -7,6 +7,7 @@ import pathlib
 
 import av
 import numpy as np
+import pytest
 
 from clipvip_jax import checkpoint_io, kinds
 from clipvip_jax.convert.common import Converted
@@ -63,3 +64,26 @@ def write_video(path: pathlib.Path, frames: int = 8, size: int = 32, seed: int =
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
+
+
+# Module-scoped fixtures of the retrieval test files (import them into a test module to use them): a tiny random
+# CLIP-ViP written as a converted checkpoint, its loaded model, and 20 synthetic clips.
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+  return write_tiny_clipvip(tmp_path_factory.mktemp("ckpt") / "clipvip")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):  # pylint: disable=redefined-outer-name
+  from clipvip_jax.retrieval.model import load_model
+  return load_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> pathlib.Path:
+  from data_pipelines import synthetic
+  out = tmp_path_factory.mktemp("synthetic")
+  synthetic.generate(str(out), 20, seed=0)
+  return out

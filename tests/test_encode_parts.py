@@ -14,32 +14,14 @@ import numpy as np
 import pytest
 
 import retrieval_helpers as rh
+from retrieval_helpers import checkpoint, model, shards  # noqa: F401 (pytest fixtures)
 from clipvip_jax import encode
 from clipvip_jax import search as search_command
 from clipvip_jax.cli_errors import UsageError
 from clipvip_jax.retrieval import indexer
 from clipvip_jax.retrieval.index import read_index
-from clipvip_jax.retrieval.model import load_model
-from data_pipelines import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-  return rh.write_tiny_clipvip(tmp_path_factory.mktemp("ckpt") / "clipvip")
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-  return load_model(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> pathlib.Path:
-  out = tmp_path_factory.mktemp("synthetic")
-  synthetic.generate(str(out), 20, seed=0)
-  return out
 
 
 @pytest.fixture(scope="module")

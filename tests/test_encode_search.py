@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 import retrieval_helpers as rh
+from retrieval_helpers import checkpoint, model, shards  # noqa: F401 (pytest fixtures)
 from clipvip_jax import encode
 from clipvip_jax import search as search_command
 from clipvip_jax.retrieval import indexer, search, video_files
 from clipvip_jax.retrieval.index import read_index
 from clipvip_jax.retrieval.model import load_model
-from data_pipelines import manifest, shard_writer, synthetic
+from data_pipelines import manifest, shard_writer
 
 
 def _encode(model, inputs, out, **options) -> np.ndarray:
@@ -22,23 +23,6 @@ def _encode(model, inputs, out, **options) -> np.ndarray:
   indexer.build_index(model, inputs, out, meta={"kind": model.kind, "checkpoint": model.checkpoint,
                                                 "modality": inputs.modality}, progress=False, **options)
   return read_index(out).embeddings()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-  return rh.write_tiny_clipvip(tmp_path_factory.mktemp("ckpt") / "clipvip")
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-  return load_model(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> pathlib.Path:
-  out = tmp_path_factory.mktemp("synthetic")
-  synthetic.generate(str(out), 20, seed=0)
-  return out
 
 
 @pytest.fixture(scope="module")

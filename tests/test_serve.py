@@ -23,31 +23,14 @@ import numpy as np
 import pytest
 
 import retrieval_helpers as rh
+from retrieval_helpers import checkpoint, model, shards  # noqa: F401 (pytest fixtures)
 from clipvip_jax.retrieval import search, service, thumbnails
 from clipvip_jax.retrieval.index import read_index, write_index
-from clipvip_jax.retrieval.model import load_model
-from data_pipelines import manifest, shard_writer, synthetic
+from data_pipelines import manifest, shard_writer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "images" / "serve.png"
 WRITE_SCREENSHOT_ENV = "CLIPVIP_WRITE_SCREENSHOT"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-  return rh.write_tiny_clipvip(tmp_path_factory.mktemp("ckpt") / "clipvip")
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-  return load_model(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> pathlib.Path:
-  out = tmp_path_factory.mktemp("synthetic")
-  synthetic.generate(str(out), 20, seed=0)
-  return out
 
 
 @pytest.fixture(scope="module")
