@@ -280,7 +280,7 @@ class ClipBatchIterator:
     iterable = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=cfg.read_threads, prefetch_buffer_size=max(1, -(-cfg.read_buffer // per_thread))))
     if cfg.worker_count:
-      _allow_grain_workers_outside_absl_app()
+      allow_grain_workers_outside_absl_app()
       iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                                    per_worker_buffer_size=cfg.worker_buffer_size))
     self._iterator = iter(iterable)
@@ -355,7 +355,7 @@ class ClipBatchIterator:
     self.close()
 
 
-def _allow_grain_workers_outside_absl_app() -> None:
+def allow_grain_workers_outside_absl_app() -> None:
   """grain 0.2.18 reads its absl flags directly when it starts worker processes, which raises
   UnparsedFlagAccessError unless the program runs under absl.app (pytest, notebooks, plain scripts). Marking the
   flags parsed keeps their defaults; a later absl.app.run still parses the command line as usual."""
@@ -444,7 +444,7 @@ class EvalData:
       videos = grain.MapDataset.source(sources.KeyedSource(self.source, keys)).map(
           examples.EvalVideo(cfg.example_spec())).to_iter_dataset()
       if cfg.worker_count:
-        _allow_grain_workers_outside_absl_app()
+        allow_grain_workers_outside_absl_app()
         videos = videos.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size * batch))
       iterator = iter(videos.batch(batch, drop_remainder=False))

@@ -108,8 +108,7 @@ class VideoFiles:
       except (VideoReadError, ValueError, OSError) as e:
         return clip_id, None, str(e) or type(e).__name__
 
-    def batches():
-      video, mask = [], []
+    def readable():
       for clip_id, prepared, reason in ordered_map(prepare, self.videos[start:stop], self.workers,
                                                    window=2 * batch_size):
         bar.update(1)
@@ -118,15 +117,9 @@ class VideoFiles:
           bar.set_postfix(skipped=bar.skipped + len(skipped))
           continue
         ids.append(clip_id)
-        video.append(prepared[0])
-        mask.append(prepared[1])
-        if len(video) == batch_size:
-          yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
-          video, mask = [], []
-      if video:
-        yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
+        yield prepared
 
-    embeddings = _run(encode_fn, batches(), batch_size, dims)
+    embeddings = _run(encode_fn, _video_batches(readable(), batch_size), batch_size, dims)
     return PartRows(embeddings, ids, None, skipped)
 
 
@@ -171,21 +164,18 @@ class ShardClips:
   def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
     import grain
 
-    from data_pipelines import examples, sources
+    from data_pipelines import examples, pipeline, sources
     data = self.data
     rows: list[int] = []
     skipped: list[dict[str, str]] = []
     videos = grain.MapDataset.source(sources.KeyedSource(data.source, range(start, stop))).map(
         examples.EvalVideo(data.config.example_spec())).to_iter_dataset()
     if self.workers:
-      from absl import flags
-      if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers (as pipeline.py does)
-        flags.FLAGS.mark_as_parsed()
+      pipeline.allow_grain_workers_outside_absl_app()
       videos = videos.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
                                                                per_worker_buffer_size=2 * batch_size))
 
-    def batches():
-      video, mask = [], []
+    def readable():
       for example in videos:
         bar.update(1)
         i = int(example["clip_index"])
@@ -195,16 +185,23 @@ class ShardClips:
           bar.set_postfix(skipped=bar.skipped + len(skipped))
           continue
         rows.append(i)
-        video.append(example["video"])
-        mask.append(example["frame_mask"])
-        if len(video) == batch_size:
-          yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
-          video, mask = [], []
-      if video:
-        yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
+        yield example["video"], example["frame_mask"]
 
-    embeddings = _run(encode_fn, batches(), batch_size, dims)
+    embeddings = _run(encode_fn, _video_batches(readable(), batch_size), batch_size, dims)
     return PartRows(embeddings, [data.clip_ids[i] for i in rows], [self.captions[i] for i in rows], skipped)
+
+
+def _video_batches(clips, batch_size: int):
+  """(video, frame_mask) pairs -> {"video", "frame_mask"} batches of batch_size in order, the last one shorter."""
+  video, mask = [], []
+  for clip_video, clip_mask in clips:
+    video.append(clip_video)
+    mask.append(clip_mask)
+    if len(video) == batch_size:
+      yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
+      video, mask = [], []
+  if video:
+    yield {"video": np.stack(video), "frame_mask": np.stack(mask)}
 
 
 class Texts:
