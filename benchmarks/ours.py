@@ -22,7 +22,7 @@ OPTIM = dict(name="adamw", lr=1e-6, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
 
 
 def model_section(variant: str, *, kind: str = "clipvip", frames: int = 12, num_proxies: int = 4,
-                  dtype: str = "float32", remat: str = "none", attention: str = "xla",
+                  dtype: str = "float32", remat: str = "auto", attention: str = "xla",
                   attention_pattern: str = "block_sparse", clip_overrides: dict | None = None,
                   scan_layers: bool = False) -> dict[str, Any]:
   """config.model for model_init: a CLIP variant with CLIP-ViP's fields (temporal_size = the frame count)."""

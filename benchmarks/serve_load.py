@@ -58,14 +58,14 @@ def _random_params(kind: str, cfg, seed: int = 0) -> dict[str, np.ndarray]:
 def make_checkpoint(path: pathlib.Path) -> pathlib.Path:
   import dataclasses
 
-  from clipvip_jax import checkpoint_io
+  from clipvip_jax import converted_checkpoint
   from clipvip_jax.convert.common import Converted
   from clipvip_jax.models import clip, clipvip
   if (path / "config.json").is_file():
     return path
   base = clip.clip_config("tiny")
   cfg = clipvip.CLIPViPConfig(clip=dataclasses.replace(base, projection_dim=DIMS), num_proxies=2, temporal_size=4)
-  return checkpoint_io.save_converted(Converted("clipvip", cfg, _random_params("clipvip", cfg), source="random"),
+  return converted_checkpoint.save_converted(Converted("clipvip", cfg, _random_params("clipvip", cfg), source="random"),
                                       path)
 
 

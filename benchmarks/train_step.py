@@ -39,6 +39,8 @@ import numpy as np
 from benchmarks import common, experiments, model_flops, ours as ours_lib
 
 DEFAULT_BATCH = {"B/32": 4, "B/16": 2, "L/14": 1, "tiny": 4}
+# Rows of the peer: float32, or its forward under torch.autocast("cpu", bfloat16) (parameters stay float32, as ours).
+PEER_DTYPES = {"float32": "peer", "bfloat16": "peer+autocast=bfloat16"}
 CONFIG_OPTIONS = ("scan_layers",)  # boolean config.model keys a row of --ours-variants may switch on
 GOAL = 1.3
 TINY = dict(frames=2, image_size=32, text_len=8,
@@ -97,11 +99,15 @@ def run_variant(variant: str, args: argparse.Namespace, compiles: list[float]) -
       ours[impl] = ours_lib.build({**section, **config_options}, batch, devices=jax.devices()[:1])
     device_batches[impl] = ours[impl].put(batch)
     fns[impl] = lambda impl=impl: ours[impl].step(device_batches[impl])
-  peer = None
+  peers = {}
   if not args.no_peer:
-    peer = MeanPPeer(cfg, foreach=args.peer_foreach)
-    torch_batch = peer.to_torch(batch)
-    fns["peer"] = lambda: float(peer.step(torch_batch))
+    for dtype in filter(None, args.peer_variants.split(",")):
+      if dtype not in PEER_DTYPES:
+        raise ValueError(f"--peer-variants takes {sorted(PEER_DTYPES)}, got {dtype!r}")
+      name = PEER_DTYPES[dtype]
+      peers[name] = MeanPPeer(cfg, foreach=args.peer_foreach, autocast_dtype=None if dtype == "float32" else dtype)
+      torch_batch = peers[name].to_torch(batch)
+      fns[name] = lambda p=peers[name], b=torch_batch: float(p.step(b))
 
   before = len(compiles)
   # Step 1 of each side (counted as warm-up): every variant of ours must give the same loss here.
@@ -124,6 +130,7 @@ def run_variant(variant: str, args: argparse.Namespace, compiles: list[float]) -
   rows: list[dict[str, Any]] = []
   for name, m in results.items():
     o = ours.get(name)
+    peer = peers.get(name)
     xla_flops = o.cost_flops if o is not None else None
     rows.append({
         "variant": variant, "impl": name, "batch": batch_size, "frames": frames, "image_size": size,
@@ -138,12 +145,16 @@ def run_variant(variant: str, args: argparse.Namespace, compiles: list[float]) -
         "first_loss": first_losses[name],
         "malloc": "keep" if common.malloc_keep_active() else "default",
     })
-  if peer is not None:
-    peer_rate = next(r["clips_per_s"] for r in rows if r["impl"] == "peer")
-    for r in rows:
-      if r["impl"] != "peer":
-        r["vs_peer"] = r["clips_per_s"] / peer_rate
-  del ours, peer, fns, device_batches
+  # Each row of ours against the peer of its compute dtype (bfloat16 rows against the autocast peer when it ran).
+  rates = {r["impl"]: r["clips_per_s"] for r in rows if r["impl"] in peers}
+  for r in rows:
+    if r["impl"] in peers:
+      continue
+    reference = PEER_DTYPES["bfloat16"] if "dtype=bfloat16" in r["impl"] else PEER_DTYPES["float32"]
+    reference = reference if reference in rates else next(iter(rates), None)
+    if reference is not None:
+      r["vs_peer"], r["peer"] = r["clips_per_s"] / rates[reference], reference
+  del ours, peers, fns, device_batches
   gc.collect()
   return rows
 
@@ -196,12 +207,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--repeats", type=int, default=3, help="timed steps per side (interleaved)")
   p.add_argument("--threads", type=int, default=common.usable_cores(), help="torch threads (XLA uses all cores)")
   p.add_argument("--peer-foreach", action="store_true", help="torch AdamW(foreach=True) instead of its default")
-  p.add_argument("--ours-variants", default="base,scan_layers,remat=elementwise",
-                 help="rows of ours: base, scan_layers (config.model.scan_layers) and/or benchmarks/experiments.py "
-                      "variants, '+'-joined within a row (e.g. base,where_skip,scan_layers,remat=elementwise)")
+  p.add_argument("--ours-variants", default="base,remat=none",
+                 help="rows of ours: base (the configs' defaults: remat 'auto'), scan_layers (config.model."
+                      "scan_layers), KEY=VALUE (config.model.KEY, e.g. remat=none, dtype=bfloat16) and/or "
+                      "benchmarks/experiments.py variants, '+'-joined within a row (e.g. base,where_skip,remat=none)")
   p.add_argument("--malloc", default="default", choices=["default", "keep"],
                  help="host allocator of the process (both sides): glibc's default, or keep (common.MALLOC_KEEP: "
                       "no per-step page faults; each variant then runs in a child process started with it)")
+  p.add_argument("--peer-variants", default="float32",
+                 help="rows of the peer: float32 and/or bfloat16 (torch.autocast on CPU); a row of ours with "
+                      "dtype=bfloat16 is compared with the bfloat16 peer when it runs")
   p.add_argument("--no-peer", action="store_true")
   p.add_argument("--tiny", action="store_true", help="a 1-layer width-32 model on 2 frames of 32x32 (smoke test)")
   p.add_argument("--json", default="", help="also write the rows here")
@@ -236,7 +251,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   for r in rows:
     if r.get("vs_peer"):
       verdict = "met" if r["vs_peer"] >= GOAL else "not met"
-      print(f"{r['variant']}: {r['impl']} / peer = {r['vs_peer']:.2f}x (goal {GOAL}x: {verdict})")
+      print(f"{r['variant']}: {r['impl']} / {r['peer']} = {r['vs_peer']:.2f}x (goal {GOAL}x: {verdict})")
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=2)

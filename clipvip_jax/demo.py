@@ -110,7 +110,7 @@ def search_check(index_dir: pathlib.Path, workdir: pathlib.Path, data_dir: pathl
   """The encode and search commands on the demo's own checkpoint: every test caption is a query; the share of
   queries whose own clip comes first / in the top k, and one example ranking."""
   from clipvip_jax import encode
-  from clipvip_jax.retrieval import index as embedding_index
+  from clipvip_jax.retrieval import index as index_lib
   from clipvip_jax.retrieval import search
 
   which = "best" if (workdir / "best.json").exists() else "latest"
@@ -118,7 +118,7 @@ def search_check(index_dir: pathlib.Path, workdir: pathlib.Path, data_dir: pathl
                       "--out", str(index_dir), "--force", "--quiet"])
   if code:
     raise SystemExit(f"stopped: encoding the test split with {workdir} failed (exit {code})")
-  index = embedding_index.read_index(index_dir)
+  index = index_lib.read_index(index_dir)
   queries, truth = [], []
   for row in range(index.count):
     clip_id = index.id(row)
@@ -203,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--clips", type=int, default=DEFAULT_CLIPS, help="synthetic clips to generate (even)")
   parser.add_argument("--force", action="store_true", help="retrain from scratch instead of resuming")
   args = parser.parse_args(argv)
+  from clipvip_jax.cli_errors import quiet_library_logs
+  quiet_library_logs()  # Orbax's routine absl warnings (e.g. reading a checkpoint item) are not for the user
   if args.steps is not None and args.steps < 1:
     parser.error("--steps must be >= 1")
   if args.clips < 20 or args.clips % 2:

@@ -1,7 +1,7 @@
 """`python -m clipvip_jax.eval --checkpoint WORKDIR|DIR|FILE [--config configs/X.py] [--split test]`.
 
 Retrieval metrics (t2v and v2t R@1/5/10, MdR, MnR, with and without dual softmax) written as JSON; the
-evaluation itself lives in clipvip_jax/evaluate.py, the command line in clipvip_jax/train/cli.py.
+evaluation itself lives in clipvip_jax/evaluator.py, the command line in clipvip_jax/train/cli.py.
 """
 
 import sys

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 batch_size=128, seed=42, worker_count=8, dtype="bfloat16", sampling="clip2video", target_fps=5.0,
                 resize_mode="crop")
 
-  c.model = dict(kind="clip2video", variant="B/32", dtype="bfloat16", remat="none", attention="xla", clip={},
+  c.model = dict(kind="clip2video", variant="B/32", dtype="bfloat16", remat="auto", attention="xla", clip={},
                  scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(sim_type="seqTransf", temporal_type="TDB", center_type="TAB", center_proj="TAB_TDB",
                              center_k=5, center_weight=0.5, temporal_layers=4))

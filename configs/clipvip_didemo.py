@@ -31,7 +31,7 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
                 batch_size=128, seed=42, worker_count=8, dtype="bfloat16", sampling="clipvip", resize_mode="squash",
                 paragraph=True)
 
-  c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="none", attention="xla", clip={},
+  c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="auto", attention="xla", clip={},
                  config=dict(num_proxies=4, temporal_size=12))
   # The post-pretrained CLIP-ViP (converted); its weights fix the architecture.
   c.init = dict(checkpoint=f"converted/clipvip-{variant.replace('/', '').lower()}", config="", skip=(),

@@ -29,7 +29,7 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
   c.data = dict(shard_dir="data/lsmdc/shards", split="train", num_frames=12, image_size=224, max_text_len=50,
                 batch_size=128, seed=42, worker_count=8, dtype="bfloat16", sampling="clipvip", resize_mode="squash")
 
-  c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="none", attention="xla", clip={},
+  c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="auto", attention="xla", clip={},
                  scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(num_proxies=4, temporal_size=12))
   # The post-pretrained CLIP-ViP (converted); its weights fix the architecture.

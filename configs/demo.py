@@ -34,14 +34,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Input: synthetic shards (data_pipelines.synthetic), twins kept together in a batch.
   c.data = dict(shard_dir="demo_out/data", split="train", num_frames=NUM_FRAMES, image_size=IMAGE_SIZE,
-                max_text_len=MAX_TEXT_LEN, batch_size=64, seed=0, worker_count=0, read_threads=0, dtype="float32",
+                max_text_len=MAX_TEXT_LEN, batch_size=64, seed=0, worker_count=0, read_threads=0, dtype="uint8",
                 sampling="clipvip", resize_mode="squash", group_size=2)
 
   # Model: 4-layer towers of width 96 on 32 x 32 frames (16 patches of 8 x 8), 4 video proxies.
   tower = dict(width=96, layers=4, heads=4, mlp_dim=192)
   # Position (and CLIP-ViP's temporal) embeddings start at std 1.0, the scale of the patch embeddings: trained
   # from scratch with the usual 0.02 the towers barely see where and when a shape is, and motion goes unlearned.
-  c.model = dict(kind=kind, dtype="float32", remat="none", attention="xla",
+  c.model = dict(kind=kind, dtype="float32", remat="auto", attention="xla",
                  clip=dict(vision=dict(**tower, patch_size=8, image_size=IMAGE_SIZE, position_init_std=1.0),
                            text=dict(**tower, max_len=MAX_TEXT_LEN), projection_dim=64),
                  config=dict(num_proxies=4, temporal_size=NUM_FRAMES, temporal_init_std=1.0) if kind == "clipvip" else {})

@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 worker_count=0, dtype="float32", sampling="clipvip", resize_mode="squash")
 
   # Model: 1-layer towers of width 32, 2 video proxies, temporal embedding of 4 frames.
-  c.model = dict(kind=arg or "clipvip", variant="tiny", dtype="float32", remat="none", attention="xla",
+  c.model = dict(kind=arg or "clipvip", variant="tiny", dtype="float32", remat="auto", attention="xla",
                  scan_layers=False,
                  clip=dict(vision=dict(width=32, layers=1, heads=2, mlp_dim=64, patch_size=8, image_size=32),
                            text=dict(width=32, layers=1, heads=2, mlp_dim=64, max_len=16), projection_dim=16),

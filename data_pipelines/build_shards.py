@@ -83,7 +83,7 @@ def plan_shards(annotations: Sequence[ClipAnnotation], shard_size: int) -> list[
 def _fingerprint(annotations: Sequence[ClipAnnotation], options: FrameOptions, shard_size: int) -> dict[str, Any]:
   """Everything that decides the bytes of the shards; a resumed build must agree on all of it."""
   digest = hashlib.sha256(json.dumps([dataclasses.asdict(a) for a in annotations]).encode()).hexdigest()
-  return {**dataclasses.asdict(options), "shard_size": shard_size, "annotations_sha256": digest}
+  return {**options.manifest_fields(), "shard_size": shard_size, "annotations_sha256": digest}
 
 
 def _status_path(out_dir: str, task_name: str) -> str:
@@ -219,6 +219,11 @@ def _parser() -> argparse.ArgumentParser:
                  help="rate of kept frames, default %(default)s; 0 keeps every frame (rule: video_io.py)")
   p.add_argument("--short-side", type=int, default=FrameOptions.short_side,
                  help="stored short side in pixels (bicubic, never upscaled), default %(default)s; 0 = original")
+  p.add_argument("--frame-size", type=int, default=0,
+                 help="store model-ready S x S frames (the recipe's data.image_size), resized from the full "
+                      "decode by --resize-mode, instead of --short-side: training then only decodes JPEG")
+  p.add_argument("--resize-mode", default="squash", choices=["squash", "crop"],
+                 help="with --frame-size: the recipe's data.resize_mode (squash: CLIP-ViP, crop: CLIP2Video)")
   p.add_argument("--jpeg-quality", type=int, default=FrameOptions.jpeg_quality,
                  help="JPEG quality of stored frames, default %(default)s")
   p.add_argument("--folder-fps", type=float, default=FrameOptions.folder_fps,
@@ -239,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     options = FrameOptions(fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
-                           folder_fps=args.folder_fps, max_missing_seconds=args.max_missing_seconds)
+                           folder_fps=args.folder_fps, max_missing_seconds=args.max_missing_seconds,
+                           frame_size=args.frame_size, resize_mode=args.resize_mode)
     if not os.path.isdir(args.videos):
       raise BuildError(f"--videos {args.videos} is not a directory")
     annotations = read_annotation_lines(args.annotations, default_split=args.split)

@@ -96,3 +96,15 @@ def shard_paths(shard_dir: str, split: str | None = None, manifest: dict[str, An
     raise ValueError(f"{shard_dir} has no split {split!r} (it has {sorted(manifest['splits'])})")
   root = os.path.abspath(shard_dir)
   return [os.path.join(root, s["file"]) for s in manifest["shards"] if split is None or s["split"] == split]
+
+
+def check_stored_frames(options: dict, image_size: int, resize_mode: str, where: str) -> None:
+  """Raises ValueError when shards built with model-ready frames (`options`: a manifest's options) are read at
+  another size or resize mode: a second resize of already squashed or cropped frames is not the recipe."""
+  stored = int(options.get("frame_size") or 0)
+  if stored and (stored, options.get("resize_mode", "squash")) != (image_size, resize_mode):
+    raise ValueError(
+        f"{where} holds model-ready {stored}x{stored} frames made by resize mode {options.get('resize_mode')!r} "
+        f"(build_shards --frame-size {stored}), but data.image_size={image_size}, data.resize_mode="
+        f"{resize_mode!r}: rebuild the shards with --frame-size {image_size} --resize-mode {resize_mode}, "
+        f"or set the data config to match")

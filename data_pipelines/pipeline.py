@@ -51,13 +51,14 @@ import functools
 import json
 import logging
 import math
+import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import jax
 import numpy as np
 
-from data_pipelines import examples, records, sampling, sources, transforms
+from data_pipelines import examples, manifest, records, sampling, sources, transforms
 from data_pipelines.device_prefetch import DevicePrefetchIterator, prefetch_to_device  # noqa: F401 (re-export)
 
 TokenizeFn = examples.TokenizeFn
@@ -142,6 +143,9 @@ def _open_source(cfg: DataConfig, source: sources.RecordSource | None) -> source
     return source
   if not cfg.shard_dir:
     raise ValueError("data.shard_dir is required when no source is given")
+  if os.path.exists(os.path.join(cfg.shard_dir, manifest.MANIFEST_NAME)):
+    manifest.check_stored_frames(manifest.read_manifest(cfg.shard_dir).get("options", {}), cfg.image_size,
+                                 cfg.resize_mode, cfg.shard_dir)
   return sources.open_split(cfg.shard_dir, cfg.split)
 
 

@@ -16,7 +16,10 @@ jobs), so a clip is stored the same way whichever tool wrote it:
   are start + k / fps.
 * Resize: the short side is resized to `short_side` with PIL bicubic, the long side to round(long * ratio);
   frames whose short side is already <= short_side are stored as they are (no upscaling, so small sources
-  are not interpolated twice); short_side = 0 keeps the original size.
+  are not interpolated twice); short_side = 0 keeps the original size. Model-ready frames (`frame_size` S > 0)
+  are instead resized from the full-resolution decode straight to what the recipe feeds the model, S x S by
+  `resize_mode` (transforms.resize_frame: 'squash' for CLIP-ViP, 'crop' for CLIP2Video), so the input pipeline
+  only decodes them; the originals also resize once from the full-resolution frame.
 * JPEG: PIL, quality `jpeg_quality` (default 90), 4:2:0 chroma subsampling (PIL's default), no optimisation
   pass, so the bytes are a deterministic function of the pixels.
 
@@ -37,6 +40,8 @@ from collections.abc import Iterator
 import av
 import numpy as np
 from PIL import Image
+
+from data_pipelines import transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp")
@@ -62,12 +67,17 @@ class FrameOptions:
     the record's fps is 0.0, and start/end cannot be applied.
   max_missing_seconds: a video whose decoded frames end more than this before the duration its container
     declares (or before `end`) is reported as truncated rather than stored short.
+  frame_size, resize_mode: frame_size > 0 stores model-ready frames, frame_size x frame_size as `resize_mode`
+    makes them (replaces short_side); the pipeline must then ask for that image_size and resize_mode
+    (manifest.check_stored_frames).
   """
   fps: float = 5.0
   short_side: int = 224
   jpeg_quality: int = 90
   folder_fps: float = 0.0
   max_missing_seconds: float = 1.0
+  frame_size: int = 0
+  resize_mode: str = "squash"
 
   def __post_init__(self):
     if not (self.fps >= 0 and math.isfinite(self.fps)):
@@ -80,6 +90,25 @@ class FrameOptions:
       raise ValueError(f"folder_fps must be a finite number >= 0, got {self.folder_fps}")
     if self.max_missing_seconds < 0:
       raise ValueError(f"max_missing_seconds must be >= 0, got {self.max_missing_seconds}")
+    if self.frame_size < 0:
+      raise ValueError(f"frame_size must be >= 0, got {self.frame_size}")
+    if self.resize_mode not in transforms.RESIZE_MODES:
+      raise ValueError(f"resize_mode must be one of {transforms.RESIZE_MODES}, got {self.resize_mode!r}")
+
+  def manifest_fields(self) -> dict:
+    """The options as the manifest (and a resumed build's fingerprint) records them; the model-ready fields
+    only when used, so shards built before they existed keep their fingerprint."""
+    fields = dataclasses.asdict(self)
+    if not self.frame_size:
+      del fields["frame_size"], fields["resize_mode"]
+    return fields
+
+  def shape(self, image: Image.Image) -> Image.Image:
+    """One decoded frame as it is stored: model-ready S x S, or resized to the short side."""
+    if self.frame_size:
+      return Image.fromarray(transforms.resize_frame(image.convert("RGB"), self.frame_size, self.resize_mode))
+    return resize_short_side(image, self.short_side)
+
 
 
 @dataclasses.dataclass
@@ -187,7 +216,7 @@ def _read_frame_folder(path: str, options: FrameOptions, start: float | None, en
         image = im.convert("RGB")
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError) for a bad file
       raise VideoReadError(f"unreadable image {name!r} ({type(e).__name__}: {e})") from e
-    frames.append(encode_jpeg(resize_short_side(image, options.short_side), options.jpeg_quality))
+    frames.append(encode_jpeg(options.shape(image), options.jpeg_quality))
   if not frames:
     raise VideoReadError(f"no frame in the segment [{start}, {end}) of a {len(names)}-image folder")
   source_fps = float(options.folder_fps)
@@ -293,7 +322,7 @@ def _decode_selected(container, stream, options, start_f, end_f, seek: bool):
       break
     last_t = t
     if selector.keep(t):
-      image = resize_short_side(frame.to_image(), options.short_side)
+      image = options.shape(frame.to_image())
       frames.append(encode_jpeg(image, options.jpeg_quality))
   return frames, last_t
 

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from clipvip_jax import checkpoint_io, kinds
+from clipvip_jax import converted_checkpoint, kinds
 from clipvip_jax.convert.common import Converted
 from clipvip_jax.models import clip, clip2video, clipvip
 
@@ -42,14 +42,14 @@ def write_tiny_clipvip(path: pathlib.Path, projection_dim: int = 32, seed: int =
   """A converted CLIP-ViP directory (config.json + Orbax params) with random weights."""
   cfg = tiny_clipvip_config(projection_dim)
   converted = Converted("clipvip", cfg, random_params("clipvip", cfg, seed), source="random")
-  return checkpoint_io.save_converted(converted, path)
+  return converted_checkpoint.save_converted(converted, path)
 
 
 def write_tiny_clip2video(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
   """A converted CLIP2Video directory (TDB + TAB, 3 centres, 6 frames) around the tiny CLIP, random weights."""
   cfg = clip2video.CLIP2VideoConfig.for_clip(clip.clip_config("tiny"), center_k=3, temporal_layers=1, num_frames=6)
   converted = Converted("clip2video", cfg, random_params("clip2video", cfg, seed), source="random")
-  return checkpoint_io.save_converted(converted, path)
+  return converted_checkpoint.save_converted(converted, path)
 
 
 def write_video(path: pathlib.Path, frames: int = 8, size: int = 32, seed: int = 0) -> None:

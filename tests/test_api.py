@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import clipvip_jax
-from clipvip_jax import checkpoint_io
+from clipvip_jax import converted_checkpoint
 from clipvip_jax.convert import hf_clip
 from clipvip_jax.convert.common import Converted
 from clipvip_jax.kinds import param_shapes
@@ -31,7 +31,7 @@ def flat():
 @pytest.fixture(scope="module")
 def converted_dir(flat, tmp_path_factory):
   out = tmp_path_factory.mktemp("api") / "tiny"
-  checkpoint_io.save_converted(Converted("clip", TINY, flat, source="random"), out)
+  converted_checkpoint.save_converted(Converted("clip", TINY, flat, source="random"), out)
   return out
 
 

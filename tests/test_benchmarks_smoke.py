@@ -100,3 +100,16 @@ def test_gpu_train_step_main_tiny_on_cpu():
   assert rows[-1]["impl"].startswith("peer")
   for r in rows:
     assert r["step_s"] > 0 and r["clips_per_s"] > 0 and 0 < r["mfu"] < 10
+
+
+def test_input_pipeline_main_tiny(tmp_path):
+  """Both shard layouts (frames resized by the pipeline, model-ready frames), both decoders, one worker count."""
+  from benchmarks import input_pipeline
+  rows = input_pipeline.main(["--clips", "8", "--stored-frames", "6", "--frames", "4", "--image-size", "32",
+                              "--short-side", "48", "--workers", "0", "--seconds", "0.5", "--warmup", "1",
+                              "--batch-size", "4", "--shard-dir", str(tmp_path)])
+  costs = {(r["layout"], r["decoder"]): r for r in rows if "decoder" in r}
+  assert set(costs) == {(layout, d) for layout in input_pipeline.LAYOUTS for d in ("pil", "simplejpeg")}
+  assert all(r["clips_per_cpu_s"] > 0 and r["jpeg decode"] > 0 for r in costs.values())
+  assert all(costs[("ready", d)]["resize"] < costs[("short256", d)]["resize"] for d in ("pil", "simplejpeg"))
+  assert {r["layout"] for r in rows if "workers" in r} == set(input_pipeline.LAYOUTS)

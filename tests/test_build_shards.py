@@ -255,3 +255,36 @@ def test_cli_builds_and_prints_a_summary(tmp_path, capsys, dataset):
   assert "wrote 8 records" in summary and "skipped 5" in summary and "1 x empty file" in summary
   records = records_by_id(out, json.loads((out / "manifest.json").read_text()))
   assert_frames(records["clip_mkv"], range(NUM_FRAMES), size=(HEIGHT, WIDTH))  # --fps 0: every frame
+
+
+def test_model_ready_frames_are_stored_at_the_recipe_size_and_read_without_resizing(dataset, tmp_path):
+  """--frame-size S --resize-mode M: frames resized once from the full decode to S x S; the pipeline reads them
+  only at (S, M), and says how to rebuild otherwise."""
+  from data_pipelines import pipeline
+  videos, _, _ = dataset
+  line = {"clip_id": "clip_mp4", "video": "clip_mp4.mp4", "captions": ["a clip"]}
+  ann = tmp_path / "one.jsonl"
+  ann.write_text(json.dumps(line) + "\n")
+  out = tmp_path / "ready"
+  code = bs.main(["--videos", str(videos), "--annotations", str(ann), "--out", str(out), "--fps", "5",
+                  "--frame-size", "24", "--resize-mode", "crop", "--workers", "1", "--quiet"])
+  assert code == 0
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert (manifest["options"]["frame_size"], manifest["options"]["resize_mode"]) == (24, "crop")
+  record = records_by_id(out, manifest)["clip_mp4"]
+  assert_frames(record, range(0, NUM_FRAMES, 2), size=(24, 24))
+  config = dict(shard_dir=str(out), split="train", num_frames=2, image_size=24, resize_mode="crop", batch_size=1,
+                max_text_len=8, seed=0, worker_count=0, dtype="uint8")
+  with pipeline.make_train_iterator(config) as it:
+    assert next(it)["video"].shape == (1, 2, 24, 24, 3)
+  for other in (dict(image_size=32), dict(resize_mode="squash")):
+    with pytest.raises(ValueError, match=r"model-ready 24x24 .*--frame-size"):
+      pipeline.make_train_iterator({**config, **other})
+
+
+def test_shards_built_before_model_ready_frames_keep_their_fingerprint():
+  # A resumed build compares fingerprints: the new fields appear only when used.
+  assert "frame_size" not in FrameOptions().manifest_fields()
+  assert FrameOptions(frame_size=224).manifest_fields()["resize_mode"] == "squash"
+  with pytest.raises(ValueError, match="resize_mode"):
+    FrameOptions(frame_size=224, resize_mode="pad")

@@ -144,7 +144,7 @@ def test_clipvip_initialised_from_a_converted_clip(tmp_path):
   """A plain CLIP checkpoint fills the CLIP part of a CLIP-ViP; the new parameters start as the original's."""
   from flax import nnx
 
-  from clipvip_jax import checkpoint_io
+  from clipvip_jax import converted_checkpoint
   from clipvip_jax.convert.common import Converted
   from clipvip_jax.models import clip
   from clipvip_jax.params import flat_params
@@ -152,7 +152,7 @@ def test_clipvip_initialised_from_a_converted_clip(tmp_path):
   config = _config(tmp_path, mesh=(2, 1, 1))
   clip_cfg = model_init.model_config(config.model).clip
   clip_flat = {k: np.asarray(v) for k, v in flat_params(clip.CLIP(clip_cfg, rngs=nnx.Rngs(7))).items()}
-  checkpoint_io.save_converted(Converted("clip", clip_cfg, clip_flat), tmp_path / "clip")
+  converted_checkpoint.save_converted(Converted("clip", clip_cfg, clip_flat), tmp_path / "clip")
   config.init.checkpoint = str(tmp_path / "clip")
   mesh = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
   ms = model_init.init_model(config, mesh, tuple(tuple(r) for r in config.sharding_rules))

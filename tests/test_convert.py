@@ -16,7 +16,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 
 import torch_clip_helpers as tch
-from clipvip_jax import checkpoint_io
+from clipvip_jax import converted_checkpoint
 from clipvip_jax.convert import hf_clip
 from clipvip_jax.convert.__main__ import convert_path, main as convert_main
 from clipvip_jax.convert.common import ConversionError, load_state_dict
@@ -140,7 +140,7 @@ def test_cli_converts_and_describes(hf_sd, tmp_path, capsys):
   assert "kind clip" in line and "vision 64w/2L/4h" in line and "text 48w/2L/4h" in line
   n_params = sum(v.size for v in hf_sd.values())
   assert f"{n_params:,} params" in line
-  loaded = checkpoint_io.load_converted(tmp_path / "out")
+  loaded = converted_checkpoint.load_converted(tmp_path / "out")
   assert loaded.kind == "clip" and loaded.config == TINY and loaded.source_format == "hf_clip"
   for key, value in hf_clip.to_params(hf_sd, TINY).items():
     np.testing.assert_array_equal(loaded.params[key], value, err_msg=key)
@@ -215,7 +215,7 @@ def test_refuses_to_overwrite_unless_forced(hf_sd, tmp_path, capsys):
   assert convert_main([str(src), "--out", str(out)]) == 2
   assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
   assert convert_main([str(src), "--out", str(out), "--force"]) == 0
-  assert not (out / "keep.txt").exists() and checkpoint_io.is_converted_dir(out)
+  assert not (out / "keep.txt").exists() and converted_checkpoint.is_converted_dir(out)
   assert _leftovers(tmp_path) == []
 
 
@@ -227,7 +227,7 @@ def test_failed_write_leaves_nothing(hf_sd, tmp_path, monkeypatch):
     os.makedirs(directory)
     raise OSError("disk full")
 
-  monkeypatch.setattr(checkpoint_io, "save_params", broken_save)
+  monkeypatch.setattr(converted_checkpoint, "save_params", broken_save)
   with pytest.raises(OSError, match="disk full"):
     convert_path(src, tmp_path / "out")
   assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
@@ -235,10 +235,10 @@ def test_failed_write_leaves_nothing(hf_sd, tmp_path, monkeypatch):
 
 def test_converted_dir_round_trip(hf_sd, tmp_path):
   converted = convert(hf_sd, hf_clip.config_to_hf(TINY), source="memory")
-  checkpoint_io.save_converted(converted, tmp_path / "c")
+  converted_checkpoint.save_converted(converted, tmp_path / "c")
   meta = json.loads((tmp_path / "c" / "config.json").read_text())
   assert meta["format_version"] == 1 and meta["kind"] == "clip" and meta["source_format"] == "hf_clip"
-  back = checkpoint_io.load_converted(tmp_path / "c")
+  back = converted_checkpoint.load_converted(tmp_path / "c")
   assert back.config == converted.config and sorted(back.params) == sorted(converted.params)
   for k, v in converted.params.items():
     assert back.params[k].dtype == np.float32
@@ -247,7 +247,7 @@ def test_converted_dir_round_trip(hf_sd, tmp_path):
 
 def test_load_converted_rejects_foreign_dirs(tmp_path):
   with pytest.raises(ConversionError, match="no config.json"):
-    checkpoint_io.load_converted(tmp_path)
+    converted_checkpoint.load_converted(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
   with pytest.raises(ConversionError, match="format_version"):
-    checkpoint_io.load_converted(tmp_path)
+    converted_checkpoint.load_converted(tmp_path)

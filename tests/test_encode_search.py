@@ -148,7 +148,7 @@ def test_encode_videos_skips_and_reports_a_corrupt_file(checkpoint, model, tmp_p
 def test_a_training_workdir_is_a_checkpoint_too(tmp_path, shards):
   """The trainer's Orbax workdir (here the demo's meanP baseline kind) loads with its run's data recipe."""
   from clipvip_jax.models import clip
-  from clipvip_jax.checkpoint_io import nest
+  from clipvip_jax.converted_checkpoint import nest
   from clipvip_jax.train.checkpoint import Checkpointer
   cfg = clip.clip_config("tiny")
   params = rh.random_params("clip", cfg)  # meanP has exactly CLIP's parameters

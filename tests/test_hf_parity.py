@@ -98,7 +98,7 @@ def test_real_architecture_parity(arch, tmp_path):
 def test_clipvip_export_round_trip(fixtures_dir, tmp_path):
   """A released-layout CLIP-ViP file -> converted -> exported: the same `clipmodel.` tensors, bit for bit, and a
   config.json that loads back to the same model config."""
-  from clipvip_jax.checkpoint_io import load_converted
+  from clipvip_jax.converted_checkpoint import load_converted
   from clipvip_jax.convert.common import load_state_dict
   src = fixtures_dir / "clipvip_tiny.pt"
   assert convert_main([str(src), "--out", str(tmp_path / "converted"),

@@ -190,6 +190,61 @@ def test_resize_modes():
     transforms.resize_frame(img, 16, "pad")
 
 
+def _encoded(pixels, **kw):
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, "JPEG", **kw)
+  return buf.getvalue()
+
+
+@pytest.mark.skipif(transforms.simplejpeg is None, reason="simplejpeg is not installed (requirements.txt has it)")
+@pytest.mark.parametrize("shape", [(256, 455), (224, 224), (37, 61), (480, 853)])
+def test_fast_decoder_gives_pils_pixels(shape):
+  """simplejpeg (the default decoder) and PIL: the same pixels, at full size and at every draft scale, for
+  4:2:0, 4:4:4, progressive and greyscale JPEGs."""
+  rng = np.random.default_rng(shape[0])
+  yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+  pixels = np.stack([xx * 255 // shape[1], yy * 255 // shape[0], (xx + yy) % 256], -1).astype(np.uint8)
+  pixels = np.clip(pixels + rng.normal(0, 8, pixels.shape), 0, 255).astype(np.uint8)
+  encodings = [_encoded(pixels, quality=90), _encoded(pixels, quality=75, subsampling=0),
+               _encoded(pixels, quality=95, progressive=True), _encoded(pixels[..., 0])]
+
+  def pil(data, min_size):
+    img = Image.open(io.BytesIO(data))
+    if min_size:
+      img.draft("RGB", (min_size, min_size))
+    return np.asarray(img.convert("RGB"))
+
+  for data in encodings:
+    for min_size in (None, 224, 100, 48, 16):
+      expected = pil(data, min_size)
+      got = transforms.decode_jpeg(data, min_size)
+      assert got.shape == expected.shape and got.dtype == np.uint8
+      np.testing.assert_array_equal(got, expected)
+  saved = transforms.simplejpeg
+  try:  # and the PIL path itself
+    transforms.simplejpeg = None
+    np.testing.assert_array_equal(transforms.decode_jpeg(encodings[0], 48), pil(encodings[0], 48))
+  finally:
+    transforms.simplejpeg = saved
+
+
+def test_damaged_and_non_jpeg_frames():
+  data = _encoded(np.full((32, 48, 3), 90, np.uint8))
+  with pytest.raises(OSError):
+    transforms.decode_jpeg(data[:len(data) // 2])  # truncated: an error, never a grey frame
+  png = io.BytesIO()
+  Image.new("RGB", (8, 6), (1, 2, 3)).save(png, "PNG")
+  np.testing.assert_array_equal(transforms.decode_jpeg(png.getvalue())[0, 0], [1, 2, 3])
+
+
+def test_model_ready_frames_are_not_resized():
+  frame = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  for mode in transforms.RESIZE_MODES:
+    assert transforms.resize_frame(frame, 16, mode) is frame
+    # The same frame through PIL's resize at its own size: the identity too.
+    np.testing.assert_array_equal(transforms.resize_frame(Image.fromarray(frame), 16, mode), frame)
+
+
 def test_normalisation_values_and_padding():
   video = np.full((2, 4, 4, 3), 128, np.uint8)
   out = transforms.normalize_frames(video, np.array([1, 0]), np.float32)

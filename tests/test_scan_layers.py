@@ -171,17 +171,17 @@ def test_constrain_activations_reaches_every_block():
 def test_converted_fixture_checkpoint_loads_into_a_scanned_model(fixtures_dir, tmp_path):
   import ml_collections
   import torch
-  from clipvip_jax import checkpoint_io
+  from clipvip_jax import converted_checkpoint
   from clipvip_jax.convert import clipvip as convert_clipvip
   from clipvip_jax.train import model_init, sharding
   sd = {k: v.numpy() for k, v in torch.load(fixtures_dir / "clipvip_tiny.pt", map_location="cpu").items()}
   config = json.loads((fixtures_dir / "clipvip_tiny_config.json").read_text())
   io = dict(np.load(fixtures_dir / "clipvip_tiny_io.npz"))
-  out = checkpoint_io.save_converted(convert_clipvip.convert(sd, config, "clipvip_tiny.pt"), tmp_path / "c")
+  out = converted_checkpoint.save_converted(convert_clipvip.convert(sd, config, "clipvip_tiny.pt"), tmp_path / "c")
   # A directory converted before scan_layers existed has no such key: it must still load.
-  meta = json.loads((out / checkpoint_io.CONFIG_FILE).read_text())
+  meta = json.loads((out / converted_checkpoint.CONFIG_FILE).read_text())
   meta["model"]["clip"].pop("scan_layers")
-  (out / checkpoint_io.CONFIG_FILE).write_text(json.dumps(meta))
+  (out / converted_checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
   run = ml_collections.ConfigDict(dict(seed=0, model=dict(kind="clipvip", scan_layers=True),
                                        init=dict(checkpoint=str(out))))
   ms = model_init.init_model(run, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.DEFAULT_RULES)
@@ -215,3 +215,17 @@ def test_elementwise_remat_gives_the_same_values_and_gradients_and_keeps_less():
     res = saved_residuals(lambda s: nnx.merge(graph, s).encode_image(images).sum(), state)
     saved[remat] = sum(int(np.prod(r.shape)) * r.dtype.itemsize for r, _ in res if r.ndim >= 3)
   assert saved["elementwise"] < 0.8 * saved["none"]
+
+
+def test_auto_remat_is_the_fastest_measured_policy_of_the_backend():
+  """The configs' default remat "auto": "elementwise" on XLA:CPU (docs/performance.md section 1), "none" on
+  GPU/TPU; an explicit policy is kept, an unknown one is refused."""
+  assert clip.CLIPConfig().remat == "auto"
+  assert layers.resolve_remat("auto", "cpu") == "elementwise"
+  assert layers.resolve_remat("auto", "gpu") == layers.resolve_remat("auto", "tpu") == "none"
+  assert layers.resolve_remat("full", "cpu") == "full"
+  with pytest.raises(ValueError, match="unknown remat policy 'some'"):
+    layers.resolve_remat("some")
+  encoder = layers.Encoder(8, 1, 2, 16, rngs=nnx.Rngs(0))
+  assert jax.default_backend() == "cpu" and encoder.remat == "elementwise"
+  assert encoder.blocks[0].ln_1.recompute and encoder.blocks[0].mlp.recompute_act

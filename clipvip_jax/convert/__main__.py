@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def convert_path(src, out, *, format: str | None = None, config=None, force: bool = False,
                  trust_pickle: bool = False) -> Converted:
   """Load SRC, convert it, and write the converted directory OUT (atomically). Returns what was written."""
-  from clipvip_jax.checkpoint_io import save_converted
+  from clipvip_jax.converted_checkpoint import save_converted
   from clipvip_jax.convert.common import load_state_dict
   from clipvip_jax.convert.formats import convert
   src, out = pathlib.Path(src), pathlib.Path(out)

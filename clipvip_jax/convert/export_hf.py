@@ -58,7 +58,7 @@ def export_hf(converted: Converted | str | os.PathLike, out_dir: str | os.PathLi
               force: bool = False) -> pathlib.Path:
   """Writes DIR/model.safetensors + DIR/config.json for a Converted or a converted directory, atomically."""
   from safetensors.numpy import save_file
-  from clipvip_jax.checkpoint_io import load_converted
+  from clipvip_jax.converted_checkpoint import load_converted
   if not isinstance(converted, Converted):
     converted = load_converted(converted)
   out_dir = pathlib.Path(out_dir)

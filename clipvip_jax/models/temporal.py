@@ -57,7 +57,7 @@ class TemporalTransformer(layers.Encoder):
   """
 
   def __init__(self, width: int, num_layers: int, heads: int, mlp_dim: int, *, eps: float = TEMPORAL_EPS,
-               remat: str = "none", scan_layers: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
+               remat: str = "auto", scan_layers: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
     super().__init__(width, num_layers, heads, mlp_dim, act="quick_gelu", eps=eps, remat=remat,
                      scan_layers=scan_layers, rngs=rngs, dtype=dtype)
 
@@ -86,7 +86,7 @@ class TemporalDifferenceBlock(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, mlp_dim: int, *, encoding: str = "sigmoid_selfA",
-               attention_layers: int = 1, eps: float = TEMPORAL_EPS, norm_eps: float = 1e-5, remat: str = "none",
+               attention_layers: int = 1, eps: float = TEMPORAL_EPS, norm_eps: float = 1e-5, remat: str = "auto",
                scan_layers: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
     if encoding not in DIFFERENCE_ENCODINGS:
       raise ValueError(f"unknown TDB difference encoding (temporal_proj) {encoding!r}; known: {DIFFERENCE_ENCODINGS}")

@@ -151,9 +151,9 @@ def _is_workdir(path: pathlib.Path) -> bool:
 
 
 def _load(path: pathlib.Path, config, step, trust_pickle: bool) -> tuple[Any, VideoRecipe, int | None]:
-  from clipvip_jax import checkpoint_io
+  from clipvip_jax import converted_checkpoint
   from clipvip_jax.params import flat_params
-  if checkpoint_io.is_converted_dir(path) or _is_workdir(path):
+  if converted_checkpoint.is_converted_dir(path) or _is_workdir(path):
     if config is not None:
       raise UsageError(f"--config applies to original checkpoint files; {path} already carries its model config")
   if step is not None and not _is_workdir(path):
@@ -167,7 +167,7 @@ def _load(path: pathlib.Path, config, step, trust_pickle: bool) -> tuple[Any, Vi
     return pretrained, recipe, int(step_dir.name)
   if path.is_dir() and (path / "checkpoints").is_dir():
     raise UsageError(f"{path} is a training workdir without a finished checkpoint yet")
-  if path.is_dir() and not checkpoint_io.is_converted_dir(path) and not (path / "config.json").is_file():
+  if path.is_dir() and not converted_checkpoint.is_converted_dir(path) and not (path / "config.json").is_file():
     raise UsageError(f"{path} is neither a converted checkpoint (config.json + params/), a training workdir "
                      "(checkpoints/<step>/) nor an HF model directory")
   from clipvip_jax.retrieval.pretrained import load_pretrained

@@ -198,13 +198,13 @@ def load_pretrained(path: PathLike, config: Mapping[str, Any] | PathLike | None 
   stay float32), `attention` the jax.nn.dot_product_attention implementation ("xla", "cudnn"; None keeps the
   config's), `format` forces a checkpoint layout (see clipvip_jax.convert.formats.FORMATS).
   """
-  from clipvip_jax import checkpoint_io
+  from clipvip_jax import converted_checkpoint
   path = pathlib.Path(path)
-  if checkpoint_io.is_converted_dir(path):
+  if converted_checkpoint.is_converted_dir(path):
     if config is not None:
       warnings.warn(f"{path} is a converted checkpoint carrying its own config; the config argument is ignored",
                     stacklevel=2)
-    converted = checkpoint_io.load_converted(path)
+    converted = converted_checkpoint.load_converted(path)
   else:
     from clipvip_jax.convert.common import load_state_dict, source_config
     from clipvip_jax.convert.formats import convert

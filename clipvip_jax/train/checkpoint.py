@@ -412,7 +412,7 @@ def load_workdir_params(path: str | pathlib.Path, which: str | int | None = None
                         ) -> tuple[str, Any, dict[str, np.ndarray]]:
   """(kind, model config object, flat float32 numpy params) of a workdir checkpoint, restored on the host."""
   from clipvip_jax import kinds
-  from clipvip_jax.checkpoint_io import flatten
+  from clipvip_jax.converted_checkpoint import flatten
   step_dir = resolve_step(path, which)
   meta = json.loads((step_dir / "meta" / "metadata").read_text()) if (step_dir / "meta" / "metadata").exists() \
       else None

@@ -185,7 +185,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
       raise UsageError(f"--dtype {args.dtype} is not one of {', '.join(run_config.FLOAT_DTYPES)}")
     from clipvip_jax.cli_errors import quiet_library_logs
     quiet_library_logs()
-    from clipvip_jax.evaluate import dump, format_table
+    from clipvip_jax.evaluator import dump, format_table
     result = evaluate_checkpoint(config, str(ckpt), split, which=args.which, dtype=args.dtype)
   except UsageError as e:
     return _fail(prog, str(e))
@@ -215,7 +215,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, spli
                         dtype: str = "float32") -> dict[str, Any]:
   """Library form of the eval command: metrics of `checkpoint` on `split` with the config's data settings."""
   from clipvip_jax import distributed, kinds
-  from clipvip_jax.evaluate import Evaluator
+  from clipvip_jax.evaluator import Evaluator
   from clipvip_jax.train import checkpoint as ckpt_lib
   from clipvip_jax.train import model_init, sharding
   from data_pipelines import pipeline

@@ -8,13 +8,14 @@ config.model:
   config      fields of the kind's own config (CLIPViPConfig: num_proxies, temporal_size, ...; CLIP2VideoConfig:
               center_k, temporal_layers, ...)
   dtype, remat, attention, scan_layers   compute dtype ("bfloat16" for training; parameters stay float32), remat
-              policy (layers.REMAT_POLICIES), attention implementation, and whether each transformer runs its
+              policy (layers.REMAT_CHOICES; "auto", the configs' default, picks the fastest measured for the backend:
+              "elementwise" on CPU, "none" on GPU/TPU), attention implementation, and whether each transformer runs its
               blocks with jax.lax.scan (layers.Encoder; same parameters and names); applied in every case
 config.init:
   checkpoint  None (random init) | a converted directory | an original checkpoint file (converted on the fly) |
               a training workdir of this project (its latest checkpoint's params)
   config      the original's config for converting a raw checkpoint (HF CLIPConfig dict or JSON path, CLIP2Video
-              options), as clipvip_jax.api.load_pretrained takes it
+              options), as clipvip_jax.load_pretrained takes it
   skip        parameter-name regexes NOT taken from the checkpoint (default: logit_scale when a CLIP-ViP model starts
               from a plain CLIP: the original overwrites CLIP's temperature with 4.6)
   logit_scale None, or a value that replaces logit_scale after loading, whatever the start (CLIP-ViP's
@@ -145,12 +146,12 @@ def _random_params(kind: str, cfg: Any, shardings: Any, seed: int) -> tuple[Any,
 
 def load_checkpoint_params(path: str, config: Any = None) -> tuple[str, Any, dict[str, np.ndarray]]:
   """(kind, config object, flat float32 params) from a converted dir, a training workdir or an original file."""
-  from clipvip_jax import checkpoint_io
+  from clipvip_jax import converted_checkpoint
   p = pathlib.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"config.init.checkpoint: {path} does not exist")
-  if checkpoint_io.is_converted_dir(p):
-    c = checkpoint_io.load_converted(p)
+  if converted_checkpoint.is_converted_dir(p):
+    c = converted_checkpoint.load_converted(p)
     return c.kind, c.config, c.params
   from clipvip_jax.train import checkpoint as ckpt_lib
   if ckpt_lib.is_workdir(p):

@@ -187,7 +187,7 @@ def _make_evaluator(config, ms: model_init.ModelState, mesh, rules):
   eval_cfg = config.get("eval")
   if not eval_cfg or not eval_cfg.get("split"):
     return None
-  from clipvip_jax.evaluate import Evaluator
+  from clipvip_jax.evaluator import Evaluator
   from data_pipelines import pipeline
   data_cfg = {**config.data.to_dict(), "split": eval_cfg.split, "batch_size": eval_cfg.get("batch_size")
               or config.data.batch_size, **dict(eval_cfg.get("data") or {})}
