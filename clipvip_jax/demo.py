@@ -1,6 +1,6 @@
 """The main job on the embedded default: CLIP-ViP vs. a meanP baseline on the synthetic twin-clip set, on CPU.
 
-  python -m clipvip_jax.demo [--out demo_out] [--steps N] [--clips N] [--force]
+  python -m clipvip_jax.demo [--out demo_out] [--steps N] [--clips N] [--seed S] [--force]
 
 1. Generates the synthetic video-text set (data_pipelines.synthetic) into OUT/data when it is missing.
 2. Trains a small CLIP-ViP from scratch (configs/demo.py:clipvip) and the same-size meanP baseline
@@ -132,7 +132,8 @@ def search_check(index_dir: pathlib.Path, workdir: pathlib.Path, data_dir: pathl
           "example": {"query": queries[0], "truth": truth[0], "ranking": [list(hit) for hit in rankings[0]]}}
 
 
-def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS, force: bool = False) -> dict:
+def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS, force: bool = False,
+        seed: int = 0) -> dict:
   from clipvip_jax.train import cli as train_cli
   from clipvip_jax.train import trainer
 
@@ -145,6 +146,7 @@ def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS,
   for kind, name in MODELS:
     config, _ = _load_demo_config(kind)
     config.data.shard_dir = str(data_dir)
+    config.seed = config.data.seed = seed  # initialisation and data order; the synthetic set is fixed (DATA_SEED)
     if steps:
       config.total_steps = steps
       config.eval.every = max(steps // 3, 1)
@@ -173,6 +175,7 @@ def run(out: pathlib.Path, steps: int | None = None, clips: int = DEFAULT_CLIPS,
       "results": results,
       "train_seconds": timings,
       "clipvip_over_meanp_t2v_r1": (vip / base) if base else None,
+      "seed": seed,
       "data": str(data_dir),
       "workdirs": {k: str(v) for k, v in workdirs.items()},
   }
@@ -202,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: configs/demo.py)")
   parser.add_argument("--clips", type=int, default=DEFAULT_CLIPS, help="synthetic clips to generate (even)")
   parser.add_argument("--force", action="store_true", help="retrain from scratch instead of resuming")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="training seed of both models: initialisation and data order (default 0)")
   args = parser.parse_args(argv)
   from clipvip_jax.cli_errors import quiet_library_logs
   quiet_library_logs()  # Orbax's routine absl warnings (e.g. reading a checkpoint item) are not for the user
@@ -209,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--steps must be >= 1")
   if args.clips < 20 or args.clips % 2:
     parser.error("--clips must be an even number >= 20")
-  run(pathlib.Path(args.out), args.steps, args.clips, args.force)
+  run(pathlib.Path(args.out), args.steps, args.clips, args.force, args.seed)
   return 0
 
 

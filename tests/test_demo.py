@@ -14,7 +14,8 @@ def test_format_table_rows_and_columns():
   assert "| meanP baseline | 30.5 |" in table
 
 
-@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--clips", "21"], "--clips")])
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps"), (["--clips", "21"], "--clips"),
+                                           (["--seed", "one"], "--seed")])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
     demo.main(argv)
@@ -42,8 +43,12 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
   """The whole command on a tiny budget: data, both models, table, results.json, curves."""
   import json
 
-  summary = demo.run(tmp_path, steps=3, clips=40)
+  summary = demo.run(tmp_path, steps=3, clips=40, seed=3)
   results = json.loads((tmp_path / "results.json").read_text())
+  assert results["seed"] == 3  # --seed: both models' initialisation and data order
+  for kind in ("clipvip", "meanp"):
+    config = json.loads((tmp_path / kind / "config.json").read_text())
+    assert config["seed"] == config["data"]["seed"] == 3
   assert set(results["results"]) == {"CLIP-ViP", "meanP baseline"}
   for metrics in results["results"].values():
     assert 0.0 <= metrics["t2v/R@1"] <= 100.0 and metrics["t2v/MdR"] >= 1.0
