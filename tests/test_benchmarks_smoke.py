@@ -27,12 +27,21 @@ def test_analytic_flops_by_hand():
   assert step.train == 3 * (step.vision + step.text + 2 * 5 * 1)
 
 
+def _touch_fresh_pages(size: int = 64 * 2**20) -> None:
+  """Makes `size` bytes resident for the call: a fresh anonymous mapping, one byte written per page. (A malloc'd
+  buffer may reuse pages the process already holds, and a zeroed one may stay untouched: no peak either way.)"""
+  import mmap
+  with mmap.mmap(-1, size) as pages:
+    for offset in range(0, size, mmap.PAGESIZE):
+      pages[offset] = 1
+
+
 def test_timing_helpers_interleave_and_report_memory():
   calls = []
   out = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=2)
   assert calls == ["a", "b", "a", "b", "a", "b"]
   assert len(out["a"].seconds) == 2 and out["a"].median >= 0
-  grow = common.median_time(lambda: bytearray(64 * 2**20), warmup=0, repeats=1)
+  grow = common.median_time(_touch_fresh_pages, warmup=0, repeats=1)
   if grow.peak_delta:  # Linux: the 64 MiB allocation shows in the step's peak RSS
     assert grow.peak_delta_bytes >= 32 * 2**20
 
