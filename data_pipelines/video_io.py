@@ -110,7 +110,6 @@ class FrameOptions:
     return resize_short_side(image, self.short_side)
 
 
-
 @dataclasses.dataclass
 class ClipFrames:
   """What a clip's source gave: encoded frames plus the rates that the record stores."""
@@ -158,10 +157,9 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
   return buf.getvalue()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-  """JPEG bytes -> uint8 array [H, W, 3] (RGB)."""
-  with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert("RGB"))
+# One frame's bytes -> uint8 RGB [H, W, 3]: the loader's decode (simplejpeg, or PIL), so tools that read shards see
+# the pixels training sees.
+decode_jpeg = transforms.decode_jpeg
 
 
 def natural_sort_key(name: str) -> list:
