@@ -7,9 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast clean
+.PHONY: install allocator browser demo test test-fast clean
 
-install: $(STAMP)
+install: $(STAMP) allocator
 
 # Re-install whenever requirements.txt or pyproject.toml changes. torch==2.13.0 (CPU build, on disk here) is
 # installed first where the index has it, so `torch>=...` in requirements.txt does not pull a CUDA build.
@@ -21,6 +21,18 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | $(QUIET)
 	$(BIN)/python -c "import jax, flax, optax, orbax.checkpoint, grain, transformers, torch, fastapi, uvicorn, selenium, clipvip_jax"
 	touch $(STAMP)
+
+# tcmalloc, which the commands preload on their own where it is installed (clipvip_jax/host_allocator.py): XLA:CPU
+# allocates each step's temporaries afresh, and glibc's malloc makes every step fault them in again (the B/16 CPU
+# step 1.9x slower; docs/performance.md 1a). Installed with apt-get when missing and we are root; otherwise one line
+# says how. Optional: without it everything works, CPU steps are slower.
+allocator:
+	@$(PY) -c "import sys; sys.path.insert(0, 'clipvip_jax'); import host_allocator as h; sys.exit(h.find() is None)" || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get update -qq >/dev/null && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; } || \
+	      echo "make: apt-get could not install libtcmalloc-minimal4: CPU steps will be slower"; \
+	  else echo "make: CPU training is faster with tcmalloc (sudo apt-get install libtcmalloc-minimal4)"; fi; }
 
 # Debian's chromium + chromedriver for the page test (tests/test_serve.py drives them with Selenium; no browser
 # download). Installed with apt-get when missing and we are root (CI is); otherwise one line says how.

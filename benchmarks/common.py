@@ -14,8 +14,9 @@ Host allocator: XLA:CPU allocates a step's temporaries (one buffer of several Gi
 glibc serves a block that large with its own mmap and returns it to the OS at free(), so every step first-touches
 all of it again (about a million page faults and 15% of the CPU time of a B/32 step). `MALLOC_KEEP` (the glibc
 tunables `GLIBC_TUNABLES` takes; read at process start) serves every block from one heap and never trims it:
-freed memory stays with the process and the next step reuses it, with no page faults. It applies to the whole
-process, ours and the peer alike.
+freed memory stays with the process and the next step reuses it, with no page faults, but all threads share one
+arena. tcmalloc, which the repository's commands preload where it is installed (clipvip_jax/host_allocator.py),
+keeps freed memory too, without that lock. Either applies to the whole process, ours and the peer alike.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from clipvip_jax import host_allocator
 
 
 def usable_cores() -> int:
@@ -58,11 +61,36 @@ def malloc_keep_active() -> bool:
   return MALLOC_KEEP in os.environ.get("GLIBC_TUNABLES", "")
 
 
-def malloc_keep_env() -> dict[str, str]:
-  """This process's environment with MALLOC_KEEP added to GLIBC_TUNABLES (for a child process)."""
+MALLOC_CHOICES = ("auto", "system", "keep")
+
+
+def malloc_name() -> str:
+  """The host allocator this process runs with: tcmalloc/jemalloc (preloaded), "glibc keep" or "glibc"."""
+  library = host_allocator.preloaded()
+  if library:
+    return os.path.basename(library).split(".so")[0].removeprefix("lib")
+  return "glibc keep" if malloc_keep_active() else "glibc"
+
+
+def malloc_env(choice: str) -> dict[str, str] | None:
+  """The environment of a child process that runs with host allocator `choice` (MALLOC_CHOICES): "auto" as the
+  repository's commands choose (clipvip_jax/host_allocator.py), "system" glibc's malloc as started, "keep" glibc
+  with MALLOC_KEEP. None when this process already runs with it."""
+  if choice == "auto":
+    return None if host_allocator.preloaded() else host_allocator.plan()
+  if choice not in MALLOC_CHOICES:
+    raise ValueError(f"host allocator {choice!r}: one of {MALLOC_CHOICES}")
+  if not host_allocator.preloaded() and malloc_keep_active() == (choice == "keep"):
+    return None
   env = dict(os.environ)
-  if not malloc_keep_active():
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES", ""), MALLOC_KEEP]))
+  env[host_allocator.ENV] = "system"
+  env.pop(host_allocator.CHOSEN_ENV, None)
+  preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != host_allocator.preloaded()]
+  env["LD_PRELOAD"] = " ".join(preload)
+  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t not in MALLOC_KEEP.split(":")]
+  if choice == "keep":
+    tunables.append(MALLOC_KEEP)
+  env["GLIBC_TUNABLES"] = ":".join(tunables)
   return env
 
 
@@ -78,7 +106,7 @@ def machine_lines(extra_modules: Sequence[str] = ()) -> list[str]:
           f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
           f"versions: python {platform.python_version()}, {versions}",
           f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '') or '(none)'}; "
-          f"GLIBC_TUNABLES: {os.environ.get('GLIBC_TUNABLES', '') or '(none)'}"]
+          f"GLIBC_TUNABLES: {os.environ.get('GLIBC_TUNABLES', '') or '(none)'}; host allocator: {malloc_name()}"]
 
 
 def block(x: Any) -> Any:
@@ -123,7 +151,9 @@ def reset_peak_rss() -> bool:
 
 def memory_mode(threshold: int = 2**20) -> bool:
   """Makes free() return blocks >= `threshold` bytes to the OS and trims what the arenas hold now (glibc only);
-  False where that is not possible (the peak figures then under-count)."""
+  False where that is not possible (the peak figures then under-count), e.g. under tcmalloc, which keeps them."""
+  if host_allocator.preloaded():
+    return False
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4

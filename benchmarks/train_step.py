@@ -12,12 +12,14 @@ guard as it was before lax.cond), so before and after sit in the same table. All
 same number of threads (torch.set_num_threads = the cores XLA's CPU client uses, all usable cores), and their
 steps are interleaved (ours, ours+scan_layers, peer, ours, ...) so that the load of a shared machine falls on all
 alike; the figure is the median over `--repeats` steps after `--warmup` steps. Each variant (B/32, B/16) runs in
-its own child process. `--malloc keep` starts those processes with common.MALLOC_KEEP (no per-step page faults).
+its own child process, and so does any run whose host allocator is not this process's: `--malloc auto` (the
+default) is what the repository's commands run with (clipvip_jax/host_allocator.py: tcmalloc where installed, for
+both sides), `system` glibc's malloc as the process started, `keep` glibc with common.MALLOC_KEEP.
 
 Columns: clips/s = batch / median step time; "vs peer" = our clips/s over the peer's; step peak RSS = the rise of
 the process's peak resident memory above what it held when the step started, in one extra untimed step per side
 after the timed ones, with glibc returning freed blocks to the OS (common.memory_mode): activations, gradients and
-temporaries (parameters and optimiser state were resident before); XLA temp = the compiled step's temporary
+temporaries (parameters and optimiser state were resident before; n/a under tcmalloc, which keeps freed memory); XLA temp = the compiled step's temporary
 buffers (memory_analysis); FLOPs/clip: "XLA" = the compiled step's cost_analysis / batch, "model" = the analytic
 count of benchmarks/model_flops.py (3 x forward matmuls), for each side its own architecture.
 """
@@ -121,8 +123,10 @@ def run_variant(variant: str, args: argparse.Namespace, compiles: list[float]) -
     jax.block_until_ready(loss)
   recompiles = len(compiles) - before
   # Memory: one more, untimed step per side with freed blocks returned to the OS (see common.memory_mode).
-  common.memory_mode()
-  peak_rise = {name: common.peak_rise_bytes(fn) for name, fn in fns.items()}
+  if common.memory_mode():
+    peak_rise = {name: common.peak_rise_bytes(fn) for name, fn in fns.items()}
+  else:
+    peak_rise = {name: None for name in fns}
 
   ours_flops = model_flops.clipvip_step(cfg, frames=frames, text_len=text_len, num_proxies=args.num_proxies,
                                         batch=batch_size, pattern=args.attention_pattern).train
@@ -143,7 +147,7 @@ def run_variant(variant: str, args: argparse.Namespace, compiles: list[float]) -
         "compile_s": o.compile_seconds if o is not None else None,
         "dispatch_s": dispatch.get(name), "recompiles": recompiles if o is not None else None,
         "first_loss": first_losses[name],
-        "malloc": "keep" if common.malloc_keep_active() else "default",
+        "malloc": common.malloc_name(),
     })
   # Each row of ours against the peer of its compute dtype (bfloat16 rows against the autocast peer when it ran).
   rates = {r["impl"]: r["clips_per_s"] for r in rows if r["impl"] in peers}
@@ -211,9 +215,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  help="rows of ours: base (the configs' defaults: remat 'auto'), scan_layers (config.model."
                       "scan_layers), KEY=VALUE (config.model.KEY, e.g. remat=none, dtype=bfloat16) and/or "
                       "benchmarks/experiments.py variants, '+'-joined within a row (e.g. base,where_skip,remat=none)")
-  p.add_argument("--malloc", default="default", choices=["default", "keep"],
-                 help="host allocator of the process (both sides): glibc's default, or keep (common.MALLOC_KEEP: "
-                      "no per-step page faults; each variant then runs in a child process started with it)")
+  p.add_argument("--malloc", default="auto", choices=list(common.MALLOC_CHOICES),
+                 help="host allocator of the process (both sides): auto (the commands' own: tcmalloc where "
+                      "installed), system (glibc's malloc as started), keep (glibc with common.MALLOC_KEEP); a "
+                      "variant runs in a child process started with it where this process has another")
   p.add_argument("--peer-variants", default="float32",
                  help="rows of the peer: float32 and/or bfloat16 (torch.autocast on CPU); a row of ours with "
                       "dtype=bfloat16 is compared with the bfloat16 peer when it runs")
@@ -230,12 +235,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   print(f"threads: XLA CPU client = {common.usable_cores()} (all usable cores), torch = {torch.get_num_threads()}")
   rows = []
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-  keep_env = common.malloc_keep_env() if args.malloc == "keep" else None
+  malloc_env = common.malloc_env(args.malloc)  # None: this process already runs with that allocator
   for variant in variants:
-    # A fresh process per variant: memory_mode() must not change the next one's timing; and glibc reads its
-    # tunables only at process start.
-    if len(variants) > 1 or (keep_env is not None and not common.malloc_keep_active()):
-      new = run_in_child(variant, argv if argv is not None else sys.argv[1:], keep_env)
+    # A fresh process per variant: memory_mode() must not change the next one's timing; and an allocator is
+    # chosen only at process start.
+    if len(variants) > 1 or malloc_env is not None:
+      new = run_in_child(variant, argv if argv is not None else sys.argv[1:], malloc_env)
     else:
       new = run_variant(variant, args, compiles)
     r = new[0]

@@ -219,4 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from clipvip_jax import host_allocator
+  host_allocator.use_preferred()  # tcmalloc where installed: may re-execute this process, once
   sys.exit(main())

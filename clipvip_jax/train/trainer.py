@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from clipvip_jax import host_allocator
 from clipvip_jax.train import checkpoint as ckpt_lib
 from clipvip_jax.train import logging as run_logging
 from clipvip_jax.train import model_init, optim, run_config, sharding, workdir_lock
@@ -260,7 +261,8 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
     raise ValueError(f"data.batch_size {config.data.batch_size} must be divisible by grad_accum ({grad_accum}) x "
                      f"the {n_batch} devices of the mesh's batch axes")
   total_steps = total_steps_of(config)
-  log.info("mesh %s on %d devices, %d steps", dict(mesh.shape), mesh.size, total_steps)
+  log.info("mesh %s on %d devices, %d steps; %s", dict(mesh.shape), mesh.size, total_steps,
+           host_allocator.describe())
 
   # Model, optimiser and the compiled step; then resume from the latest checkpoint when there is one.
   state = setup_training(config, mesh, rules, total_steps)
