@@ -24,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # tcmalloc, which the commands preload on their own where it is installed (clipvip_jax/host_allocator.py): XLA:CPU
 # allocates each step's temporaries afresh, and glibc's malloc makes every step fault them in again (the B/16 CPU
-# step 1.9x slower; docs/performance.md 1a). Installed with apt-get when missing and we are root; otherwise one line
+# step 1.8x slower; docs/performance.md 1a). Installed with apt-get when missing and we are root; otherwise one line
 # says how. Optional: without it everything works, CPU steps are slower.
 allocator:
 	@$(PY) -c "import sys; sys.path.insert(0, 'clipvip_jax'); import host_allocator as h; sys.exit(h.find() is None)" || { \

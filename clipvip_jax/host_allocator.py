@@ -3,10 +3,10 @@
 Why: XLA:CPU allocates a step's temporaries (2.5 GiB at CLIP-ViP B/32 batch 4, 5.3 GiB at B/16 batch 2) afresh at
 every call. glibc serves every block above 32 MiB with its own mmap and unmaps it at free(), so each step faults
 all of those pages in again (0.36M minor faults per B/32 batch-2 step); on the 2-core VMs we run on that made the
-B/16 step 1.9x slower (17.1 s against 9.2 s: docs/performance.md section 1a). tcmalloc keeps freed pages for
+B/16 step 1.8x slower (17.1 s against 9.7 s: docs/performance.md section 1a). tcmalloc keeps freed pages for
 the next step: no faults after the first one. glibc's own settings cannot do the same without putting every thread
 on one arena, which serialises the input thread against XLA's (section 2, "tried"). On a GPU or TPU the step's
-buffers live on the device, and the host's small allocations are as fast with either allocator.
+buffers live on the device, so there is little for it to change (not measured there).
 
 A process picks its malloc when it starts (LD_PRELOAD), so a command calls `use_preferred()` first thing in its
 `__main__` block: where the preferred allocator is installed and not yet loaded, the process executes itself
@@ -31,6 +31,11 @@ CHOSEN_ENV = "CLIPVIP_HOST_ALLOCATOR_CHOSEN"
 # Preference order, as file-name patterns: tcmalloc was the fastest on our CPU step (docs/performance.md 1a).
 CANDIDATES = ("libtcmalloc_minimal.so*", "libtcmalloc.so*", "libjemalloc.so*")
 _KNOWN = ("tcmalloc", "jemalloc", "mimalloc")  # a preload of any of these already replaces glibc's malloc
+# tcmalloc keeps freed memory and never returns it by itself. In a command (one model: its train and eval steps,
+# the input pipeline) that costs nothing: the demo's peak RSS was 1.34 GB against glibc's 1.36 GB. A process that
+# interleaves several large models' steps can hold freed blocks of each: benchmarks/train_step.py with two B/16
+# rows of ours and the peer was killed at 24 GiB (one row and the peer fit), where glibc's malloc ran five. Such a
+# process should hold fewer models or run with CLIPVIP_HOST_ALLOCATOR=system. (gperftools' TCMALLOC_HEAP_LIMIT_MB made that case fail an allocation instead: not used.)
 # jemalloc returns freed pages to the OS after 10 s by default: longer than one CPU step at B/16, so every step
 # would fault them in again. Never purge (the process keeps its high-water mark, as with tcmalloc).
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"

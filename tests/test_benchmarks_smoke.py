@@ -122,3 +122,19 @@ def test_input_pipeline_main_tiny(tmp_path):
   assert all(r["clips_per_cpu_s"] > 0 and r["jpeg decode"] > 0 for r in costs.values())
   assert all(costs[("ready", d)]["resize"] < costs[("short256", d)]["resize"] for d in ("pil", "simplejpeg"))
   assert {r["layout"] for r in rows if "workers" in r} == set(input_pipeline.LAYOUTS)
+
+
+@pytest.mark.slow
+def test_host_allocator_main_tiny():
+  """Every allocator row runs the step in its own process; glibc's row faults its temporaries in again at every
+  step, MALLOC_KEEP's does not (the effect the commands' tcmalloc is there for)."""
+  from benchmarks import host_allocator
+  rows = host_allocator.main(["--variant", "tiny", "--batch", "2", "--frames", "2", "--image-size", "32",
+                              "--text-len", "8", "--steps", "2", "--rounds", "1",
+                              "--only", "glibc,glibc keep (MALLOC_KEEP),tcmalloc"])
+  by_name = {r["allocator"]: r for r in rows}
+  assert {"glibc", "glibc keep (MALLOC_KEEP)"} <= set(by_name)
+  for r in rows:
+    assert len(r["times"]) == 2 and all(t > 0 for t in r["times"]) and r["temp_bytes"] > 0
+  keep = by_name["glibc keep (MALLOC_KEEP)"]
+  assert max(keep["faults"]) < 1000, keep["faults"]  # nothing is unmapped between steps, so nothing faults
