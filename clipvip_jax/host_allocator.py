@@ -35,7 +35,8 @@ _KNOWN = ("tcmalloc", "jemalloc", "mimalloc")  # a preload of any of these alrea
 # the input pipeline) that costs nothing: the demo's peak RSS was 1.34 GB against glibc's 1.36 GB. A process that
 # interleaves several large models' steps can hold freed blocks of each: benchmarks/train_step.py with two B/16
 # rows of ours and the peer was killed at 24 GiB (one row and the peer fit), where glibc's malloc ran five. Such a
-# process should hold fewer models or run with CLIPVIP_HOST_ALLOCATOR=system. (gperftools' TCMALLOC_HEAP_LIMIT_MB made that case fail an allocation instead: not used.)
+# process should hold fewer models or run with CLIPVIP_HOST_ALLOCATOR=system. (gperftools' TCMALLOC_HEAP_LIMIT_MB
+# turned that case into a failed allocation instead of a release of free pages: not used.)
 # jemalloc returns freed pages to the OS after 10 s by default: longer than one CPU step at B/16, so every step
 # would fault them in again. Never purge (the process keeps its high-water mark, as with tcmalloc).
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
