@@ -82,13 +82,19 @@ def malloc_env(choice: str) -> dict[str, str] | None:
     raise ValueError(f"host allocator {choice!r}: one of {MALLOC_CHOICES}")
   if not host_allocator.preloaded() and malloc_keep_active() == (choice == "keep"):
     return None
+  return glibc_env(keep=choice == "keep")
+
+
+def glibc_env(keep: bool = False) -> dict[str, str]:
+  """This process's environment without a preloaded malloc (and the commands told to keep glibc's), with
+  MALLOC_KEEP in GLIBC_TUNABLES when `keep`, without it otherwise."""
   env = dict(os.environ)
   env[host_allocator.ENV] = "system"
   env.pop(host_allocator.CHOSEN_ENV, None)
   preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != host_allocator.preloaded()]
   env["LD_PRELOAD"] = " ".join(preload)
   tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t not in MALLOC_KEEP.split(":")]
-  if choice == "keep":
+  if keep:
     tunables.append(MALLOC_KEEP)
   env["GLIBC_TUNABLES"] = ":".join(tunables)
   return env

@@ -16,14 +16,13 @@ trainer's input pipeline does (glibc's single arena under MALLOC_KEEP serialises
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import resource
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 
@@ -33,23 +32,15 @@ from clipvip_jax import host_allocator
 _PATTERNS = {"tcmalloc": "libtcmalloc_minimal.so*", "jemalloc": "libjemalloc.so*", "mimalloc": "libmimalloc.so*"}
 
 
-def _installed(pattern: str) -> str | None:
-  for d in host_allocator.library_dirs():
-    hits = sorted((p for p in glob.glob(os.path.join(d, pattern)) if os.path.isfile(p)), key=len)
-    if hits:
-      return hits[0]
-  return None
-
-
 def allocators() -> dict[str, dict[str, str]]:
-  """Row name -> the environment changes of its child process."""
-  glibc = {host_allocator.ENV: "system", "LD_PRELOAD": "", host_allocator.CHOSEN_ENV: "", "GLIBC_TUNABLES": ""}
-  rows = {"glibc": glibc, "glibc keep (MALLOC_KEEP)": {**glibc, "GLIBC_TUNABLES": common.MALLOC_KEEP}}
+  """Row name -> the environment of its child process."""
+  glibc = common.glibc_env()
+  rows = {"glibc": glibc, "glibc keep (MALLOC_KEEP)": common.glibc_env(keep=True)}
   for name, pattern in _PATTERNS.items():
-    library = _installed(pattern)
+    library = host_allocator.find(patterns=(pattern,))
     if library is None:
       continue
-    rows[name] = {**glibc, "LD_PRELOAD": library}
+    rows[name] = {**glibc, "LD_PRELOAD": " ".join(filter(None, [library, glibc["LD_PRELOAD"]]))}
     if name == "jemalloc":
       rows["jemalloc " + host_allocator.JEMALLOC_CONF] = {**rows[name], "MALLOC_CONF": host_allocator.JEMALLOC_CONF}
   return rows
@@ -118,9 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   results: dict[str, dict] = {name: {"times": [], "faults": []} for name in rows}
   own = list(argv if argv is not None else sys.argv[1:])
   for _ in range(args.rounds):
-    for name, changes in rows.items():
-      env = {**os.environ, **changes}
-      env = {k: v for k, v in env.items() if v != "" or k not in changes}
+    for name, env in rows.items():
       out = os.path.join(tempfile.gettempdir(), f"host_allocator_row_{os.getpid()}.json")
       subprocess.run([sys.executable, "-m", "benchmarks.host_allocator", *own, "--child", out], env=env, check=True)
       with open(out, encoding="utf-8") as f:

@@ -23,8 +23,9 @@ Columns: clips/s = batch / median step time; "vs peer" = our clips/s over the pe
 the process's peak resident memory above what it held when the step started, in one extra untimed step per side
 after the timed ones, with glibc returning freed blocks to the OS (common.memory_mode): activations, gradients and
 temporaries (parameters and optimiser state were resident before; n/a under tcmalloc, which keeps freed
-memory); XLA temp = the compiled step's temporary buffers (memory_analysis); FLOPs/clip: "XLA" = the compiled step's cost_analysis / batch, "model" = the analytic
-count of benchmarks/model_flops.py (3 x forward matmuls), for each side its own architecture.
+memory); XLA temp = the compiled step's temporary buffers (memory_analysis); FLOPs/clip: "XLA" = the compiled
+step's cost_analysis / batch, "model" = the analytic count of benchmarks/model_flops.py (3 x forward matmuls), for
+each side its own architecture.
 """
 
 from __future__ import annotations

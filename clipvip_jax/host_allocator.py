@@ -52,9 +52,10 @@ def library_dirs() -> list[str]:
   return list(dict.fromkeys(dirs))
 
 
-def find(dirs: Sequence[str] | None = None) -> str | None:
-  """The preferred malloc library found in `dirs` (default library_dirs()), or None."""
-  for pattern in CANDIDATES:
+def find(dirs: Sequence[str] | None = None, patterns: Sequence[str] = CANDIDATES) -> str | None:
+  """The first of `patterns` (file-name patterns, in order of preference) installed in `dirs` (default
+  library_dirs()), or None."""
+  for pattern in patterns:
     for d in library_dirs() if dirs is None else dirs:
       # the versioned file (libtcmalloc_minimal.so.4), not a development symlink that may point nowhere
       hits = sorted(p for p in glob.glob(os.path.join(d, pattern)) if os.path.isfile(p))
