@@ -115,6 +115,13 @@ def _checkpoint_vocab_and_merges(tokenizer_dir: pathlib.Path) -> tuple[dict[str,
   raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} holds neither vocab.json + merges.txt nor tokenizer.json")
 
 
+def vocab_and_merges(tokenizer_dir: str | pathlib.Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """The BPE vocabulary {token: id} and merge list `get_tokenizer` builds on (None: the shipped one)."""
+  if tokenizer_dir is None:
+    return _shipped_vocab_and_merges()
+  return _checkpoint_vocab_and_merges(pathlib.Path(tokenizer_dir))
+
+
 @functools.lru_cache(maxsize=8)
 def get_tokenizer(tokenizer_dir: str | pathlib.Path | None = None) -> transformers.CLIPTokenizer:
   """transformers' CLIP tokenizer, built once per folder (None: the vocabulary shipped in clipvip_jax/assets).
@@ -122,10 +129,7 @@ def get_tokenizer(tokenizer_dir: str | pathlib.Path | None = None) -> transforme
   Called directly it applies transformers' own light clean-up, not the original's; `tokenize` gives the
   original's ids.
   """
-  if tokenizer_dir is None:
-    vocab, merges = _shipped_vocab_and_merges()
-  else:
-    vocab, merges = _checkpoint_vocab_and_merges(pathlib.Path(tokenizer_dir))
+  vocab, merges = vocab_and_merges(tokenizer_dir)
   for token in (_START_TOKEN, _END_TOKEN):
     if token not in vocab:
       raise ValueError(f"vocabulary of {tokenizer_dir or _BPE_MERGES_GZ} has no {token} token")

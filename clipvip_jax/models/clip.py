@@ -204,7 +204,7 @@ class TextTower(nnx.Module):
 
   def __call__(self, ids: Array, mask: Array | None = None) -> dict[str, Array]:
     """ids, mask [B, L] (L <= max_len) -> {"last_hidden" (after final_layer_norm), "pooled", "embeds"}."""
-    b, length = ids.shape
+    _, length = ids.shape
     if length > self.cfg.text.max_len:
       raise ValueError(f"text length {length} exceeds the model's {self.cfg.text.max_len} positions")
     dtype = jnp.dtype(self.cfg.dtype)
@@ -212,7 +212,9 @@ class TextTower(nnx.Module):
     x = x + self.position_embedding[:length].astype(dtype)
     x = self.encoder(x, full_attention(self.cfg.attention, text_attention_mask(mask, length)))
     x = self.final_layer_norm(x)
-    pooled = x[jnp.arange(b), jnp.argmax(ids, axis=-1)]
+    # take_along_axis rather than x[arange(b), argmax]: the same gather, without an iota of the batch size
+    # (an exported graph's symbolic batch; clipvip_jax.export)
+    pooled = jnp.take_along_axis(x, jnp.argmax(ids, axis=-1)[:, None, None], axis=1)[:, 0]
     return {"last_hidden": x, "pooled": pooled, "embeds": self.projection(pooled)}
 
 

@@ -113,17 +113,18 @@ class TemporalDifferenceBlock(nnx.Module):
   def __call__(self, frames: Array, mask: Array, positions: Array) -> tuple[Array, Array]:
     """frames [B, T, D], mask [B, T], positions [T, D] -> (tokens [B, 2T-1, D] with position and type embeddings
     added, token mask [B, 2T-1]). Difference token d_i takes frame i's position and mask (spec step 3)."""
-    b, t, width = frames.shape
+    _, t, width = frames.shape
     dtype = frames.dtype
     frame_type = self.type_embedding[1].astype(dtype)
     if t == 1:  # no differences: a lone frame token
       return frames + positions[:1].astype(dtype) + frame_type, mask
     d = self.difference_tokens(frames, mask, positions).astype(dtype)
     tokens = interleave(frames, d)
-    pos = interleave(jnp.broadcast_to(positions.astype(dtype), (b, t, width)),
-                     jnp.broadcast_to(positions[:-1].astype(dtype), (b, t - 1, width)))
-    types = interleave(jnp.broadcast_to(frame_type, (b, t, width)),
-                       jnp.broadcast_to(self.type_embedding[0].astype(dtype), (b, t - 1, width)))
+    # Positions and types are the same for every clip: built for one ([1, 2T-1, D]) and broadcast by the sum, which
+    # keeps the batch dimension out of them (an exported graph's batch is symbolic; clipvip_jax.export).
+    pos = interleave(positions.astype(dtype)[None], positions[:-1].astype(dtype)[None])
+    types = interleave(jnp.broadcast_to(frame_type, (1, t, width)),
+                       jnp.broadcast_to(self.type_embedding[0].astype(dtype), (1, t - 1, width)))
     return tokens + pos + types, interleave(mask, mask[:, :-1])
 
 

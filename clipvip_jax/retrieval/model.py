@@ -65,6 +65,11 @@ class RetrievalModel:
     return self.pretrained.kind
 
   @property
+  def tokenizer_dir(self):
+    """The checkpoint's own tokenizer files (an HF directory's), or None for the vocabulary shipped here."""
+    return self.pretrained.tokenizer_dir
+
+  @property
   def text_positions(self) -> int:
     return kinds.find_in_config(self.pretrained.config, "TextConfig").max_len
 

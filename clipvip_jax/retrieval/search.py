@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import pathlib
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from clipvip_jax.cli_errors import UsageError
 from clipvip_jax.retrieval import approximate, exact
 from clipvip_jax.retrieval.index import EmbeddingIndex, read_index
-from clipvip_jax.retrieval.model import RetrievalModel
 from clipvip_jax.tokenizer import MAX_QUERY_CHARS
+
+if TYPE_CHECKING:  # imported where a checkpoint is loaded: an exported model (--model) needs no model code
+  from clipvip_jax.retrieval.model import RetrievalModel
 
 DEFAULT_TOP_K = 10
 BACKENDS = ("auto", "exact", "approximate")
@@ -59,7 +61,7 @@ def truncation_warnings(model: RetrievalModel, queries: Sequence[str], what: str
   """The queries the text tower would cut at its token length, one sentence each (tokenizer.truncation_notes)."""
   from clipvip_jax.tokenizer import truncation_notes
   try:
-    return truncation_notes(list(queries), model.recipe.max_text_len, model.pretrained.tokenizer_dir, what=what)
+    return truncation_notes(list(queries), model.recipe.max_text_len, model.tokenizer_dir, what=what)
   except ValueError as e:
     raise UsageError(str(e)) from None
 
@@ -85,12 +87,26 @@ def load_index_model(index: EmbeddingIndex, checkpoint: str | None = None, confi
     config = index.meta.get("config") if config is None else config
   model = load_model(checkpoint, config, step=step, trust_pickle=bool(index.meta.get("trust_pickle")))
   check_compatible(index, model)
-  text_len = (index.meta.get("options") or {}).get("max_text_len")
-  if text_len:
-    model.recipe = model.recipe.replace(max_text_len=min(int(text_len), model.text_positions))
+  _use_index_text_length(index, model)
   if warn and model.checkpoint != recorded:
     warnings.warn(f"the index was built with {recorded}; searching it with {model.checkpoint}", stacklevel=2)
   return model
+
+
+def load_exported_index_model(index: EmbeddingIndex, model_dir: str | pathlib.Path):
+  """An exported model (python -m clipvip_jax.export; search/serve --model DIR) to encode queries for `index`,
+  checked against it and given its text length. It runs in onnxruntime or jax alone: no flax, no model code."""
+  from clipvip_jax.export.runtime import load_exported
+  model = load_exported(model_dir)
+  check_compatible(index, model)
+  _use_index_text_length(index, model)
+  return model
+
+
+def _use_index_text_length(index: EmbeddingIndex, model) -> None:
+  text_len = (index.meta.get("options") or {}).get("max_text_len")
+  if text_len:
+    model.recipe = model.recipe.replace(max_text_len=min(int(text_len), model.text_positions))
 
 
 def check_compatible(index: EmbeddingIndex, model: RetrievalModel) -> None:
@@ -149,10 +165,12 @@ class Searcher:
 
   def __init__(self, index_dir: str | pathlib.Path, checkpoint: str | None = None, config: str | None = None,
                step: str | int | None = None, *, model: RetrievalModel | None = None, backend: str = "auto",
-               warn: bool = True):
+               warn: bool = True, model_dir: str | pathlib.Path | None = None):
     self.backend = check_backend(backend)
     self.index = read_index(index_dir)
-    if model is None:
+    if model_dir is not None:  # an exported model (python -m clipvip_jax.export)
+      model = load_exported_index_model(self.index, model_dir)
+    elif model is None:
       model = load_index_model(self.index, checkpoint, config, step, warn=warn)
     else:
       check_compatible(self.index, model)

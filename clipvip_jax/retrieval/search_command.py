@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", help="model to encode the queries with (default: the one recorded in the index)")
   p.add_argument("--config", help="the original's config JSON, with --checkpoint naming an original file")
   p.add_argument("--step", help="with --checkpoint naming a training workdir: step number, 'latest' or 'best'")
+  p.add_argument("--model", metavar="DIR", help="an exported model (python -m clipvip_jax.export) to encode the "
+                 "queries with instead of a checkpoint: runs in onnxruntime or jax, without flax")
   p.add_argument("--json", action="store_true", help="print the rankings as JSON")
   return p
 
@@ -62,7 +64,10 @@ def _run(argv: Sequence[str] | None) -> int:
   check_backend(args.backend)
   if args.checkpoint is None and (args.config is not None or args.step is not None):
     raise UsageError("--config and --step go with --checkpoint (the index's own checkpoint uses what it recorded)")
-  searcher = Searcher(args.index, args.checkpoint, args.config, args.step, backend=args.backend, warn=False)
+  if args.model is not None and args.checkpoint is not None:
+    raise UsageError("--model (an exported model) and --checkpoint are alternatives; give one of them")
+  searcher = Searcher(args.index, args.checkpoint, args.config, args.step, backend=args.backend, warn=False,
+                      model_dir=args.model)
   index = searcher.index
   if searcher.model.checkpoint != index.meta["checkpoint"]:
     print(f"{PROG}: note: the index was built with {index.meta['checkpoint']}; searching it with "

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", help="model to encode queries with (default: the one recorded in the index)")
   p.add_argument("--config", help="the original's config JSON, with --checkpoint naming an original file")
   p.add_argument("--step", help="with --checkpoint naming a training workdir: step number, 'latest' or 'best'")
+  p.add_argument("--model", metavar="DIR", help="an exported model (python -m clipvip_jax.export) to encode the "
+                 "queries with instead of a checkpoint: runs in onnxruntime or jax, without flax")
   p.add_argument("--backend", default="auto", choices=("auto", "exact", "approximate"),
                  help="search backend (see python -m clipvip_jax.search --help; default %(default)s)")
   p.add_argument("--max-batch", type=int, default=search.QUERY_BATCH,
@@ -72,13 +74,16 @@ def _run(argv: Sequence[str] | None) -> int:
   quiet_library_logs()
   if args.checkpoint is None and (args.config is not None or args.step is not None):
     raise UsageError("--config and --step go with --checkpoint (the index's own checkpoint uses what it recorded)")
+  if args.model is not None and args.checkpoint is not None:
+    raise UsageError("--model (an exported model) and --checkpoint are alternatives; give one of them")
   if not 1 <= args.max_batch <= search.QUERY_BATCH:
     raise UsageError(f"--max-batch must be in 1..{search.QUERY_BATCH}, got {args.max_batch}")
   _check_address(args.host, args.port)  # before the model load: a taken port fails in a second, not a minute
   import uvicorn
 
   from clipvip_jax.retrieval import service, thumbnails
-  searcher = search.Searcher(args.index, args.checkpoint, args.config, args.step, backend=args.backend, warn=False)
+  searcher = search.Searcher(args.index, args.checkpoint, args.config, args.step, backend=args.backend, warn=False,
+                             model_dir=args.model)
   if thumbnails.ensure_thumbnails(searcher.index):
     print(f"{PROG}: wrote thumbnails into {searcher.index.path / thumbnails.FOLDER} from "
           f"{searcher.index.meta.get('source')} (once: encode writes them now)", file=sys.stderr, flush=True)
