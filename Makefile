@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install allocator browser demo test test-fast clean
+.PHONY: install allocator browser tpu demo test test-fast clean
 
 install: $(STAMP) allocator
 
@@ -43,6 +43,20 @@ browser:
 	    apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "make: the page test needs chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"; fi; }
 
+# libtpu, for the TPU planner only (python -m clipvip_jax.plan): the version jax[tpu] pins for the installed jax,
+# into .venv/libtpu, a folder of its own that only the planner puts on sys.path (clipvip_jax/train/targets.py).
+# Ordinary commands never see it: JAX keeps picking CPU/GPU with no TPU start-up probing or warnings.
+tpu: $(VENV)/libtpu/.installed
+
+$(VENV)/libtpu/.installed: $(STAMP)
+	@jaxv=$$($(BIN)/python -c 'import jax; print(jax.__version__)'); \
+	  $(BIN)/python -m pip install -q --dry-run "jax[tpu]==$$jaxv" --report $(VENV)/tpu-report.json 2>&1 | $(QUIET); \
+	  v=$$($(BIN)/python -c "import json; print(*[i['metadata']['version'] for i in json.load(open('$(VENV)/tpu-report.json'))['install'] if i['metadata']['name'] == 'libtpu'])"); \
+	  test -n "$$v" || { echo "make: no libtpu version found for jax $$jaxv"; exit 1; }; \
+	  rm -rf $(VENV)/libtpu && $(BIN)/python -m pip install -q --no-deps --target $(VENV)/libtpu "libtpu==$$v" 2>&1 | $(QUIET); \
+	  echo "make: libtpu $$v for jax $$jaxv in $(VENV)/libtpu (the planner's only)"
+	touch $@
+
 demo: install
 	$(BIN)/python -m clipvip_jax.demo
 
@@ -54,11 +68,11 @@ PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CAC
   $(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 # The whole suite, slow tests included (CI runs exactly this).
-test: install browser
+test: install browser tpu
 	$(PYTEST) tests
 
 # Everything but the tests marked slow.
-test-fast: install browser
+test-fast: install browser tpu
 	$(PYTEST) -m "not slow" tests
 
 clean:

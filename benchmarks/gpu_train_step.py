@@ -12,7 +12,7 @@ same with batches from the Grain pipeline (synthetic JPEG shards written first; 
 stall. Then the peer on the same batch. Rates are steps/second over the whole back-to-back window (dispatch
 overlaps execution), after `--warmup` steps.
 
-MFU = model FLOPs per step (benchmarks/model_flops.py: 3 x forward matmuls, no remat recomputation) /
+MFU = model FLOPs per step (clipvip_jax/train/model_flops.py: 3 x forward matmuls, no remat recomputation) /
 (step time x the MEASURED peak bf16 matmul rate of this device: the best of `--peak-repeats` timings of an
 n x n x n bfloat16 matmul with float32 accumulation). The vendor peak is printed beside it.
 Goals (issue 8): MFU >= 45% and >= 1.5x the peer's clips/s.
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common, experiments, model_flops, ours as ours_lib
+from benchmarks import common, experiments, ours as ours_lib
+from clipvip_jax.train import model_flops
 
 MFU_GOAL, PEER_GOAL = 0.45, 1.5
 TINY_CLIP = dict(vision=dict(width=32, layers=1, heads=2, mlp_dim=64, patch_size=8, image_size=32),

@@ -24,7 +24,7 @@ the process's peak resident memory above what it held when the step started, in 
 after the timed ones, with glibc returning freed blocks to the OS (common.memory_mode): activations, gradients and
 temporaries (parameters and optimiser state were resident before; n/a under tcmalloc, which keeps freed
 memory); XLA temp = the compiled step's temporary buffers (memory_analysis); FLOPs/clip: "XLA" = the compiled
-step's cost_analysis / batch, "model" = the analytic count of benchmarks/model_flops.py (3 x forward matmuls), for
+step's cost_analysis / batch, "model" = the analytic count of clipvip_jax/train/model_flops.py (3 x forward matmuls), for
 each side its own architecture.
 """
 
@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import common, experiments, model_flops, ours as ours_lib
+from benchmarks import common, experiments, ours as ours_lib
+from clipvip_jax.train import model_flops
 
 DEFAULT_BATCH = {"B/32": 4, "B/16": 2, "L/14": 1, "tiny": 4}
 # Rows of the peer: float32, or its forward under torch.autocast("cpu", bfloat16) (parameters stay float32, as ours).

@@ -39,6 +39,30 @@ def protocol_of(text_video_index: np.ndarray, num_videos: int) -> str:
   return "multi"
 
 
+def encode_functions(graphdef: nnx.GraphDef, rest: Any, param_shardings: Any, batch_sharding: NamedSharding):
+  """The evaluation's jitted programs (video encoder, text encoder, similarity), batches split by
+  `batch_sharding` and results replicated: what the Evaluator runs, and what the planner compiles for a slice."""
+  replicated = NamedSharding(batch_sharding.mesh, P())
+
+  def model(params):
+    return nnx.merge(graphdef, params, rest)
+
+  def encode_video(params, video, frame_mask, clip_index, valid):
+    video = step_lib.pixels(video, frame_mask)  # uint8 input (data.dtype "uint8") is normalised on device
+    return model(params).encode_video(video, frame_mask).astype(jnp.float32), clip_index, valid
+
+  def encode_text(params, ids, mask):
+    return model(params).encode_text(ids, mask).astype(jnp.float32)
+
+  def similarity(params, text, video):
+    return model(params).similarity(text, video)
+
+  bs = batch_sharding
+  return (jax.jit(encode_video, in_shardings=(param_shardings, bs, bs, bs, bs), out_shardings=replicated),
+          jax.jit(encode_text, in_shardings=(param_shardings, bs, bs), out_shardings=replicated),
+          jax.jit(similarity, in_shardings=(param_shardings, replicated, replicated), out_shardings=replicated))
+
+
 class Evaluator:
   """`evaluator(params) -> {"t2v/R@1": ..., "dsl_t2v/R@1": ..., "protocol": ...}` for one evaluation split."""
 
@@ -47,7 +71,6 @@ class Evaluator:
     self.data = eval_data
     self.batch_size = eval_data.config.batch_size
     self.batch_sharding = sharding.batch_sharding(mesh, rules, 1)
-    replicated = NamedSharding(mesh, P())
     batch_axes = self.batch_sharding.spec[0]
     n_batch_devices = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str)
                                                         else batch_axes or ()))
@@ -55,24 +78,7 @@ class Evaluator:
       raise ValueError(f"eval batch size {self.batch_size} is not divisible by the {n_batch_devices} devices of "
                        "the mesh's batch axes")
 
-    def model(params):
-      return nnx.merge(graphdef, params, rest)
-
-    def encode_video(params, video, frame_mask, clip_index, valid):
-      video = step_lib.pixels(video, frame_mask)  # uint8 input (data.dtype "uint8") is normalised on device
-      return model(params).encode_video(video, frame_mask).astype(jnp.float32), clip_index, valid
-
-    def encode_text(params, ids, mask):
-      return model(params).encode_text(ids, mask).astype(jnp.float32)
-
-    def similarity(params, text, video):
-      return model(params).similarity(text, video)
-
-    bs = self.batch_sharding
-    self._video = jax.jit(encode_video, in_shardings=(param_shardings, bs, bs, bs, bs), out_shardings=replicated)
-    self._text = jax.jit(encode_text, in_shardings=(param_shardings, bs, bs), out_shardings=replicated)
-    self._sim = jax.jit(similarity, in_shardings=(param_shardings, replicated, replicated),
-                        out_shardings=replicated)
+    self._video, self._text, self._sim = encode_functions(graphdef, rest, param_shardings, self.batch_sharding)
 
   def _global(self, host_array: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(host_array))

@@ -238,6 +238,15 @@ class _HostBatch:
     return batch
 
 
+def batch_spec(config_data: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{name: (shape, dtype)} of one global training batch of this data config, read off the example a corrupt
+  record becomes (the same shapes and dtypes as every real example, with `valid`), without opening any data."""
+  cfg = DataConfig.from_config(config_data)
+  example = examples.TrainExample(cfg.example_spec(), examples.DefaultTokenize()).placeholder(0)
+  example["valid"] = np.int32(1)
+  return {k: ((cfg.batch_size,) + np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
+
+
 def host_rows(sharding: Any, batch_size: int) -> tuple[int, ...]:
   """The rows of a global batch of `batch_size` that this process's devices hold under `sharding` (a
   jax.sharding.Sharding of the batch's leading axis), ascending. One process: every row."""

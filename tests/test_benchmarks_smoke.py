@@ -5,7 +5,8 @@ import math
 import jax
 import pytest
 
-from benchmarks import common, model_flops
+from benchmarks import common
+from clipvip_jax.train import model_flops
 from clipvip_jax.models import clip
 
 

@@ -123,6 +123,10 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
+# The patch embedding's (forward, input gradient, kernel gradient) einsums for layers.project.
+PATCH_EQS = ("bhpwqc,pqcd->bhwd", "bhwd,pqcd->bhpwqc", "bhpwqc,bhwd->pqcd")
+
+
 class PatchEmbedding(nnx.Module):
   """Conv2d(kernel = stride = patch, no bias) written as patchify + einsum: the same sum, no conv layout games."""
 
@@ -141,7 +145,7 @@ class PatchEmbedding(nnx.Module):
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
     x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, self.kernel[...].astype(self.dtype))
+    x = layers.project(x, self.kernel[...], None, PATCH_EQS, self.dtype, (None, None, None, "embed"))
     return x.reshape(b, (h // p) * (w // p), -1)
 
 

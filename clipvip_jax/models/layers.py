@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Iterator, Sequence
+import dataclasses
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,74 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+# Weight gathering (FSDP). The trainer sets a function (kernel in the compute dtype, its logical names) -> the
+# kernel constrained to its sharding WITHOUT the fsdp split, while the step is traced (`weight_gather`); every
+# projection applies it to its kernel before the product. XLA then all-gathers each layer's weights (in the compute
+# dtype: half the bytes of float32) just before they are used, again in the backward pass, and reduce-scatters their
+# gradients to the shards: the FSDP pattern. Left to itself, the partitioner resharded activations instead
+# (all-reduces and all-to-alls of activations, no all-gather: docs/performance.md section 4).
+_WEIGHT_GATHER: contextvars.ContextVar[Callable[[Array, Sequence[str | None]], Array] | None] = \
+    contextvars.ContextVar("weight_gather", default=None)
+
+
+@contextlib.contextmanager
+def weight_gather(fn: Callable[[Array, Sequence[str | None]], Array] | None) -> Iterator[None]:
+  """Within the block, projections traced apply `fn(kernel, names)` to their kernel (None: nothing)."""
+  token = _WEIGHT_GATHER.set(fn)
+  try:
+    yield
+  finally:
+    _WEIGHT_GATHER.reset(token)
+
+
+# The three kernel layouts: (forward, input gradient, kernel gradient) einsums.
+DENSE_EQS = ("...i,io->...o", "...o,io->...i", "...i,...o->io")
+HEAD_IN_EQS = ("...d,dnh->...nh", "...nh,dnh->...d", "...d,...nh->dnh")
+HEAD_OUT_EQS = ("...nh,nhd->...d", "...d,nhd->...nh", "...nh,...d->nhd")
+
+
+def project(x: Array, kernel: Array, bias: Array | None, eqs: tuple[str, str, str], dtype: Any,
+            names: Sequence[str | None]) -> Array:
+  """einsum(eqs[0], x, kernel) + bias in `dtype`, for float32 parameters.
+
+  In float32 with no weight gathering this is the plain product (what the parity fixtures check). In a lower
+  compute dtype, the backward pass computes the kernel and bias gradients with float32 accumulation and OUTPUT
+  (a custom VJP): each gradient leaves its product in float32, so the sum over the batch's devices (an all-reduce
+  or, under FSDP, a reduce-scatter that XLA places right after the product) is a float32 sum, like the originals'
+  fp32 master gradients, instead of a bfloat16 sum over 64-1,024 chips. The input gradient stays in `dtype`.
+  """
+  gather = _WEIGHT_GATHER.get()
+  if jnp.dtype(dtype) == jnp.float32 and gather is None:
+    y = jnp.einsum(eqs[0], x.astype(dtype), kernel)
+    return y if bias is None else y + bias
+  gather_fn = (lambda w: w) if gather is None else (lambda w: gather(w, names))
+  forward_eq, input_eq, kernel_eq = eqs
+
+  def forward(x, kernel, bias):
+    y = jnp.einsum(forward_eq, x.astype(dtype), gather_fn(kernel.astype(dtype)))
+    return y if bias is None else y + bias.astype(dtype)
+
+  @jax.custom_vjp
+  def fn(x, kernel, bias):
+    return forward(x, kernel, bias)
+
+  def fn_fwd(x, kernel, bias):
+    # Kept for the backward pass: the input in the compute dtype and the (sharded) float32 kernel, which is cast
+    # and gathered again there rather than kept whole.
+    return forward(x, kernel, bias), (x.astype(dtype), kernel, bias, jnp.zeros((0,), x.dtype))
+
+  def fn_bwd(res, g):
+    xc, kernel, bias, x_proto = res
+    g = g.astype(dtype)
+    dx = jnp.einsum(input_eq, g, gather_fn(kernel.astype(dtype))).astype(x_proto.dtype)
+    dk = jnp.einsum(kernel_eq, xc, g, preferred_element_type=jnp.float32).astype(kernel.dtype)
+    db = None if bias is None else jnp.sum(g, axis=tuple(range(g.ndim - bias.ndim)), dtype=jnp.float32)
+    return dx, dk, None if bias is None else db.astype(bias.dtype)
+
+  fn.defvjp(fn_fwd, fn_bwd)
+  return fn(x, kernel, bias)
+
+
 class Dense(nnx.Module):
   """y = x @ kernel (+ bias); kernel [in, out]."""
 
@@ -57,12 +126,11 @@ class Dense(nnx.Module):
     self.kernel = param(normal_init(rngs, (din, dout), std), names)
     self.bias = param(jnp.zeros((dout,), jnp.float32), names[1:]) if use_bias else None
     self.dtype = dtype
+    self.names = tuple(names)
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+    return project(x, self.kernel[...], None if self.bias is None else self.bias[...], DENSE_EQS, self.dtype,
+                   self.names)
 
 
 def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
@@ -104,8 +172,7 @@ class HeadProjection(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.einsum("...d,dnh->...nh", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    return project(x, self.kernel[...], self.bias[...], HEAD_IN_EQS, self.dtype, ("embed", "heads", "kv"))
 
 
 class OutProjection(nnx.Module):
@@ -118,8 +185,7 @@ class OutProjection(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.einsum("...nh,nhd->...d", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    return project(x, self.kernel[...], self.bias[...], HEAD_OUT_EQS, self.dtype, ("heads", "kv", "embed"))
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array | None = None,
@@ -222,19 +288,56 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 BLOCK_REMAT = tuple(k for k, policy in REMAT_POLICIES.items() if policy is not None)  # checkpoint whole blocks
-# "auto" (the configs' default): the policy measured fastest for the backend the model is built on. XLA:CPU
-# "elementwise" (same values; B/32 and B/16 steps 1.3-2.4x faster than "none" on AMD EPYC and Intel Xeon:
-# docs/performance.md section 1); elsewhere "none" (the GPU figures of docs/performance.md were measured with it;
-# memory-bound recipes say "full" explicitly).
-AUTO_REMAT = {"cpu": "elementwise"}
+# "auto" (the configs' default): the policy measured fastest for the chip the model is built FOR, by platform and
+# then by device kind (the longest matching prefix wins). XLA:CPU "elementwise" (same values; B/32 and B/16 steps
+# 1.3-2.4x faster than "none" on AMD EPYC and Intel Xeon: docs/performance.md section 1); GPU and TPU "none"
+# unless a chip class needs memory back (docs/training.md "Per-topology defaults" has the plans behind each entry).
+AUTO_REMAT = {"cpu": "elementwise", "gpu": "none", "tpu": "none"}
+AUTO_REMAT_BY_KIND: dict[str, str] = {}
 REMAT_CHOICES = ("auto", *REMAT_POLICIES)
 
 
-def resolve_remat(remat: str, backend: str | None = None) -> str:
-  """The remat policy `remat` means on `backend` (default: JAX's default backend): "auto" is resolved by
-  AUTO_REMAT, any other known policy is itself."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """The chip a program is built for: platform ("cpu", "gpu", "tpu") and device kind ("TPU v5 lite", ...)."""
+  platform: str
+  device_kind: str = ""
+
+
+# The target of models built in this context: set by the planner, which builds TPU programs on a CPU host, so
+# that "auto" choices follow the chip the program will run on, not the machine that compiles it.
+_TARGET: contextvars.ContextVar[Target | None] = contextvars.ContextVar("target", default=None)
+
+
+@contextlib.contextmanager
+def build_target(target: Target | None) -> Iterator[None]:
+  """Models built inside resolve "auto" settings for `target` (None: the local default backend)."""
+  token = _TARGET.set(target)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def current_target() -> Target:
+  target = _TARGET.get()
+  if target is not None:
+    return target
+  devices = jax.devices()
+  return Target(jax.default_backend(), devices[0].device_kind if devices else "")
+
+
+def resolve_remat(remat: str, backend: str | None = None, device_kind: str | None = None) -> str:
+  """The remat policy `remat` means on a chip (default: the build target, else JAX's default backend): "auto" is
+  resolved by AUTO_REMAT_BY_KIND (device kind), then AUTO_REMAT (platform); any other known policy is itself."""
   if remat == "auto":
-    return AUTO_REMAT.get(backend or jax.default_backend(), "none")
+    if backend is None:
+      target = current_target()
+      backend, device_kind = target.platform, target.device_kind if device_kind is None else device_kind
+    for prefix in sorted(AUTO_REMAT_BY_KIND, key=len, reverse=True):
+      if device_kind and device_kind.startswith(prefix):
+        return AUTO_REMAT_BY_KIND[prefix]
+    return AUTO_REMAT.get(backend, "none")
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {remat!r}; known: {list(REMAT_CHOICES)}")
   return remat

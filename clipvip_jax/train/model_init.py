@@ -186,6 +186,20 @@ def _override_logit_scale(ms: ModelState, value: Any) -> ModelState:
   return dataclasses.replace(ms, params=params)
 
 
+def abstract_model_state(config: Any, mesh, rules) -> ModelState:
+  """The run's model with parameters as sharded ShapeDtypeStructs: no weights are read or made (the planner's
+  path, clipvip_jax.plan). The architecture comes from config.model (variant, clip, config): a plain CLIP or a
+  same-variant checkpoint in config.init.checkpoint gives the same shapes, and the checkpoint is not opened."""
+  kind = config.model["kind"]
+  cfg = model_config(config.model)
+  graphdef, rest, shardings = param_shardings(kind, cfg, mesh, rules)
+  expected = jax.tree.leaves(nnx.to_pure_dict(nnx.state(abstract_model(kind, cfg), nnx.Param)))
+  leaves, treedef = jax.tree.flatten(shardings)
+  params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=sh)
+                                        for x, sh in zip(expected, leaves)])
+  return ModelState(kind, cfg, graphdef, rest, params, shardings, source="abstract (no weights)")
+
+
 def init_model(config: Any, mesh, rules, initial_params: Mapping[str, np.ndarray] | None = None) -> ModelState:
   """The model of config.model, initialised per config.init (or from `initial_params`, a flat {name: array} dict
   of the same model held in memory), with parameters sharded over `mesh`; then config.init.logit_scale."""

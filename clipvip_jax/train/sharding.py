@@ -118,6 +118,15 @@ def activation_constraint(mesh: Mesh, rules):
   return lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh, rules)
 
 
+def weight_gather(mesh: Mesh, rules):
+  """(kernel, logical names) -> the kernel constrained to its sharding with the `fsdp` mesh axis taken out: what
+  the trainer hands the model (layers.weight_gather) when the mesh has an fsdp axis. Each projection's weights
+  are then all-gathered where they are used and their gradients reduce-scattered back to the shards."""
+  gathered = tuple((name, tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a != "fsdp")
+                    or None) for name, axes in _rules_dict(rules).items())
+  return lambda w, names: constrain(w, names, mesh, gathered)
+
+
 def describe_shardings(shardings, state) -> list[str]:
   """Human-readable lines 'path shape -> spec' for the parameters that are actually split."""
   lines = []

@@ -24,7 +24,8 @@ params and opt_state unchanged and is reported through metrics["finite"]: the op
 jax.lax.cond, so a skipped step does no update work and a normal one makes no extra select pass over the
 parameters and both Adam moments (jnp.where on every leaf kept old and new copies of all three alive at once).
 With `constrain_activations` (a function of an activation, sharding.activation_constraint), every transformer
-block pins its residual stream to it while the step is traced (layers.activation_constraint).
+block pins its residual stream to it while the step is traced (layers.activation_constraint); with
+`gather_weights` (sharding.weight_gather, under FSDP) every projection gathers its kernel where it is used.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ class TrainStep:
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx: optax.GradientTransformation,
                     rules: Any, *, grad_accum: int = 1, param_shardings: Any = None, opt_shardings: Any = None,
                     batch_sharding: NamedSharding | None = None,
-                    constrain_activations: Callable[[Array], Array] | None = None) -> TrainStep:
+                    constrain_activations: Callable[[Array], Array] | None = None,
+                    gather_weights: Callable[[Array, Any], Array] | None = None) -> TrainStep:
   """The jitted step. `rules` (optim.param_rules) marks frozen parameters: their gradients are never computed
   (stop_gradient), so XLA prunes that part of the backward pass."""
   if grad_accum < 1:
@@ -216,7 +218,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
     return params, opt_state
 
   def step(params, opt_state, batch):
-    with layers.activation_constraint(constrain_activations):  # None: nothing constrained
+    with layers.activation_constraint(constrain_activations), layers.weight_gather(gather_weights):  # None: none
       loss, parts, grads = gradients(params, batch)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -236,6 +238,19 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
     fn = jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_sharding),
                  out_shardings=(param_shardings, opt_shardings, replicated), donate_argnums=(0, 1))
   return TrainStep(fn=fn, objective=objective, grad_accum=grad_accum)
+
+
+def batch_spec(config_data: Any, objective: Objective, batch_sharding: NamedSharding) -> dict[str, Any]:
+  """The step's batch as sharded ShapeDtypeStructs: the keys the objective reads (and `valid`) of the input
+  pipeline's global training batch (pipeline.batch_spec), split as the trainer places it."""
+  from data_pipelines import pipeline
+  spec = pipeline.batch_spec(config_data)
+  out = {}
+  for key in objective.batch_keys + OPTIONAL_KEYS:
+    shape, dtype = spec[key]
+    sharding = NamedSharding(batch_sharding.mesh, P(batch_sharding.spec[0], *([None] * (len(shape) - 1))))
+    out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return out
 
 
 def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh) -> Any:

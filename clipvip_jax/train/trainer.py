@@ -190,11 +190,18 @@ def _make_evaluator(config, ms: model_init.ModelState, mesh, rules):
     return None
   from clipvip_jax.evaluator import Evaluator
   from data_pipelines import pipeline
-  data_cfg = {**config.data.to_dict(), "split": eval_cfg.split, "batch_size": eval_cfg.get("batch_size")
-              or config.data.batch_size, **dict(eval_cfg.get("data") or {})}
+  return Evaluator(pipeline.make_eval_dataset(eval_data_config(config)), ms.graphdef, ms.rest, ms.shardings, mesh,
+                   rules)
+
+
+def eval_data_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The data config of the run's evaluation split: config.data, then eval.split / eval.batch_size / eval.data."""
+  eval_cfg = config.get("eval") or {}
+  data_cfg = {**config.data.to_dict(), "split": eval_cfg.get("split") or "val",
+              "batch_size": eval_cfg.get("batch_size") or config.data.batch_size, **dict(eval_cfg.get("data") or {})}
   for key in ("pretraining",):  # evaluation reads video-text pairs even when training on omnisource batches
     data_cfg[key] = False
-  return Evaluator(pipeline.make_eval_dataset(data_cfg), ms.graphdef, ms.rest, ms.shardings, mesh, rules)
+  return data_cfg
 
 
 @dataclasses.dataclass
@@ -210,23 +217,39 @@ class TrainingSetup:
 
 
 def setup_training(config: ml_collections.ConfigDict, mesh, rules, total_steps: int,
-                   initial_params: Mapping[str, np.ndarray] | None = None) -> TrainingSetup:
-  """Model (sharded init, config.init.checkpoint or `initial_params`), optimiser, its sharded state, the step."""
-  ms = model_init.init_model(config, mesh, rules, initial_params)
-  for line in sharding.describe_shardings(ms.shardings, ms.params)[:20]:
-    log.info("sharded: %s", line)
+                   initial_params: Mapping[str, np.ndarray] | None = None, *, abstract: bool = False) -> TrainingSetup:
+  """Model (sharded init, config.init.checkpoint or `initial_params`), optimiser, its sharded state, the step.
+
+  `abstract`: parameters and optimiser state are sharded ShapeDtypeStructs (no weights read or made, nothing
+  placed on a device): the planner lowers `train_step.fn` with them and `step_lib.batch_spec`, so it compiles
+  exactly the program this function builds for a real run. The mesh may then be over devices this process cannot
+  run on (a TPU slice described by libtpu)."""
+  if abstract:
+    ms = model_init.abstract_model_state(config, mesh, rules)
+  else:
+    ms = model_init.init_model(config, mesh, rules, initial_params)
+    for line in sharding.describe_shardings(ms.shardings, ms.params)[:20]:
+      log.info("sharded: %s", line)
   tx, schedule, param_rules = optim.make_optimizer(config.optim, ms.params, total_steps)
-  for line in optim.describe_rules(param_rules):
-    log.info("%s", line)
-  opt_shardings = step_lib.opt_state_shardings(jax.eval_shape(tx.init, ms.params), ms.params, ms.shardings, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(ms.params)
+  if not abstract:
+    for line in optim.describe_rules(param_rules):
+      log.info("%s", line)
+  opt_shape = jax.eval_shape(tx.init, ms.params)
+  opt_shardings = step_lib.opt_state_shardings(opt_shape, ms.params, ms.shardings, mesh)
+  if abstract:
+    opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt_shape,
+                             opt_shardings)
+  else:
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(ms.params)
   objective = step_lib.make_objective(config.mode, config.get("loss"))
+  fsdp = mesh.shape.get("fsdp", 1) > 1
   train_step = step_lib.make_train_step(ms.graphdef, ms.rest, objective, tx, param_rules,
                                         grad_accum=int(config.get("grad_accum", 1)), param_shardings=ms.shardings,
                                         opt_shardings=opt_shardings,
                                         batch_sharding=sharding.batch_sharding(mesh, rules, 1),
                                         constrain_activations=(sharding.activation_constraint(mesh, rules)
-                                                               if config.get("constrain_activations") else None))
+                                                               if config.get("constrain_activations") else None),
+                                        gather_weights=sharding.weight_gather(mesh, rules) if fsdp else None)
   return TrainingSetup(ms, tx, schedule, param_rules, opt_state, opt_shardings, objective, train_step)
 
 

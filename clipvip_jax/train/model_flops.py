@@ -75,3 +75,31 @@ def clipvip_step(cfg: CLIPConfig, *, frames: int, text_len: int, num_proxies: in
 
 def meanp_step(cfg: CLIPConfig, *, frames: int, text_len: int, batch: int) -> StepFlops:
   return StepFlops(meanp_vision_forward(cfg, frames), text_forward(cfg, text_len), 2.0 * batch * cfg.projection_dim)
+
+
+def clip2video_step(cfg, *, frames: int, text_len: int, batch: int) -> StepFlops:
+  """Per-clip FLOPs of a CLIP2Video train step: per-frame CLIP vision (as meanP), the text tower, and the temporal
+  transformers (TDB's interleaved difference tokens: 2T - 1 tokens in seqTransf, plus its difference and action
+  layers on T tokens; TAB's K-centre pooling is under 1% and not counted); the logits of both heads."""
+  c = cfg.clip
+  width, mlp = c.projection_dim, cfg.temporal_mlp_dim
+  tokens = 2 * frames - 1 if cfg.temporal_type == "TDB" else frames
+  temporal = cfg.temporal_layers * _layer_flops(tokens, tokens * tokens, width, mlp)
+  temporal += (cfg.difference_layers + cfg.action_layers) * _layer_flops(frames, frames * frames, width, mlp)
+  return StepFlops(meanp_vision_forward(c, frames) + temporal, text_forward(c, text_len), 4.0 * batch * width)
+
+
+def train_step_flops(mode: str, kind: str, cfg, data_cfg) -> float:
+  """Model FLOPs of one training step on the whole global batch (3 x forward, no recomputation): the MFU basis
+  of the trainer's log and of the planner. `cfg` is the kind's model config, `data_cfg` the data section."""
+  batch, frames, text_len = int(data_cfg["batch_size"]), int(data_cfg["num_frames"]), int(data_cfg["max_text_len"])
+  if kind == "clip2video":
+    return batch * clip2video_step(cfg, frames=frames, text_len=text_len, batch=batch).train
+  if kind == "meanp":
+    return batch * meanp_step(cfg, frames=frames, text_len=text_len, batch=batch).train
+  clip_cfg, proxies = cfg.clip, cfg.num_proxies
+  per_clip = clipvip_step(clip_cfg, frames=frames, text_len=text_len, num_proxies=proxies, batch=batch)
+  if mode == "omnisource":  # + the subtitle (a second text) and the middle frame as a 1-frame video
+    extra = text_forward(clip_cfg, text_len) + clipvip_vision_forward(clip_cfg, 1, proxies)
+    return batch * (per_clip.train + 3.0 * (extra + 4.0 * batch * clip_cfg.projection_dim))
+  return batch * per_clip.train

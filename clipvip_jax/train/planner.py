@@ -1,0 +1,307 @@
+"""Plans a training run on a TPU slice before one is booked: the trainer's own step compiled by the TPU compiler.
+
+  from clipvip_jax.train import planner
+  plan = planner.plan(config, "v5p:4x4x4")        # config: the run's ConfigDict (configs/*.py get_config())
+  plan["fits"], plan["hbm_peak_bytes"], plan["collectives"], plan.get("suggestion")
+
+The program is the trainer's: `trainer.setup_training(..., abstract=True)` builds the same model, sharding rules,
+mesh, optimiser, loss and jitted step as a real run, with ShapeDtypeStructs for the weights and the optimiser
+state and `step.batch_spec` for the batch, and "auto" settings resolved for the slice's chip
+(`layers.build_target`). Lowered and compiled for the slice's devices (libtpu, `targets.describe`), it gives per
+chip: HBM (arguments, temporaries, outputs, code), the compiler's FLOPs and its time estimate where it gives one
+(else a roofline from its FLOPs and bytes), and every collective of the program (count and bytes; a loop body's
+collectives count once). The evaluation's encoders are compiled the same way.
+
+When the recipe does not fit, or leaves the chip's memory mostly idle under a recomputing remat policy, the
+planner compiles alternatives (remat policy, an fsdp mesh axis, gradient accumulation) and names the best that
+fits with the requested headroom, as the `--config` flags that select it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+
+from clipvip_jax.models import layers
+from clipvip_jax.train import model_flops, sharding, targets
+from clipvip_jax.train import step as step_lib
+
+PlanError = targets.TargetError
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+def _shape_bytes(text: str) -> list[int]:
+  out = []
+  for dtype, dims in _SHAPE.findall(text):
+    if dtype in _DTYPE_BYTES:
+      out.append(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d))
+  return out
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives in an optimised HLO module's text (bytes: each op's result,
+  per device; an async op counted at its start, a loop body once)."""
+  out: dict[str, dict[str, int]] = {}
+  for line in hlo_text.splitlines():
+    m = _OP.search(line)
+    if not m or line.lstrip().startswith("ROOT %tuple"):
+      continue
+    result, kind, start = m.group(1), m.group(2), m.group(3)
+    sizes = _shape_bytes(result)
+    if start and kind == "collective-permute":
+      sizes = sizes[1:2]  # (operand, result, contexts...)
+    elif start and kind in ("all-gather", "reduce-scatter", "all-to-all") and len(sizes) > 1:
+      sizes = sizes[len(sizes) // 2:]  # (operands..., results...)
+    entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += int(sum(sizes))
+  return out
+
+
+def _hlo_text(compiled: Any) -> str | None:
+  try:
+    return compiled.as_text()
+  except Exception:  # noqa: BLE001 — libtpu cannot print some programs; the facts that need it say "unavailable"
+    return None
+
+
+def memory(compiled: Any) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  args, out, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
+  temp, code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
+  return {"arguments": int(args), "outputs": int(out), "aliased": int(alias), "temporaries": int(temp),
+          "code": int(code), "peak": int(args + out - alias + temp + code)}
+
+
+def cost(compiled: Any) -> dict[str, float]:
+  c = compiled.cost_analysis()
+  c = (c[0] if c else {}) if isinstance(c, (list, tuple)) else (c or {})
+  return {k: float(c[k]) for k in ("flops", "bytes accessed", "optimal_seconds", "transcendentals") if k in c}
+
+
+def analyse(compiled: Any, chip: targets.Chip, model_flops_per_chip: float | None = None) -> dict[str, Any]:
+  """Per-chip facts of a compiled program: HBM, FLOPs, time estimate (compiler's, else roofline), collectives."""
+  mem, c = memory(compiled), cost(compiled)
+  text = _hlo_text(compiled)
+  comms = collectives(text) if text is not None else None
+  flops, accessed = c.get("flops", 0.0), c.get("bytes accessed", 0.0)
+  comm_bytes = sum(v["bytes"] for v in comms.values()) if comms else 0
+  roofline = {"compute_s": flops / chip.peak_flops, "memory_s": accessed / chip.hbm_bandwidth,
+              "collective_s": comm_bytes / chip.ici_bandwidth}
+  estimate = c.get("optimal_seconds")
+  if estimate is not None and estimate > 0:
+    step_s, source = estimate, "compiler"
+  else:
+    step_s, source = max(roofline.values()), "roofline"
+  facts = {"hbm": mem, "hbm_peak_bytes": mem["peak"], "hbm_capacity_bytes": chip.hbm_bytes,
+           "headroom": 1.0 - mem["peak"] / chip.hbm_bytes, "fits": mem["peak"] <= chip.hbm_bytes,
+           "compiler_flops": flops, "bytes_accessed": accessed, "compiler_seconds": estimate,
+           "roofline": roofline, "step_seconds": step_s, "step_seconds_source": source,
+           "collectives": comms, "collective_bytes": comm_bytes if comms is not None else None}
+  if model_flops_per_chip:
+    facts["model_flops"] = model_flops_per_chip
+    facts["mfu"] = model_flops_per_chip / (step_s * chip.peak_flops) if step_s > 0 else None
+  return facts
+
+
+# ------------------------------------------------------------------------------------------------ the programs
+
+
+def _check_divisible(config: ml_collections.ConfigDict, mesh) -> None:
+  from clipvip_jax.train import trainer
+  devices = trainer.batch_devices(mesh, config.sharding_rules)
+  batch, accum = int(config.data.batch_size), int(config.get("grad_accum", 1))
+  if batch % devices:
+    raise PlanError(f"the global batch {batch} does not divide over the {devices} devices of the mesh's batch axes "
+                    f"(config.data.batch_size; mesh {tuple(mesh.shape.values())})")
+  if batch % accum or (batch // accum) % devices:
+    raise PlanError(f"config.grad_accum {accum} leaves micro-batches of {batch / accum:g} rows, which do not divide "
+                    f"over the {devices} devices of the mesh's batch axes")
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Iterable[Any]):
+  devices = list(devices)
+  try:
+    return sharding.make_mesh(tuple(int(x) for x in config.mesh), devices)
+  except ValueError as e:
+    raise PlanError(f"config.mesh {tuple(config.mesh)} does not match the slice's {len(devices)} chips: {e}") from None
+
+
+def lower_train_step(config: ml_collections.ConfigDict, mesh, target: layers.Target | None = None):
+  """(TrainingSetup, Lowered) of the run's training step on `mesh`, with no weights: the trainer's own setup in
+  its abstract mode. `target`: the chip "auto" settings are resolved for (None: this machine's backend)."""
+  from clipvip_jax.train import trainer
+  config = trainer.as_config_dict(config)
+  trainer.check_config(config)
+  _check_divisible(config, mesh)
+  rules = config.sharding_rules
+  with layers.build_target(target):
+    setup = trainer.setup_training(config, mesh, rules, int(config.get("total_steps") or 10_000), abstract=True)
+  batch = step_lib.batch_spec(config.data, setup.objective, sharding.batch_sharding(mesh, rules, 1))
+  return setup, setup.train_step.fn.lower(setup.model.params, setup.opt_state, batch)
+
+
+def lower_eval_steps(config: ml_collections.ConfigDict, setup: Any, mesh) -> dict[str, Any]:
+  """{"encode_video", "encode_text"}: the evaluator's programs lowered for the run's eval batch."""
+  from clipvip_jax.evaluator import encode_functions
+  from clipvip_jax.train import trainer
+  from data_pipelines import pipeline
+  data = pipeline.DataConfig.from_config(trainer.eval_data_config(config))
+  bs = sharding.batch_sharding(mesh, config.sharding_rules, 1)
+  devices = trainer.batch_devices(mesh, config.sharding_rules)
+  if data.batch_size % devices:
+    raise PlanError(f"the evaluation batch {data.batch_size} does not divide over the {devices} devices of the "
+                    "mesh's batch axes (config.eval.batch_size)")
+  video_fn, text_fn, _ = encode_functions(setup.model.graphdef, setup.model.rest, setup.model.shardings, bs)
+  spec = pipeline.batch_spec(data)
+
+  def arg(name, dtype=None):
+    shape, dt = spec[name]
+    return jax.ShapeDtypeStruct(shape, dtype or dt, sharding=sharding.batch_sharding(mesh, config.sharding_rules,
+                                                                                       len(shape)))
+
+  params = setup.model.params
+  return {"encode_video": video_fn.lower(params, arg("video"), arg("frame_mask"), arg("valid"), arg("valid")),
+          "encode_text": text_fn.lower(params, arg("text_ids"), arg("text_mask"))}
+
+
+def train_flops_per_chip(config: ml_collections.ConfigDict, setup: Any, num_chips: int) -> float:
+  return model_flops.train_step_flops(config.mode, setup.model.kind, setup.model.config, config.data) / num_chips
+
+
+# ------------------------------------------------------------------------------------------------ alternatives
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A change to the recipe: `--config` flags and the edit they make."""
+  flags: tuple[str, ...]
+
+  def apply(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    from clipvip_jax.train import cli
+    out = copy.deepcopy(config)
+    for flag in self.flags:
+      key, _, value = flag.removeprefix("--config.").partition("=")
+      cli.apply_override(out, key, value)
+    return out
+
+
+def _remat_variants(config) -> list[Variant]:
+  return [Variant((f"--config.model.remat={r}",)) for r in ("none", "elementwise", "dots_no_batch", "dots", "full")
+          if r != config.model.get("remat")]
+
+
+def _memory_variants(config, num_chips: int) -> list[Variant]:
+  """Ways to need less memory, cheapest first: full remat, then FSDP over the whole slice, then accumulation."""
+  out = []
+  if config.model.get("remat") != "full":
+    out.append(Variant(("--config.model.remat=full",)))
+  fsdp = ("--config.mesh=(1,-1,1)",)
+  if tuple(config.mesh) != (1, -1, 1):
+    out.append(Variant(fsdp))
+  batch, accum = int(config.data.batch_size), int(config.get("grad_accum", 1))
+  for k in (2, 4, 8, 16):
+    if batch % (accum * k) == 0 and (batch // (accum * k)) % num_chips == 0:
+      out.append(Variant(fsdp + (f"--config.grad_accum={accum * k}", "--config.model.remat=full")))
+  return out
+
+
+def _fits(facts: dict[str, Any], min_headroom: float) -> bool:
+  return facts["fits"] and facts["headroom"] >= min_headroom
+
+
+def _wastes(config, facts: dict[str, Any]) -> bool:
+  """Recomputation paid for memory the chip does not need: a whole-block remat policy under half the HBM."""
+  return layers.resolve_remat(config.model.get("remat", "auto"), "tpu") in layers.BLOCK_REMAT and \
+      facts["headroom"] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, with_eval: bool = False,
+                  report: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """Compiles the run's training step (and, with `with_eval`, its evaluation encoders) for the slice."""
+  mesh = make_mesh(config, slice_.devices)
+  target = layers.Target("tpu", slice_.device_kind)
+  t0 = time.time()
+  setup, lowered = lower_train_step(config, mesh, target)
+  compiled = lowered.compile()
+  facts = analyse(compiled, slice_.chip, train_flops_per_chip(config, setup, slice_.num_chips))
+  facts["compile_seconds"] = time.time() - t0
+  facts["remat"] = layers.resolve_remat(config.model.get("remat", "auto"), "tpu", slice_.device_kind)
+  facts["mesh"] = dict(mesh.shape)
+  facts["per_chip_batch"] = int(config.data.batch_size) / trainer_batch_devices(config, mesh)
+  report(f"compiled the training step in {facts['compile_seconds']:.0f}s")
+  if with_eval:
+    facts["eval"] = {}
+    for name, low in lower_eval_steps(config, setup, mesh).items():
+      facts["eval"][name] = analyse(low.compile(), slice_.chip)
+    report("compiled the evaluation encoders")
+  return facts
+
+
+def trainer_batch_devices(config, mesh) -> int:
+  from clipvip_jax.train import trainer
+  return trainer.batch_devices(mesh, config.sharding_rules)
+
+
+def plan(config: Any, topology: str, *, search: bool = True, min_headroom: float = 0.15,
+         hbm_bytes: int | None = None, with_eval: bool = True,
+         report: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """The plan of `config` on the slice `topology`: facts of the recipe as given and, where it does not fit (or
+  wastes the chip), the best alternative that fits with `min_headroom` of the HBM free. `hbm_bytes` plans
+  against a smaller memory than the chip's (another job's share, a safety margin)."""
+  from clipvip_jax.train import trainer
+  config = trainer.as_config_dict(config)
+  libtpu_version = targets.ensure_libtpu()
+  slice_ = targets.describe(topology)
+  if hbm_bytes:
+    slice_ = dataclasses.replace(slice_, chip=dataclasses.replace(slice_.chip, hbm_bytes=int(hbm_bytes)))
+  facts = compile_facts(config, slice_, with_eval=with_eval, report=report)
+  result = {"topology": topology, "chip": slice_.chip.name, "device_kind": slice_.device_kind,
+            "num_chips": slice_.num_chips, "num_hosts": slice_.num_hosts, "libtpu": libtpu_version,
+            "jax": jax.__version__, "global_batch": int(config.data.batch_size), **facts}
+  if not search:
+    return result
+  candidates: list[Variant] = []
+  if not _fits(facts, min_headroom):
+    candidates = _memory_variants(config, slice_.num_chips)
+  elif _wastes(config, facts) or int(config.get("grad_accum", 1)) > 1:
+    candidates = _remat_variants(config)
+    if int(config.get("grad_accum", 1)) > 1:
+      candidates.append(Variant(("--config.grad_accum=1",)))
+  tried = []
+  for variant in candidates:
+    try:
+      alt = compile_facts(variant.apply(config), slice_, report=report)
+    except PlanError as e:
+      report(f"{' '.join(variant.flags)}: {e}")
+      continue
+    tried.append({"flags": list(variant.flags), "fits": _fits(alt, min_headroom), "hbm_peak_bytes":
+                  alt["hbm_peak_bytes"], "headroom": alt["headroom"], "step_seconds": alt["step_seconds"],
+                  "mfu": alt.get("mfu")})
+    report(f"{' '.join(variant.flags)}: HBM {alt['hbm_peak_bytes'] / targets.GIB:.1f} GiB, "
+           f"step {alt['step_seconds'] * 1e3:.0f} ms")
+    if not _fits(facts, min_headroom) and _fits(alt, min_headroom):
+      break  # memory variants come cheapest first: the first that fits is the suggestion
+  result["alternatives"] = tried
+  fitting = [t for t in tried if t["fits"]]
+  if fitting:
+    best = min(fitting, key=lambda t: t["step_seconds"])
+    if not _fits(facts, min_headroom) or best["step_seconds"] < facts["step_seconds"] * 0.98:
+      result["suggestion"] = best["flags"]
+  return result

@@ -1,0 +1,178 @@
+"""The TPU planner (clipvip_jax.plan): the trainer's own step compiled by libtpu for small slices, with no TPU.
+
+Compiles run one at a time (libtpu allows one process), so everything that compiles for a TPU lives in this file
+(one xdist worker) and the tiny test model keeps each compile to seconds.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from clipvip_jax.train import cli, planner, sharding, targets, trainer
+from clipvip_jax.train import step as step_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _config(**overrides):
+  config = cli.load_config(str(REPO / "configs/tiny_test.py"))
+  config.model.dtype = "bfloat16"
+  config.data.dtype = "uint8"
+  config.eval.batch_size = 8
+  for key, value in overrides.items():
+    cli.apply_override(config, key, repr(value))
+  return config
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+  if targets.libtpu_dir() is None:
+    try:
+      import libtpu  # noqa: F401
+    except ImportError:
+      if CI:
+        pytest.fail("libtpu is not installed: `make tpu` must run before the planner's tests")
+      pytest.skip("libtpu not installed (make tpu)")
+  return targets.ensure_libtpu()
+
+
+def _run(*args, env=None, timeout=600):
+  return subprocess.run([sys.executable, "-m", "clipvip_jax.plan", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# ------------------------------------------------------------------------------------- the trainer's own program
+
+
+def _real_lowering(config, mesh):
+  """What the trainer lowers: setup_training with real weights and a placed batch of the pipeline's shapes."""
+  rules = config.sharding_rules
+  setup = trainer.setup_training(config, mesh, rules, int(config.total_steps))
+  spec = step_lib.batch_spec(config.data, setup.objective, sharding.batch_sharding(mesh, rules, 1))
+  batch = {k: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding) for k, v in spec.items()}
+  return setup.train_step.fn.lower(setup.model.params, setup.opt_state, batch).as_text()
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
+def test_planner_lowers_the_trainers_program(mesh_shape):
+  if len(jax.devices()) < 8:
+    pytest.fail("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  config = _config(mesh=mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:8])
+  _, abstract = planner.lower_train_step(config, mesh)
+  assert abstract.as_text() == _real_lowering(config, mesh)
+
+
+def test_batch_spec_is_what_the_pipeline_yields(tmp_path_factory):
+  from conftest import synthetic_shards
+  from data_pipelines import pipeline
+  shards = synthetic_shards(tmp_path_factory, num_clips=16, seed=0)
+  data = {**_config().data.to_dict(), "shard_dir": str(shards), "read_threads": 0}
+  spec = pipeline.batch_spec(data)
+  with pipeline.make_train_iterator(data) as batches:
+    batch = next(batches)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
+
+
+# ------------------------------------------------------------------------------------- compiled for TPU slices
+
+
+@pytest.fixture(scope="module")
+def v5e_plan(libtpu):
+  return planner.plan(_config(), "v5e:2x2", search=False, with_eval=True)
+
+
+def test_plan_of_a_small_v5e_slice(v5e_plan):
+  p = v5e_plan
+  assert (p["chip"], p["num_chips"], p["device_kind"]) == ("v5e", 4, "TPU v5 lite")
+  assert p["hbm_capacity_bytes"] == 16 * 1024**3 and 0 < p["hbm_peak_bytes"] < p["hbm_capacity_bytes"]
+  assert p["fits"] and p["hbm"]["arguments"] > 0 and p["hbm"]["temporaries"] > 0
+  assert p["model_flops"] > 0 and p["compiler_flops"] > 0 and p["step_seconds"] > 0
+  assert p["step_seconds_source"] in ("compiler", "roofline") and 0 < p["mfu"] < 1
+  assert p["remat"] == "none"  # "auto" resolved for the TPU target, not for this CPU host ("elementwise")
+  # Data parallel: the gradients are summed over the 4 chips in float32 (bytes >= 4 x the parameter count).
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(planner.lower_train_step(
+      _config(), planner.make_mesh(_config(), targets.describe("v5e:2x2").devices))[0].model.params))
+  assert p["collectives"]["all-reduce"]["bytes"] >= 4 * params
+  assert set(p["eval"]) == {"encode_video", "encode_text"}
+  assert all(e["fits"] and e["compiler_flops"] > 0 for e in p["eval"].values())
+
+
+def test_memory_follows_batch_remat_and_fsdp(libtpu, v5e_plan):
+  def peak(**kw):
+    return planner.plan(_config(**kw), "v5e:2x2", search=False, with_eval=False)["hbm"]
+
+  base = v5e_plan["hbm"]
+  bigger = peak(**{"data.batch_size": 32})
+  assert bigger["temporaries"] > base["temporaries"]
+  full = peak(**{"model.remat": "full", "data.batch_size": 32})
+  assert full["temporaries"] < bigger["temporaries"]
+  fsdp = peak(mesh=(1, 4, 1))
+  assert fsdp["arguments"] < base["arguments"]  # parameters and both Adam moments split 4 ways
+
+
+def test_a_recipe_that_does_not_fit_gets_a_suggestion_that_does(libtpu, v5e_plan, tmp_path):
+  budget = v5e_plan["hbm_peak_bytes"] - 1  # the recipe as given no longer fits
+  out = tmp_path / "plan.json"
+  r = _run("--config", str(REPO / "configs/tiny_test.py"), "--topology", "v5e:2x2", "--no-eval",
+           "--min-headroom", "0", "--hbm-gib", repr(budget / 1024**3), "--json", str(out),
+           "--config.model.dtype=bfloat16", "--config.data.dtype=uint8")
+  assert r.returncode == 0, r.stderr
+  p = json.loads(out.read_text())
+  assert not p["fits"] and p["suggestion"], p
+  assert "does not fit; use: --config." in r.stdout and "HBM" in r.stdout and "collectives" in r.stdout
+  suggested = planner.Variant(tuple(p["suggestion"])).apply(_config())
+  again = planner.plan(suggested, "v5e:2x2", search=False, with_eval=False, hbm_bytes=budget)
+  assert again["fits"]
+
+
+def test_the_command_plans_a_v4_slice(libtpu, tmp_path):
+  out = tmp_path / "v4.json"
+  r = _run("--config", str(REPO / "configs/tiny_test.py"), "--topology", "v4:2x2x1", "--no-search", "--no-eval",
+           "--json", str(out))
+  assert r.returncode == 0, r.stderr
+  p = json.loads(out.read_text())
+  assert p["chip"] == "v4" and p["num_chips"] == 4 and p["hbm_capacity_bytes"] == 32 * 1024**3
+  for key in ("fits", "hbm_peak_bytes", "model_flops", "compiler_flops", "collectives", "step_seconds"):
+    assert key in p
+  assert "v4:2x2x1: 4 x v4" in r.stdout and "MFU" in r.stdout
+
+
+@pytest.mark.parametrize("args, sentence", [
+    (("--topology", "v9z:2x2"), "unknown topology 'v9z:2x2'"),
+    (("--topology", "v5e:3x3"), "libtpu does not accept the topology 'v5e:3x3'"),
+    (("--topology", "v5e:2x2", "--config.data.batch_size=6"), "the global batch 6 does not divide over the 4"),
+    (("--topology", "v5e:2x2", "--config.mesh=(8,1,1)"), "config.mesh (8, 1, 1) does not match the slice's 4 chips"),
+    (("--topology", "v5e:2x2", "--config.model.lerning_rate=1"), "unknown config key 'model.lerning_rate'"),
+])
+def test_bad_arguments_are_one_sentence(libtpu, args, sentence):
+  r = _run("--config", str(REPO / "configs/tiny_test.py"), "--no-eval", "--no-search", *args)
+  assert r.returncode == 2, r.stderr
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith("python -m clipvip_jax.plan: error: ") and sentence in lines[-1], r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_missing_libtpu_names_the_install_line(tmp_path):
+  r = _run("--config", str(REPO / "configs/tiny_test.py"), "--topology", "v5e:2x2",
+           env={"CLIPVIP_LIBTPU_DIR": str(tmp_path)})
+  assert r.returncode == 2
+  assert "libtpu is not installed" in r.stderr and "make tpu" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ordinary_use_never_loads_libtpu(libtpu):
+  """With libtpu installed (make tpu), the package and its commands run on CPU with no TPU start-up or warning."""
+  code = ("import sys, jax, clipvip_jax, jax.numpy as jnp; from clipvip_jax.train import trainer; "
+          "print(jax.default_backend(), float(jax.jit(lambda x: x * 2)(jnp.ones(()))), 'libtpu' in sys.modules)")
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                     env={k: v for k, v in os.environ.items() if not k.startswith("TPU_")})
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["cpu", "2.0", "False"]
+  assert "TPU" not in r.stderr and "libtpu" not in r.stderr, r.stderr
