@@ -21,12 +21,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CI = os.environ.get("CI", "").lower() == "true"
 
 
+# The tiny test model with a vision tower whose activations, not the text tower's 49,408-row embedding, dominate
+# the step's memory: 2 layers of width 64 on 8 frames of 64 x 64 (64 patches each).
+VISION = {"model.clip.vision.width": 64, "model.clip.vision.mlp_dim": 256, "model.clip.vision.layers": 2,
+          "model.clip.vision.image_size": 64, "data.image_size": 64, "data.num_frames": 8,
+          "model.config.temporal_size": 8}
+
+
 def _config(**overrides):
   config = cli.load_config(str(REPO / "configs/tiny_test.py"))
   config.model.dtype = "bfloat16"
   config.data.dtype = "uint8"
+  config.data.batch_size = 16
   config.eval.batch_size = 8
-  for key, value in overrides.items():
+  for key, value in {**VISION, **overrides}.items():
     cli.apply_override(config, key, repr(value))
   return config
 
@@ -41,6 +49,13 @@ def libtpu():
         pytest.fail("libtpu is not installed: `make tpu` must run before the planner's tests")
       pytest.skip("libtpu not installed (make tpu)")
   return targets.ensure_libtpu()
+
+
+def _flags(**overrides) -> list[str]:
+  """The command-line form of _config(**overrides)."""
+  settings = {"model.dtype": "bfloat16", "data.dtype": "uint8", "data.batch_size": 16, "eval.batch_size": 8,
+              **VISION, **overrides}
+  return [f"--config.{k}={v!r}" for k, v in settings.items()]
 
 
 def _run(*args, env=None, timeout=600):
@@ -60,7 +75,7 @@ def _real_lowering(config, mesh):
   return setup.train_step.fn.lower(setup.model.params, setup.opt_state, batch).as_text()
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
+@pytest.mark.parametrize("mesh_shape", [(2, 4, 1)])  # data x FSDP: the weight gathering included
 def test_planner_lowers_the_trainers_program(mesh_shape):
   if len(jax.devices()) < 8:
     pytest.fail("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
@@ -110,20 +125,20 @@ def test_memory_follows_batch_remat_and_fsdp(libtpu, v5e_plan):
     return planner.plan(_config(**kw), "v5e:2x2", search=False, with_eval=False)["hbm"]
 
   base = v5e_plan["hbm"]
-  bigger = peak(**{"data.batch_size": 32})
-  assert bigger["temporaries"] > base["temporaries"]
-  full = peak(**{"model.remat": "full", "data.batch_size": 32})
-  assert full["temporaries"] < bigger["temporaries"]
+  bigger = peak(**{"data.batch_size": 64})  # 16 clips per chip instead of 4
+  assert bigger["temporaries"] > base["temporaries"] + 4e6, (base, bigger)
+  full = peak(**{"model.remat": "full", "data.batch_size": 64})
+  assert full["temporaries"] < bigger["temporaries"] - 1e6, (bigger, full)
   fsdp = peak(mesh=(1, 4, 1))
-  assert fsdp["arguments"] < base["arguments"]  # parameters and both Adam moments split 4 ways
+  assert fsdp["arguments"] < base["arguments"] / 3  # parameters and both Adam moments split 4 ways
+  assert fsdp["peak"] < base["peak"]
 
 
 def test_a_recipe_that_does_not_fit_gets_a_suggestion_that_does(libtpu, v5e_plan, tmp_path):
   budget = v5e_plan["hbm_peak_bytes"] - 1  # the recipe as given no longer fits
   out = tmp_path / "plan.json"
   r = _run("--config", str(REPO / "configs/tiny_test.py"), "--topology", "v5e:2x2", "--no-eval",
-           "--min-headroom", "0", "--hbm-gib", repr(budget / 1024**3), "--json", str(out),
-           "--config.model.dtype=bfloat16", "--config.data.dtype=uint8")
+           "--min-headroom", "0", "--hbm-gib", repr(budget / 1024**3), "--json", str(out), *_flags())
   assert r.returncode == 0, r.stderr
   p = json.loads(out.read_text())
   assert not p["fits"] and p["suggestion"], p

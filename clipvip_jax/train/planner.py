@@ -269,6 +269,19 @@ def plan(config: Any, topology: str, *, search: bool = True, min_headroom: float
   config = trainer.as_config_dict(config)
   libtpu_version = targets.ensure_libtpu()
   slice_ = targets.describe(topology)
+  # A program compiled for devices this process cannot run on cannot be stored in (or read back from) JAX's
+  # persistent compilation cache: it is left out of it while planning.
+  cache_was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return _plan(config, slice_, libtpu_version, search=search, min_headroom=min_headroom, hbm_bytes=hbm_bytes,
+                 with_eval=with_eval, report=report)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_was)
+
+
+def _plan(config, slice_, libtpu_version, *, search, min_headroom, hbm_bytes, with_eval, report):
+  topology = slice_.name
   if hbm_bytes:
     slice_ = dataclasses.replace(slice_, chip=dataclasses.replace(slice_.chip, hbm_bytes=int(hbm_bytes)))
   facts = compile_facts(config, slice_, with_eval=with_eval, report=report)

@@ -65,6 +65,9 @@ def ensure_libtpu() -> str:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a TPU VM: no metadata server to ask
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # quiets the start-up warning; the topology rules
+  # The planner only compiles: it never opens a chip, so it need not take libtpu's one-process lock (which would
+  # keep two plans, or a plan beside a TPU job on a TPU VM, from running at once).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     if os.environ.get("CLIPVIP_LIBTPU_DIR"):
       raise ImportError  # the folder named wins over an installed package
