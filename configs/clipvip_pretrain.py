@@ -37,7 +37,7 @@ def get_config(variant: str = "B/32") -> ml_collections.ConfigDict:
                 batch_size=1024, seed=42, worker_count=8, dtype="bfloat16", sampling="clipvip", resize_mode="squash",
                 pretraining=True)
 
-  c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="full", attention="xla", clip={},
+  c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="auto", attention="xla", clip={},
                  scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(num_proxies=4, temporal_size=12))
   # OpenAI CLIP (converted); the CLIP part of the architecture comes from its weights.

@@ -191,3 +191,21 @@ def test_ordinary_use_never_loads_libtpu(libtpu):
   assert r.returncode == 0, r.stderr
   assert r.stdout.split() == ["cpu", "2.0", "False"]
   assert "TPU" not in r.stderr and "libtpu" not in r.stderr, r.stderr
+
+
+def test_collectives_are_read_off_the_optimised_hlo():
+  hlo = """
+%all-reduce-scatter.3 (input_0: f32[64,32]) -> (f32[16,32]) {
+  %all-reduce.9 = (f32[64,32]{1,0}) all-reduce(%input_0), channel_id=1, replica_groups={{0,1,2,3}}
+}
+ENTRY %main.1 (p0: f32[16,32], p1: bf16[8,4]) -> f32[64,32] {
+  %all-gather-start = (bf16[8,4]{1,0}, bf16[32,4]{1,0}) all-gather-start(%p1), channel_id=2, dimensions={0}
+  %all-reduce.1 = (f32[64,32]{1,0}, bf16[10]{0}) all-reduce(%a, %b), channel_id=3
+  %collective-permute-start.1 = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%c), channel_id=4
+  %all-to-all.2 = f32[4,1,512]{2,1,0} all-to-all(%d), channel_id=5, dimensions={0}
+}
+"""
+  assert planner.collectives(hlo) == {
+      "reduce-scatter": {"count": 1, "bytes": 64 * 32 * 4}, "all-gather": {"count": 1, "bytes": 32 * 4 * 2},
+      "all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 20}, "collective-permute": {"count": 1, "bytes": 16},
+      "all-to-all": {"count": 1, "bytes": 4 * 512 * 4}}

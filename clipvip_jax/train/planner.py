@@ -51,15 +51,27 @@ def _shape_bytes(text: str) -> list[int]:
   return out
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count", "bytes"}} of the collectives in an optimised HLO module's text (bytes: each op's result,
-  per device; an async op counted at its start, a loop body once)."""
+  per device; an async op counted at its start, a loop body once). The TPU compiler writes a reduce-scatter as
+  an all-reduce inside a fusion computation named all-reduce-scatter.N: counted as a reduce-scatter (bytes: the
+  unscattered size)."""
   out: dict[str, dict[str, int]] = {}
+  computation = ""
   for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head:
+      computation = head.group(1)
+      continue
     m = _OP.search(line)
     if not m or line.lstrip().startswith("ROOT %tuple"):
       continue
     result, kind, start = m.group(1), m.group(2), m.group(3)
+    if kind == "all-reduce" and computation.startswith("all-reduce-scatter"):
+      kind = "reduce-scatter"
     sizes = _shape_bytes(result)
     if start and kind == "collective-permute":
       sizes = sizes[1:2]  # (operand, result, contexts...)
