@@ -347,7 +347,10 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
       if jax.process_index() == 0:
         with open(workdir / "batches.jsonl", "a", encoding="utf-8") as f:
           f.write(json.dumps({"step": at, "clip_index": ids.tolist(), "valid": valid.tolist()}) + "\n")
-  compiled, flops, peak = None, None, run_logging.peak_flops_per_device(config.get("peak_flops_per_device"))
+  compiled, peak = None, run_logging.peak_flops_per_device(config.get("peak_flops_per_device"))
+  # MFU counts the model's FLOPs (clipvip_jax/train/model_flops.py: 3 x forward, no recomputation), as the planner.
+  from clipvip_jax.train import model_flops
+  flops = model_flops.train_step_flops(config.mode, ms.kind, ms.config, config.data) / mesh.size
   pending: list[tuple[int, Any]] = []
   consecutive = 0
   window_start, window_steps = time.time(), 0
@@ -408,9 +411,10 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
       if compiled is None:  # compile once ahead of time: the executable also reports its FLOPs for the MFU
         t0 = time.time()
         compiled = train_step.fn.lower(params, opt_state, batch).compile()
-        flops = run_logging.compiled_flops(compiled)
-        logger.message(f"train step compiled in {time.time() - t0:.1f}s"
-                       + (f"; {flops / 1e9:.2f} GFLOP per step per device" if flops else ""))
+        compiler_flops = run_logging.compiled_flops(compiled)
+        logger.message(f"train step compiled in {time.time() - t0:.1f}s; {flops / 1e9:.2f} GFLOP per step per "
+                       f"device (model)" + (f", {compiler_flops / 1e9:.2f} (compiler, with recomputation)"
+                                           if compiler_flops else ""))
         window_start = time.time()
       params, opt_state, metrics = compiled(params, opt_state, batch)
       step += 1
