@@ -172,7 +172,8 @@ for model_dir in sys.argv[3:]:
   with TestClient(service.create_app(search.Searcher(index, model_dir=model_dir))) as client:
     api = client.get("/api/search", params={"q": queries[0], "top_k": 10}).json()
   out[model_dir] = {"search": json.loads(stdout.getvalue()), "api": [r["id"] for r in api["results"]]}
-loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("flax", "optax", "orbax", "torch"))
+loaded = sorted(m for m in sys.modules
+                if m.partition(".")[0] in ("flax", "optax", "orbax", "torch") or m.startswith("clipvip_jax.models"))
 print(json.dumps({"results": out, "loaded": loaded}))
 """
 
@@ -209,7 +210,7 @@ def test_search_and_serve_on_an_exported_model_need_no_flax(demo_index, tmp_path
                        check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads(run.stdout.strip().splitlines()[-1])
-  assert report["loaded"] == []  # neither the training stack nor torch was imported
+  assert report["loaded"] == []  # neither the training stack, torch nor the project's model code was imported
   for model_dir in exported:
     got = report["results"][model_dir]
     for ranking, want in zip(got["search"], expected):
