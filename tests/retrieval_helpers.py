@@ -87,3 +87,22 @@ def shards(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp("synthetic")
   synthetic.generate(str(out), 20, seed=0)
   return out
+
+
+def write_caption_index(model, checkpoint: pathlib.Path, shards: pathlib.Path, out: pathlib.Path,
+                        part_rows: int = 5) -> pathlib.Path:
+  """An index of the synthetic shards' train split (16 clips) whose rows are the model's own text embeddings of each
+  clip's first caption, so that typing a caption finds its clip first whatever the random weights; with its
+  thumbnails. For the service's tests (the page and the API are under test, not the model)."""
+  from clipvip_jax.retrieval import thumbnails
+  from clipvip_jax.retrieval.index import write_index
+  from data_pipelines import manifest, shard_writer
+  records = [r for path in manifest.shard_paths(str(shards), "train") for r in shard_writer.read_records(path)]
+  ids, mask = model.tokenize([r.captions[0] for r in records])
+  rows = np.asarray(model.encode_text(ids, mask), np.float32)
+  write_index(out, rows, [r.clip_id for r in records],
+              {"created_by": "tests", "kind": "clipvip", "checkpoint": str(checkpoint.absolute()),
+               "modality": "video", "source": str(shards.absolute()), "options": {"split": "train"}},
+              captions=[r.captions for r in records], part_rows=part_rows)
+  assert thumbnails.write_thumbnails(out)
+  return out

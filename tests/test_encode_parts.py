@@ -153,3 +153,166 @@ def test_two_processes_of_four_devices_give_the_one_process_index(checkpoint, sh
                        timeout=600)
   assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
   _same(read_index(tmp_path / "two"), read_index(tmp_path / "one"))
+
+
+# ------------------------------------------------------------------------------------------ issue 27: --out lock
+
+
+def test_a_second_encode_into_the_same_out_is_refused_naming_the_holder(checkpoint, model, clips, tmp_path, capsys):
+  import json
+  import socket
+  from clipvip_jax.train import workdir_lock
+  out = tmp_path / "index"
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    lock = indexer.encode_lock(out)
+    lock.path.write_text(json.dumps({**lock._record(), "pid": holder.pid,  # pylint: disable=protected-access
+                                     "pid_start": workdir_lock._start_time(holder.pid)}))  # pylint: disable=W0212
+    with pytest.raises(UsageError, match=f"--out {out} is in use by the encode of pid {holder.pid} on host "
+                                         f"{socket.gethostname()}"):
+      _build(model, clips, out, batch_size=4, part_size=5)
+    with pytest.raises(SystemExit) as exc:
+      encode.main(["--checkpoint", str(checkpoint), "--texts", str(_texts(tmp_path)), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and f"pid {holder.pid}" in err[0] and "use another --out" in err[0]
+    assert not out.exists() and not indexer.staging_dir(out).exists()  # nothing written
+    # search while that encode has written some parts: it says so, and who is writing
+    indexer.staging_dir(out).mkdir()
+    with pytest.raises(SystemExit):
+      search_command.main(["--index", str(out), "q"])
+    assert f"{out} is not an index yet: the encode of pid {holder.pid}" in capsys.readouterr().err
+    indexer.staging_dir(out).rmdir()
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died: its lock is taken over, and the encode goes on.
+  assert _build(model, clips, out, batch_size=4, part_size=8) == out and not lock.path.exists()
+
+
+def _texts(tmp_path: pathlib.Path) -> pathlib.Path:
+  path = tmp_path / "texts.txt"
+  path.write_text("one\ntwo\nthree\n", encoding="utf-8")
+  return path
+
+
+def test_leftovers_of_dead_encodes_are_cleaned_never_published(model, clips, reference, tmp_path):
+  out = tmp_path / "index"
+
+  def kill(name):
+    if name == "part-00001":
+      raise Killed
+
+  with pytest.raises(Killed):
+    _build(model, clips, out, batch_size=4, part_size=5, after_part=kill)
+  staging = indexer.staging_dir(out)
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  leftovers = [staging / "parts" / f".part-00002.tmp-{dead.pid}", staging / f".thumbnails.tmp-{dead.pid}",
+               tmp_path / f".index.old-{dead.pid}", tmp_path / f".index.tmp-{dead.pid}"]
+  for path in leftovers:
+    path.mkdir()
+    (path / "junk").write_text("x")
+  (staging / f".encode.json.tmp-{dead.pid}").write_text("{")
+  live = tmp_path / f".index.old-{os.getpid()}"  # a live process's: left alone
+  live.mkdir()
+  assert _build(model, clips, out, batch_size=4, part_size=5) == out
+  assert not any(p.exists() for p in leftovers) and live.exists()
+  assert sorted(p.name for p in out.rglob("*") if p.name.startswith(".")) == []  # nothing hidden published
+  _same(read_index(out), reference)
+
+
+def test_an_unfinished_encode_is_named_with_the_command_that_finishes_it(model, clips, tmp_path, capsys):
+  from clipvip_jax import index as index_command
+  from clipvip_jax.retrieval import serve_command
+  out = tmp_path / "index"
+
+  def kill(name):
+    raise Killed
+
+  with pytest.raises(Killed):
+    _build(model, clips, out, batch_size=4, part_size=5, after_part=kill,
+           command="python -m clipvip_jax.encode --shards S --out index")
+  for main in (lambda: search_command.main(["--index", str(out), "q"]),
+               lambda: serve_command.main(["--index", str(out), "--port", "0"]),
+               lambda: index_command.main(["info", str(out)])):
+    with pytest.raises(SystemExit) as exc:
+      main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"{out} is not an index yet: an encode into it was interrupted" in err[0]
+    assert "finish it with: python -m clipvip_jax.encode --shards S --out index" in err[0]
+
+
+class NonFinite:
+  """Inputs whose model gives NaN for some rows (what a broken model or input could do)."""
+  modality, unit = "text", "text"
+
+  def __init__(self, n: int, bad: set[int]):
+    self.n, self.bad = n, bad
+
+  def __len__(self):
+    return self.n
+
+  def fingerprint(self):
+    return f"nonfinite-{self.n}-{sorted(self.bad)}"
+
+  def encode(self, encode_fn, start, stop, batch_size, dims, bar):
+    rows = np.ones((stop - start, dims), np.float32)
+    for i in range(start, stop):
+      if i in self.bad:
+        rows[i - start, i % dims] = np.nan if i % 2 else np.inf
+    return indexer.PartRows(rows, [f"text {i}" for i in range(start, stop)], None, [])
+
+
+def test_non_finite_rows_are_refused_at_encode_and_listed(model, tmp_path):
+  out = tmp_path / "index"
+  inputs = NonFinite(7, {1, 4})
+  assert indexer.build_index(model, inputs, out, meta={**_meta(model, inputs)}, part_size=3, progress=False) == out
+  index = read_index(out)
+  assert index.ids == ["text 0", "text 2", "text 3", "text 5", "text 6"]
+  assert np.isfinite(index.embeddings()).all()
+  assert [(s["id"], s["reason"]) for s in index.skipped()] == [("text 1", indexer.NON_FINITE_REASON),
+                                                                ("text 4", indexer.NON_FINITE_REASON)]
+
+
+KILL_IN_THUMBNAILS = """
+import os, signal, sys
+from clipvip_jax.retrieval import thumbnails
+made = [0]
+make_strip = thumbnails.make_strip
+def dying(*args, **kwargs):
+  made[0] += 1
+  if made[0] == 2:
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-thumbnails: after the first strip is written
+  return make_strip(*args, **kwargs)
+thumbnails.make_strip = dying
+from clipvip_jax import encode
+sys.exit(encode.main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_while_thumbnails_are_written_is_finished_by_a_relaunch(checkpoint, shards, tmp_path, capsys):
+  """A real SIGKILL in the middle of the thumbnails: no index is published, its .thumbnails.tmp-PID is left in the
+  staging folder; search names the unfinished encode; the relaunch cleans it and finishes the same index as an
+  uninterrupted encode, thumbnails included."""
+  from clipvip_jax.retrieval import thumbnails
+  args = ["--checkpoint", str(checkpoint), "--shards", str(shards), "--split", "test", "--quiet", "--part-size", "2"]
+  out = tmp_path / "killed"
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  killed = subprocess.run([sys.executable, "-c", KILL_IN_THUMBNAILS, *args, "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  staging = indexer.staging_dir(out)
+  assert not out.exists() and any(p.name.startswith(".thumbnails.tmp-") for p in staging.iterdir())
+  with pytest.raises(SystemExit):
+    search_command.main(["--index", str(out), "a query"])
+  err = capsys.readouterr().err
+  assert "was interrupted" in err and "finish it with: python -m clipvip_jax.encode --checkpoint" in err
+  assert encode.main([*args, "--out", str(out)]) == 0
+  assert encode.main([*args, "--out", str(tmp_path / "whole")]) == 0
+  killed_index, whole = read_index(out), read_index(tmp_path / "whole")
+  _same(killed_index, whole)
+  strips = thumbnails.Thumbnails(out, killed_index.count), thumbnails.Thumbnails(tmp_path / "whole", whole.count)
+  assert all(strips[0].strip(r) == strips[1].strip(r) and strips[0].has(r) for r in range(whole.count))
+  assert not staging.exists() and not [p for p in out.rglob(".*")]

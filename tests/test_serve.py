@@ -25,8 +25,7 @@ import pytest
 import retrieval_helpers as rh
 from retrieval_helpers import checkpoint, model, shards  # noqa: F401 (pytest fixtures)
 from clipvip_jax.retrieval import search, service, thumbnails
-from clipvip_jax.retrieval.index import read_index, write_index
-from data_pipelines import manifest, shard_writer
+from clipvip_jax.retrieval.index import read_index
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "images" / "serve.png"
@@ -35,16 +34,7 @@ WRITE_SCREENSHOT_ENV = "CLIPVIP_WRITE_SCREENSHOT"
 
 @pytest.fixture(scope="module")
 def index_dir(checkpoint, model, shards, tmp_path_factory) -> pathlib.Path:
-  records = [r for path in manifest.shard_paths(str(shards), "train") for r in shard_writer.read_records(path)]
-  ids, mask = model.tokenize([r.captions[0] for r in records])
-  rows = np.asarray(model.encode_text(ids, mask), np.float32)
-  out = tmp_path_factory.mktemp("indexes") / "train"
-  write_index(out, rows, [r.clip_id for r in records],
-              {"created_by": "tests", "kind": "clipvip", "checkpoint": str(checkpoint.absolute()),
-               "modality": "video", "source": str(shards.absolute()), "options": {"split": "train"}},
-              captions=[r.captions for r in records], part_rows=5)
-  assert thumbnails.write_thumbnails(out)
-  return out
+  return rh.write_caption_index(model, checkpoint, shards, tmp_path_factory.mktemp("indexes") / "train")
 
 
 @pytest.fixture(scope="module")

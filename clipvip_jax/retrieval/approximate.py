@@ -23,7 +23,6 @@ Inner-product metric: the stored rows are what the model's similarity takes a do
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -78,12 +77,23 @@ def approximate_dir(index_path: pathlib.Path) -> pathlib.Path:
 
 def load(index) -> ApproximateIndex | None:
   """The approximate index built for `index` (an EmbeddingIndex), None if there is none; UsageError if it was built
-  for other rows (the index was rebuilt since)."""
+  for other rows (the index was rebuilt since), or its files are damaged or lead outside the index folder.
+
+  faiss.index is read by FAISS's own (C++) reader, which is not written for hostile files: search uses an
+  approximate index only where it is asked for or needed (search.Searcher), and docs/security.md says to rebuild
+  the one of an index from elsewhere (python -m clipvip_jax.index build-approximate)."""
+  from clipvip_jax.retrieval.index_checks import IndexDamaged, exists_inside, inside, is_int, read_json
   folder = approximate_dir(index.path)
-  if not (folder / META_FILE).is_file():
+  if not exists_inside(index.path, APPROXIMATE_DIR, META_FILE):
     return None
   import faiss
-  meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+  meta = read_json(inside(index.path, APPROXIMATE_DIR, META_FILE))
+  if not isinstance(meta, dict):
+    raise IndexDamaged(f"{folder / META_FILE} holds no JSON object")
+  for name in ("count", "dims", "nprobe", "refine"):
+    if not (is_int(meta.get(name)) and meta[name] >= (0 if name == "count" else 1)):
+      raise IndexDamaged(f"{folder / META_FILE}: field {name!r} must be a positive integer, not {meta.get(name)!r}")
+  inside(index.path, APPROXIMATE_DIR, FAISS_FILE)
   if meta.get("count") != index.count or meta.get("dims") != index.dims:
     raise UsageError(f"{folder} was built for {meta.get('count')} rows of {meta.get('dims')} dims but the index "
                      f"holds {index.count} of {index.dims}; rebuild it with python -m clipvip_jax.index "
@@ -113,13 +123,16 @@ def rescore(index, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple
   unique, where = np.unique(np.where(valid, candidates, 0), return_inverse=True)
   rows = index.rows(unique)
   where = where.reshape(candidates.shape)
-  scores = np.einsum("bd,bcd->bc", np.asarray(queries, np.float32), rows[where])
-  scores = np.where(valid, scores, -np.inf).astype(np.float32)
+  with np.errstate(invalid="ignore", over="ignore"):
+    scores = np.einsum("bd,bcd->bc", np.asarray(queries, np.float32), rows[where])
+  scores = np.where(valid & np.isfinite(scores), scores, -np.inf).astype(np.float32)  # NaN/Inf rows: never ranked
   cand = np.where(valid, candidates, np.iinfo(np.int64).max)
   order = np.lexsort((cand, -scores), axis=1)[:, :k]
   out_s, out_r = np.take_along_axis(scores, order, axis=1), np.take_along_axis(cand, order, axis=1)
   kk = min(k, int(valid.sum(axis=1).min()))
-  return out_s[:, :kk], out_r[:, :kk]
+  out_s, out_r = out_s[:, :kk], out_r[:, :kk].copy()
+  out_r[out_s == -np.inf] = -1  # as exact.top_k: a slot no rankable row filled
+  return out_s, out_r
 
 
 def search(approx: ApproximateIndex, index, queries: np.ndarray, k: int, *, refine: int | None = None,
@@ -130,6 +143,16 @@ def search(approx: ApproximateIndex, index, queries: np.ndarray, k: int, *, refi
 
 
 CODES = ("auto", "sq8", "pq")
+
+
+def _zero_non_finite(rows: np.ndarray) -> np.ndarray:
+  """Rows holding NaN or an infinity set to zero (FAISS's k-means and codes need finite values; exact re-scoring
+  of the stored rows then never ranks them)."""
+  rows = np.ascontiguousarray(rows, np.float32)
+  bad = ~np.isfinite(rows).all(axis=1)
+  if bad.any():
+    rows[bad] = 0.0
+  return rows
 
 
 def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int = DEFAULT_REFINE,
@@ -155,13 +178,13 @@ def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int =
   rng = np.random.default_rng(seed)
   n_train = min(index.count, train_rows or max(nlist * TRAIN_PER_LIST, 65536))
   t0 = time.perf_counter()
-  sample = index.rows(np.sort(rng.choice(index.count, size=n_train, replace=False)))
+  sample = _zero_non_finite(index.rows(np.sort(rng.choice(index.count, size=n_train, replace=False))))
   ivf.train(sample)
   del sample
   log(f"trained {factory} on {n_train} rows in {time.perf_counter() - t0:.0f} s")
   t0 = time.perf_counter()
   for start, chunk in index.chunks(add_rows):
-    ivf.add(np.ascontiguousarray(chunk, np.float32))
+    ivf.add(_zero_non_finite(np.array(chunk, np.float32)))  # NaN/Inf rows: stored as zeros, masked when re-scored
   log(f"added {index.count} rows in {time.perf_counter() - t0:.0f} s")
   queries = recall_queries(index, seed=seed)
   _, truth = exact.top_k(index, queries, 10)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -189,14 +190,16 @@ def _run(argv: Sequence[str] | None) -> int:
       print(f"{PROG}: note: {args.texts}: {note}", file=sys.stderr)
     inputs = indexer.Texts(found, model.tokenize)
     source, what = args.texts, "texts"
+  # The page of python -m clipvip_jax.serve shows thumbnails, not the sources: written into the finished index
+  # before it is published, so that a kill while they are written leaves an encode that a relaunch finishes.
+  from clipvip_jax.retrieval.thumbnails import write_thumbnails
   out = indexer.build_index(model, inputs, args.out, meta=_index_meta(model, args, inputs.modality, source),
                             batch_size=args.batch_size, part_size=args.part_size, dtype=args.dtype,
-                            force=args.force, progress=not args.quiet)
+                            force=args.force, progress=not args.quiet,
+                            before_publish=write_thumbnails if inputs.modality == "video" else None,
+                            command=shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)]))
   if out is None:
     return 0  # another process writes the index
-  if inputs.modality == "video":  # the page of python -m clipvip_jax.serve shows these, not the sources
-    from clipvip_jax.retrieval.thumbnails import write_thumbnails
-    write_thumbnails(out)
   from clipvip_jax.retrieval.index import read_index
   index = read_index(out)
   skipped_inputs = index.skipped()

@@ -17,6 +17,10 @@ re-done on the host from the chunk, so the tie order is the same).
 Order is score descending, then row ascending: equal scores rank in index order, as a stable full sort would, and
 that holds at the chunk boundary too (every row tied with the k-th best of a chunk is kept for the merge).
 
+A row that holds NaN or an infinity (a damaged or hostile index: encode never writes one) is never ranked: a
+non-finite score counts as -inf, and a result slot left with -inf gets row -1, which every caller drops. So a
+query over an index with such rows gets fewer than k results rather than a NaN ranking.
+
 Every model's `similarity` here is a dot product of what encode stored (cosine for CLIP/CLIP-ViP/meanP, and for
 CLIP2Video the dual-encoder form of its inference logits: clipvip_jax.models.clip2video), so this is exact search
 for all of them.
@@ -67,7 +71,11 @@ class _ChunkScorer:
         buffer = self._local.buffer = np.empty(chunk.shape, np.float32)
       np.copyto(buffer, chunk, casting="unsafe")
       chunk = buffer
-    scores = self.queries @ chunk.T
+    with np.errstate(invalid="ignore", over="ignore"):
+      scores = self.queries @ chunk.T
+    finite = np.isfinite(scores)
+    if not finite.all():  # NaN/Inf rows (or queries): never ranked
+      scores = np.where(finite, scores, -np.inf).astype(np.float32, copy=False)
     c = scores.shape[1]
     cols = np.broadcast_to(np.arange(c), (b, c)) if c <= k else np.argpartition(-scores, k - 1, axis=1)[:, :k]
     cand_s = np.take_along_axis(scores, cols, axis=1)
@@ -96,7 +104,7 @@ class _DeviceChunkScorer:
     @jax.jit
     def score(q, chunk, valid):
       scores = jnp.dot(q, chunk.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
-      scores = jnp.where(jnp.arange(chunk.shape[0])[None] < valid, scores, -jnp.inf)
+      scores = jnp.where((jnp.arange(chunk.shape[0])[None] < valid) & jnp.isfinite(scores), scores, -jnp.inf)
       values, cols = jax.lax.top_k(scores, kk)
       ties = jnp.sum(scores >= values[:, -1:], axis=1)
       return values, cols, ties
@@ -121,7 +129,8 @@ class _DeviceChunkScorer:
 
 def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
           threads: int | None = None, on_device: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(scores [B, k'] float32, rows [B, k'] int64), k' = min(k, rows in the index), best first.
+  """(scores [B, k'] float32, rows [B, k'] int64), k' = min(k, rows in the index), best first; row -1 (score -inf)
+  in the slots left when fewer rows could be ranked (non-finite rows are never ranked).
 
   index: a clipvip_jax.retrieval.index.EmbeddingIndex (anything with `chunks(n)` and `count`).
   queries: [B, D] float32 query embeddings. on_device: score on the JAX default device (None: when it is not
@@ -137,8 +146,7 @@ def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK
     best_s, best_r = _empty(queries.shape[0], k)
     for start, chunk in index.chunks(chunk_rows):
       best_s, best_r = _merge(best_s, best_r, *scorer(start, chunk), k)
-    kk = min(k, index.count)
-    return best_s[:, :kk], best_r[:, :kk]
+    return _unranked_to_minus_one(best_s, best_r, min(k, index.count))
   threads = threads or default_threads()
   scorer = _ChunkScorer(queries, k)
   best_s, best_r = _empty(queries.shape[0], k)
@@ -155,8 +163,14 @@ def top_k(index, queries: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK
             best_s, best_r = _merge(best_s, best_r, *pending.pop(0).result(), k)
         for future in pending:
           best_s, best_r = _merge(best_s, best_r, *future.result(), k)
-  kk = min(k, index.count)
-  return best_s[:, :kk], best_r[:, :kk]
+  return _unranked_to_minus_one(best_s, best_r, min(k, index.count))
+
+
+def _unranked_to_minus_one(best_s: np.ndarray, best_r: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first kk slots; a slot no rankable row filled (score -inf: only non-finite rows were left) gets row -1."""
+  best_s, best_r = best_s[:, :kk], best_r[:, :kk].copy()
+  best_r[best_s == -np.inf] = -1
+  return best_s, best_r
 
 
 def reference_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

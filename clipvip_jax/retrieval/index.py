@@ -36,6 +36,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.retrieval.index_checks import (VERIFY_HINT, IndexDamaged, check_part_name, exists_inside, inside,
+                                                meta_problems, part_info_problems, read_json)
 from clipvip_jax.retrieval.string_table import StringTable, has_strings, write_strings
 
 FORMAT_VERSION = 2
@@ -116,7 +118,9 @@ class EmbeddingIndex:
     if part.captions is None:
       return []
     value = part.captions[local]
-    return json.loads(value) if isinstance(value, str) else list(value)
+    if not isinstance(value, str):
+      return list(value)
+    return parse_captions(value, part.captions, local)
 
   @property
   def ids(self) -> list[str]:
@@ -151,8 +155,30 @@ class EmbeddingIndex:
       return list(self.meta.get("skipped") or [])
     out = []
     for part in self.parts:
-      out.extend(json.loads((part.folder / PART_FILE).read_text(encoding="utf-8")).get("skipped", []))
+      out.extend(read_part_info(self.path, part.name).get("skipped", []))
     return out
+
+
+def parse_captions(value: str, table: StringTable, local: int) -> list[str]:
+  """One entry of a captions table: a JSON list of strings, or IndexDamaged naming the file and entry."""
+  try:
+    captions = json.loads(value)
+  except (json.JSONDecodeError, RecursionError):
+    captions = None
+  if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+    raise IndexDamaged(f"{table.bytes_path}: entry {local} is not a JSON list of captions; the part is damaged "
+                       f"({VERIFY_HINT} lists every problem)")
+  return captions
+
+
+def read_part_info(root: pathlib.Path, name: str) -> dict[str, Any]:
+  """parts/NAME/part.json, checked (inside the index, JSON, fields of the right types)."""
+  path = inside(root, PARTS_DIR, name, PART_FILE)
+  info = read_json(path)
+  problems = part_info_problems(info, path)
+  if problems:
+    raise IndexDamaged(problems[0])
+  return info
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -195,6 +221,10 @@ def write_part(root: pathlib.Path, name: str, embeddings: np.ndarray, ids: Seque
   embeddings = np.asarray(embeddings)
   if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
     raise ValueError(f"part {name}: embeddings {embeddings.shape} do not match {len(ids)} ids")
+  bad = non_finite_rows(embeddings)
+  if len(bad):
+    raise ValueError(f"part {name}: {len(bad)} row(s) hold NaN or infinite values (first: {ids[int(bad[0])]!r}); "
+                     "an index holds finite rows only")
   parts = root / PARTS_DIR
   parts.mkdir(parents=True, exist_ok=True)
   final = parts / name
@@ -214,6 +244,12 @@ def write_part(root: pathlib.Path, name: str, embeddings: np.ndarray, ids: Seque
     remove(tmp)
     raise
   return final
+
+
+def non_finite_rows(rows: np.ndarray) -> np.ndarray:
+  """Row numbers of a [n, D] array that hold a NaN or an infinity."""
+  rows = np.asarray(rows)
+  return np.flatnonzero(~np.isfinite(rows).all(axis=1)) if rows.size else np.zeros(0, np.int64)
 
 
 def finished_parts(root: pathlib.Path) -> set[str]:
@@ -280,85 +316,75 @@ def write_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequenc
 
 def _read_meta(root: pathlib.Path) -> dict[str, Any]:
   index_path = root / INDEX_FILE
-  if not root.is_dir():
-    raise UsageError(f"index directory {root} does not exist")
-  if not index_path.is_file():
-    staging = root.with_name(f".{root.name}.partial")
-    if staging.is_dir():
-      raise UsageError(f"{root} has no {INDEX_FILE} but an unfinished encode is in {staging}; re-run the same "
-                       "encode command to finish it")
+  if not os.path.lexists(index_path):
+    from clipvip_jax.retrieval.indexer import unfinished_encode
+    unfinished = unfinished_encode(root)
+    if unfinished:
+      raise UsageError(unfinished)
+    if not root.is_dir():
+      raise UsageError(f"index directory {root} does not exist")
     raise UsageError(f"{root} has no {INDEX_FILE} (not an index written by python -m clipvip_jax.encode)")
-  try:
-    meta = json.loads(index_path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UsageError(f"{index_path} is not valid JSON ({e})") from None
-  if not isinstance(meta, dict) or meta.get("format_version") not in (FORMAT_VERSION, LEGACY_VERSION):
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    raise UsageError(f"{index_path} has format version {version!r}, which this version of clipvip_jax does not "
-                     f"read (it reads {FORMAT_VERSION} and {LEGACY_VERSION}); rebuild it with python -m "
-                     "clipvip_jax.encode")
-  missing = [k for k in REQUIRED + (("parts",) if meta["format_version"] == FORMAT_VERSION else ("ids",))
-             if k not in meta]
-  if missing:
-    raise UsageError(f"{index_path} lacks the field(s) {missing}")
-  if meta["modality"] not in MODALITIES:
-    raise UsageError(f"{index_path}: modality {meta['modality']!r} is not one of {MODALITIES}")
+  if not root.is_dir():
+    raise UsageError(f"index directory {root} is not a folder")
+  meta = read_json(inside(root, INDEX_FILE))
+  problems = meta_problems(meta, index_path, modalities=MODALITIES, dtypes=DTYPES,
+                           versions=(FORMAT_VERSION, LEGACY_VERSION))
+  if problems:
+    raise IndexDamaged(problems[0])
   return meta
 
 
-def _open_embeddings(path: pathlib.Path, rows: int, dims: int, dtype: str | None) -> np.ndarray:
-  if not path.is_file():
-    raise UsageError(f"{path} is missing (the index is incomplete; rebuild it with python -m clipvip_jax.encode)")
+def _open_embeddings(root: pathlib.Path, names: Sequence[str], rows: int, dims: int, dtype: str | None) -> np.ndarray:
+  path = root.joinpath(*names)
+  if not exists_inside(root, *names):
+    raise IndexDamaged(f"{path} is missing (the index is incomplete; rebuild it with python -m clipvip_jax.encode)")
+  inside(root, *names)
   try:
     emb = np.load(path, mmap_mode="r", allow_pickle=False)
   except (ValueError, OSError, EOFError) as e:
-    raise UsageError(f"{path} is not a readable .npy array, probably truncated ({e}); rebuild the index") from None
+    raise IndexDamaged(f"{path} is not a readable .npy array, probably truncated ({e}); rebuild the index") from None
   if emb.ndim != 2 or tuple(emb.shape) != (rows, dims):
-    raise UsageError(f"{path} has shape {tuple(emb.shape)} but the index describes {rows} rows of {dims} dims")
+    raise IndexDamaged(f"{path} has shape {tuple(emb.shape)} but the index describes {rows} rows of {dims} dims")
   if dtype is not None and emb.dtype != np.dtype(dtype):
-    raise UsageError(f"{path} holds {emb.dtype} but the index describes {dtype} embeddings")
+    raise IndexDamaged(f"{path} holds {emb.dtype} but the index describes {dtype} embeddings")
   if not np.issubdtype(emb.dtype, np.floating):
-    raise UsageError(f"{path} holds {emb.dtype}, not float embeddings")
+    raise IndexDamaged(f"{path} holds {emb.dtype}, not float embeddings")
   return emb
 
 
 def _read_legacy(root: pathlib.Path, meta: dict[str, Any]) -> EmbeddingIndex:
-  """Format 1: one embeddings.npy and the ids as a JSON list; opened as a single part."""
-  count, dims = int(meta["count"]), int(meta["dims"])
-  emb = _open_embeddings(root / EMBEDDINGS_FILE, count, dims, None)
-  if len(meta["ids"]) != count:
-    raise UsageError(f"{root / INDEX_FILE} lists {len(meta['ids'])} ids for {count} rows")
-  captions = meta.get("captions")
-  if captions is not None and len(captions) != count:
-    raise UsageError(f"{root / INDEX_FILE}: {len(captions)} caption lists for {count} rows")
+  """Format 1: one embeddings.npy and the ids as a JSON list; opened as a single part (fields checked already)."""
+  count, dims = meta["count"], meta["dims"]
+  emb = _open_embeddings(root, [EMBEDDINGS_FILE], count, dims, None)
   meta = {**meta, "dtype": str(emb.dtype)}
-  return EmbeddingIndex(root, meta, [Part("embeddings", root, emb, list(meta["ids"]), captions)])
+  return EmbeddingIndex(root, meta, [Part("embeddings", root, emb, list(meta["ids"]), meta.get("captions"))])
 
 
 def read_index(index_dir: str | os.PathLike) -> EmbeddingIndex:
-  """The index in `index_dir`, checked (every part present, shapes and counts as index.json says); embeddings
-  memory-mapped. Raises UsageError, one sentence naming the file, for anything missing, truncated or off."""
+  """The index in `index_dir`, checked (every field of index.json typed, every file inside the folder, every part
+  present, shapes and counts as index.json says); embeddings memory-mapped. Raises UsageError (IndexDamaged for a
+  damaged or hostile file), one sentence naming the file, for anything missing, truncated, off or outside."""
   root = pathlib.Path(index_dir)
   meta = _read_meta(root)
   if meta["format_version"] == LEGACY_VERSION:
     return _read_legacy(root, meta)
-  dims, dtype = int(meta["dims"]), str(meta.get("dtype", "float32"))
-  if dtype not in DTYPES:
-    raise UsageError(f"{root / INDEX_FILE}: dtype {dtype!r} is not one of {DTYPES}")
+  dims, dtype = meta["dims"], str(meta.get("dtype", "float32"))
   parts = []
   for entry in meta["parts"]:
-    folder = root / PARTS_DIR / entry["name"]
-    if not folder.is_dir():
-      raise UsageError(f"index part {folder} is missing (the index is incomplete; rebuild it with python -m "
-                       "clipvip_jax.encode)")
-    rows = int(entry["rows"])
-    emb = _open_embeddings(folder / EMBEDDINGS_FILE, rows, dims, dtype)
-    ids = StringTable(folder, "ids", rows)
-    captions = StringTable(folder, "captions", rows) if has_strings(folder, "captions") else None
-    parts.append(Part(entry["name"], folder, emb, ids, captions))
+    name = check_part_name(entry["name"], f"{root / INDEX_FILE}: a part's name")
+    folder = root / PARTS_DIR / name
+    if not exists_inside(root, PARTS_DIR, name):
+      raise IndexDamaged(f"index part {folder} is missing (the index is incomplete; rebuild it with python -m "
+                         "clipvip_jax.encode)")
+    inside(root, PARTS_DIR, name, kind="dir")
+    rows = entry["rows"]
+    emb = _open_embeddings(root, [PARTS_DIR, name, EMBEDDINGS_FILE], rows, dims, dtype)
+    ids = StringTable(folder, "ids", rows, root)
+    captions = StringTable(folder, "captions", rows, root) if has_strings(folder, "captions") else None
+    parts.append(Part(name, folder, emb, ids, captions))
   index = EmbeddingIndex(root, meta, parts)
-  if index.count != int(meta["count"]):
-    raise UsageError(f"{root / INDEX_FILE} says {meta['count']} rows but its parts hold {index.count}")
+  if index.count != meta["count"]:
+    raise IndexDamaged(f"{root / INDEX_FILE} says {meta['count']} rows but its parts hold {index.count}")
   return index
 
 
@@ -382,9 +408,9 @@ def describe(index: EmbeddingIndex) -> str:
   options = m.get("options") or {}
   if options:
     lines.append("options     " + ", ".join(f"{k}={v}" for k, v in options.items() if v is not None))
-  approx = index.path / "approximate" / "approximate.json"
-  if approx.is_file():
-    a = json.loads(approx.read_text(encoding="utf-8"))
+  if exists_inside(index.path, "approximate", "approximate.json"):
+    a = read_json(inside(index.path, "approximate", "approximate.json"))
+    a = a if isinstance(a, dict) else {}
     lines.append(f"approximate {a.get('factory')} over {a.get('count')} rows, nprobe {a.get('nprobe')}, "
                  f"recall@10 {a.get('recall_at_10')} against exact search")
   else:

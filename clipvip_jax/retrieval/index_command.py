@@ -1,7 +1,12 @@
-"""python -m clipvip_jax.index (info | build-approximate) DIR: what an index holds; its approximate-search index.
+"""python -m clipvip_jax.index (info | verify | thumbnails | build-approximate) DIR: what an index holds, whether
+it can be trusted, its thumbnails and its approximate-search index.
 
   info DIR                 the format version, rows, dims, dtype, parts, model, source, skipped inputs, options
                            and the approximate index (with its measured recall@10), if any
+  verify DIR               every check of an index as untrusted input, in one pass (clipvip_jax.retrieval.verify):
+                           every problem named, exit status 1 if there is one (serve runs it before serving)
+  thumbnails DIR           writes the thumbnail strips of an index encoded before encode wrote them, from the videos
+                           or shards recorded as its source (serve reads nothing outside the index, so it does not)
   build-approximate DIR    trains and fills a FAISS IVF index in DIR/approximate/, measures recall@10 against
                            exact search and picks nprobe (clipvip_jax.retrieval.approximate); search uses it from
                            clipvip_jax.retrieval.search.APPROXIMATE_ABOVE rows, or with --backend approximate
@@ -24,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
   commands = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
   info = commands.add_parser("info", help="print what an index holds")
   info.add_argument("index", metavar="DIR")
+  verify = commands.add_parser("verify", help="check an index as untrusted input; name every problem")
+  verify.add_argument("index", metavar="DIR")
+  strips = commands.add_parser("thumbnails", help="write the thumbnails of an index from its recorded source")
+  strips.add_argument("index", metavar="DIR")
   build = commands.add_parser("build-approximate", help="build the approximate-search index of DIR")
   build.add_argument("index", metavar="DIR")
   build.add_argument("--nlist", type=int, help="IVF clusters (default ~sqrt(rows), a power of two <= 1024)")
@@ -41,7 +50,22 @@ def _run(argv: Sequence[str] | None) -> int:
   from clipvip_jax.retrieval.index import describe, read_index
   args = _parser().parse_args(argv)
   quiet_library_logs()
+  if args.command == "verify":
+    from clipvip_jax.retrieval.verify import describe_report, verify_index
+    report = verify_index(args.index)
+    print(describe_report(report))
+    return 0 if report.ok else 1
   index = read_index(args.index)
+  if args.command == "thumbnails":
+    from clipvip_jax.retrieval import thumbnails
+    if thumbnails.exists_inside(index.path, thumbnails.FOLDER):
+      raise UsageError(f"{index.path / thumbnails.FOLDER} exists already")
+    if not thumbnails.write_thumbnails(index.path):
+      raise UsageError(f"the source recorded in {index.path / 'index.json'}, {index.meta.get('source')}, is not a "
+                       "folder of videos or shards any more (or the index is not of videos)")
+    print(f"wrote the thumbnails of {index.count} clips into {index.path / thumbnails.FOLDER} from "
+          f"{index.meta.get('source')}")
+    return 0
   if args.command == "info":
     print(describe(index))
     return 0

@@ -9,17 +9,27 @@ explicit arguments) encodes the parts k with k % n == i, each batch split over i
 (extraction.device_encoder); every finished part is renamed into the staging folder `.OUT.partial/` as a whole.
 A relaunch with the same arguments finds the plan it wrote (`encode.json`: model, options, input fingerprint,
 part size) and skips the parts already there; different arguments are refused unless --force starts over. When
-every part is there, process 0 writes index.json and renames the staging folder to OUT, so OUT is an index
-exactly when the encode finished, and it is the same index however often it was interrupted.
+every part is there, process 0 writes index.json (and, through `before_publish`, the thumbnails) and renames the
+staging folder to OUT, so OUT is an index exactly when the encode finished, and it is the same index however
+often, and wherever, it was interrupted.
+
+An encode holds the workdir-style lock `.OUT.lock` beside OUT (clipvip_jax.train.workdir_lock) from start to
+publish: a second encode into the same OUT is refused in one sentence naming the holder, and a lock left by a
+killed encode is taken over. Holding it, process 0 removes what dead encodes left (temporary parts, thumbnail and
+JSON files in the staging folder; `.OUT.tmp-PID` / `.OUT.old-PID` folders of dead processes) before any process
+writes, so nothing of theirs is ever published. search/serve/index on an unfinished OUT say so and print the
+command that finishes it (recorded in the plan).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
 import pathlib
+import re
 import sys
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
@@ -33,6 +43,10 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_PART_SIZE = 4096  # inputs per part: at most this much work is redone after a kill
 PLAN_FILE = "encode.json"
 STAGING_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+NON_FINITE_REASON = "the model gave NaN or infinite values for it"
+_HOW_TO_FINISH = ("command", "cwd")  # in the plan, for unfinished_encode's sentence; not compared on a relaunch
+_TEMPORARY = re.compile(r"\..+\.(?:tmp|old)-([0-9]+)")  # write_part, write_json_atomic, thumbnails, publish
 
 
 class PartRows:
@@ -233,7 +247,87 @@ class Texts:
 
 
 def staging_dir(out: pathlib.Path) -> pathlib.Path:
+  out = pathlib.Path(out)
+  out = out if out.name else out.resolve()
   return out.with_name(f".{out.name}{STAGING_SUFFIX}")
+
+
+def encode_lock(out: str | os.PathLike):
+  """The lock an encode into `out` holds: `.OUT.lock` beside it (the staging folder and OUT come and go)."""
+  from clipvip_jax.train.workdir_lock import WorkdirLock
+  out = pathlib.Path(out)
+  out = out if out.name else out.resolve()
+  return WorkdirLock(out.absolute().parent, lock_name=f".{out.name}{LOCK_SUFFIX}", label=f"--out {out}",
+                     holder="the encode", option="--out")
+
+
+def unfinished_encode(out: str | os.PathLike) -> str | None:
+  """One sentence when `out` is the --out of an encode that has not finished (its staging folder is there):
+  still running (the lock's live holder) or interrupted, with the command that finishes it; None otherwise."""
+  out = pathlib.Path(out)
+  if not out.resolve().name:  # the root folder: no encode writes it
+    return None
+  staging = staging_dir(out)
+  if not staging.is_dir():
+    return None
+  holder = encode_lock(out).live_holder()
+  if holder:
+    return (f"{out} is not an index yet: the encode of {holder} is still writing it (its finished parts are in "
+            f"{staging}); wait for it to finish")
+  try:
+    plan = json.loads((staging / PLAN_FILE).read_text(encoding="utf-8"))
+    command, cwd = plan.get("command"), plan.get("cwd")
+  except (OSError, ValueError, AttributeError):
+    command = cwd = None
+  how = "re-run the same encode command to finish it"
+  if isinstance(command, str) and command:
+    how = f"finish it with: {command}" + (f" (in {cwd})" if isinstance(cwd, str) and cwd != os.getcwd() else "")
+  return f"{out} is not an index yet: an encode into it was interrupted (its finished parts are in {staging}); {how}"
+
+
+def _dead(pid: int) -> bool:
+  if pid == os.getpid():
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    return False
+  return False
+
+
+def _remove_leftovers(out: pathlib.Path, staging: pathlib.Path, *, everything: bool) -> list[pathlib.Path]:
+  """Temporaries of writers that are gone: inside the staging folder (and its parts/) every `.NAME.tmp-PID`
+  when `everything` (this process holds the lock and no process of this run writes yet, or every part is done),
+  and beside OUT the `.OUT.tmp-PID` / `.OUT.old-PID` folders of dead processes. Returns what it removed."""
+  removed = []
+  for folder in (staging, staging / index_lib.PARTS_DIR):
+    if everything and folder.is_dir() and not folder.is_symlink():
+      for entry in folder.iterdir():
+        if _TEMPORARY.fullmatch(entry.name):
+          index_lib.remove(entry)
+          removed.append(entry)
+  parent = out.absolute().parent
+  for pattern in (f".{glob.escape(out.name)}.tmp-*", f".{glob.escape(out.name)}.old-*"):
+    for entry in parent.glob(pattern):
+      match = _TEMPORARY.fullmatch(entry.name)
+      if match and _dead(int(match.group(1))):
+        index_lib.remove(entry)
+        removed.append(entry)
+  return removed
+
+
+def _finite_only(rows: PartRows) -> PartRows:
+  """The part's rows without those the model gave NaN or infinite values for: they are listed as skipped (an
+  index never holds a row that cannot be ranked)."""
+  bad = index_lib.non_finite_rows(rows.embeddings)
+  if not len(bad):
+    return rows
+  keep = np.setdiff1d(np.arange(len(rows.ids)), bad)
+  skipped = rows.skipped + [{"id": rows.ids[i], "reason": NON_FINITE_REASON} for i in bad.tolist()]
+  return PartRows(np.asarray(rows.embeddings)[keep], [rows.ids[i] for i in keep.tolist()],
+                  None if rows.captions is None else [rows.captions[i] for i in keep.tolist()], skipped)
 
 
 def _plan(model: RetrievalModel, inputs: Inputs, meta: Mapping[str, Any], part_size: int, dtype: str,
@@ -246,14 +340,19 @@ def _plan(model: RetrievalModel, inputs: Inputs, meta: Mapping[str, Any], part_s
 
 def _prepare_staging(staging: pathlib.Path, plan: dict[str, Any], force: bool, is_first: bool,
                      barrier: Callable[[str], None]) -> None:
-  """Creates the staging folder with its plan, or checks the one there; process 0 alone writes."""
+  """Creates the staging folder with its plan, or checks the one there; process 0 alone writes. The plan's
+  "command" and "cwd" (how to finish the encode) are not compared: --quiet or another spelling resumes it."""
   plan_path = staging / PLAN_FILE
+  plan_with_command = plan
   if is_first:
     if plan_path.is_file():
       try:
         previous = json.loads(plan_path.read_text(encoding="utf-8"))
       except (json.JSONDecodeError, UnicodeDecodeError):
         previous = None
+      if isinstance(previous, dict):
+        previous = {k: v for k, v in previous.items() if k not in _HOW_TO_FINISH}
+      plan = {k: v for k, v in plan.items() if k not in _HOW_TO_FINISH}
       if previous != plan:
         if not force:
           differ = sorted(k for k in set(plan) | set(previous or {})
@@ -265,7 +364,7 @@ def _prepare_staging(staging: pathlib.Path, plan: dict[str, Any], force: bool, i
       index_lib.remove(staging)  # a staging folder without its plan: nothing in it can be trusted
     if not staging.exists():
       staging.mkdir()
-      index_lib.write_json_atomic(plan_path, plan)
+    index_lib.write_json_atomic(plan_path, plan_with_command)
   barrier("clipvip_jax.encode: plan")
 
 
@@ -283,19 +382,21 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
                 batch_size: int = DEFAULT_BATCH_SIZE, part_size: int = DEFAULT_PART_SIZE,
                 dtype: str = "float32", force: bool = False, progress: bool = True, devices: list | None = None,
                 process_index: int | None = None, process_count: int | None = None,
-                after_part: Callable[[str], None] | None = None) -> pathlib.Path | None:
+                after_part: Callable[[str], None] | None = None,
+                before_publish: Callable[[pathlib.Path], Any] | None = None,
+                command: str | None = None) -> pathlib.Path | None:
   """Encodes `inputs` into the index `out_dir` (module doc); returns its path, or None in a process that left the
   finishing step to process 0 (or, with simulated processes, while other processes' parts are still missing).
 
   meta: what index.json records besides the rows (kind, checkpoint, step, config, modality, source, options).
   devices: the devices one process splits its batches over (default jax.local_devices()); the batch size is
   rounded up to a multiple of their number. after_part(name) runs after each part is written (tests use it to
-  simulate a kill).
+  simulate a kill). before_publish(staging) runs on the finished index in its staging folder, before the rename
+  that publishes it (encode writes the thumbnails there: a kill during them leaves an unfinished encode, which a
+  relaunch finishes). command: how to finish this encode, recorded for search/serve to print on an unfinished
+  --out. Rows the model gives non-finite values for are skipped and listed, never written.
   """
   import jax
-  from tqdm.auto import tqdm
-
-  from clipvip_jax.retrieval.extraction import device_encoder, round_batch_size
   if dtype not in index_lib.DTYPES:
     raise UsageError(f"--dtype {dtype!r} is not one of {index_lib.DTYPES}")
   if part_size < 1 or batch_size < 1:
@@ -305,11 +406,38 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   out = index_lib.check_out_dir(out_dir, force)
+  lock = encode_lock(out)
+  from clipvip_jax.train.workdir_lock import WorkdirLockedError
+  try:
+    lock.acquire(report=lambda line: print(f"clipvip_jax.encode: {line}", file=sys.stderr))
+  except WorkdirLockedError as e:
+    raise UsageError(str(e)) from None
+  try:
+    return _build_locked(model, inputs, out_dir, meta=meta, batch_size=batch_size, part_size=part_size, dtype=dtype,
+                         force=force, progress=progress, devices=devices, process_index=process_index,
+                         process_count=process_count, after_part=after_part, before_publish=before_publish,
+                         command=command)
+  finally:
+    lock.release()
+
+
+def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype, force, progress, devices,
+                  process_index, process_count, after_part, before_publish, command) -> pathlib.Path | None:
+  """build_index's work, with the lock on --out held (by process 0 for the whole run)."""
+  import jax
+  from tqdm.auto import tqdm
+
+  from clipvip_jax.retrieval.extraction import device_encoder, round_batch_size
+  out = index_lib.check_out_dir(out_dir, force)  # again: another encode may have published it while we waited
   staging = staging_dir(out)
   dims = model.embedding_dim()
   barrier = _barrier(process_count)
-  _prepare_staging(staging, _plan(model, inputs, meta, part_size, dtype, dims), force, process_index == 0, barrier)
-
+  if process_index == 0:  # before the plan barrier: no process of this run writes yet
+    _remove_leftovers(out, staging, everything=True)
+  plan = _plan(model, inputs, meta, part_size, dtype, dims)
+  if command:
+    plan.update(command=command, cwd=os.getcwd())
+  _prepare_staging(staging, plan, force, process_index == 0, barrier)
   method = "encode_video" if inputs.modality == "video" else "encode_text"
   encode_fn = device_encoder(model.pretrained, method, devices)
   batch_size = round_batch_size(batch_size, len(encode_fn.devices))
@@ -323,7 +451,7 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
     bar.skipped = 0
     for k in mine:
       start, stop = k * part_size, min((k + 1) * part_size, len(inputs))
-      rows = inputs.encode(encode_fn, start, stop, batch_size, dims, bar)
+      rows = _finite_only(inputs.encode(encode_fn, start, stop, batch_size, dims, bar))
       bar.skipped += len(rows.skipped)
       index_lib.write_part(staging, names[k], rows.embeddings, rows.ids, rows.captions,
                            {"first_input": start, "inputs": stop - start, "skipped": rows.skipped}, dtype)
@@ -347,8 +475,11 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
     index_lib.remove(staging)  # nothing to publish, and nothing left behind
     raise UsageError(f"none of the {len(inputs)} inputs could be encoded (first: {skipped['id']}: "
                      f"{skipped['reason']})")
-  (staging / PLAN_FILE).unlink()
+  if before_publish is not None:
+    before_publish(staging)
+  _remove_leftovers(out, staging, everything=True)  # every part is there: any temporary left is garbage
   index_lib.publish(staging, out)
+  (out / PLAN_FILE).unlink(missing_ok=True)  # after the rename: a kill before it leaves a resumable encode
   if process_count > 1 and jax.process_count() > 1:
     barrier("clipvip_jax.encode: published")
   return out

@@ -43,6 +43,8 @@ class QueryBatcher:
     self.queries = 0
 
   def start(self) -> None:
+    if self.executor._shutdown:  # pylint: disable=protected-access  (started again after a stop: a new worker)
+      self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clipvip-search")
     self.queue = asyncio.Queue()
     self.worker = asyncio.get_running_loop().create_task(self._serve())
 

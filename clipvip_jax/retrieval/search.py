@@ -75,7 +75,11 @@ def check_top_k(top_k: int) -> int:
 def load_index_model(index: EmbeddingIndex, checkpoint: str | None = None, config: str | None = None,
                      step: str | int | None = None, *, warn: bool = True) -> RetrievalModel:
   """The model to encode queries for `index`: the recorded checkpoint (with its recorded step and config), or
-  `checkpoint`; then checked against the index (kind, embedding size) and given the index's text length."""
+  `checkpoint`; then checked against the index (kind, embedding size) and given the index's text length.
+
+  The index's "trust_pickle" is not honoured: an index comes from anywhere, and must not be able to make this
+  process unpickle a file (run code). A pickled original checkpoint is converted once instead (the error says
+  how), or loaded with load_model(..., trust_pickle=True) by a caller that trusts it."""
   from clipvip_jax.retrieval.model import load_model
   recorded = index.meta["checkpoint"]
   if checkpoint is None:
@@ -85,7 +89,7 @@ def load_index_model(index: EmbeddingIndex, checkpoint: str | None = None, confi
     checkpoint = recorded
     step = index.meta.get("step") if step is None else step
     config = index.meta.get("config") if config is None else config
-  model = load_model(checkpoint, config, step=step, trust_pickle=bool(index.meta.get("trust_pickle")))
+  model = load_model(checkpoint, config, step=step)
   check_compatible(index, model)
   _use_index_text_length(index, model)
   if warn and model.checkpoint != recorded:
@@ -140,7 +144,8 @@ def encode_queries(model: RetrievalModel, queries: Sequence[str]) -> np.ndarray:
 
 def top_rows(index: EmbeddingIndex, query_embeddings: np.ndarray, top_k: int, backend: str = "auto",
              approx: approximate.ApproximateIndex | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-  """(scores [B, k], rows [B, k], backend used) for query embeddings."""
+  """(scores [B, k], rows [B, k], backend used) for query embeddings; row -1 marks a slot that no rankable row
+  filled (the index holds non-finite rows): callers drop those."""
   check_backend(backend)
   if backend == "approximate" and approx is None:
     raise UsageError(f"{index.path} has no approximate index; build one with python -m clipvip_jax.index "
@@ -155,9 +160,9 @@ def top_rows(index: EmbeddingIndex, query_embeddings: np.ndarray, top_k: int, ba
 def rank(model: RetrievalModel, index: EmbeddingIndex, queries: Sequence[str], top_k: int, *,
          backend: str = "auto", approx: approximate.ApproximateIndex | None = None) -> list[Ranking]:
   """For each query, the top_k (at most all) rows of the index by the model's similarity, best first; equal
-  scores keep index order (exact backend)."""
+  scores keep index order (exact backend). Rows holding NaN or infinite values are never ranked (fewer results)."""
   scores, rows, _ = top_rows(index, encode_queries(model, queries), top_k, backend, approx)
-  return [[(index.id(r), float(s)) for s, r in zip(srow, rrow)] for srow, rrow in zip(scores, rows)]
+  return [[(index.id(r), float(s)) for s, r in zip(srow, rrow) if r >= 0] for srow, rrow in zip(scores, rows)]
 
 
 class Searcher:
@@ -175,7 +180,9 @@ class Searcher:
     else:
       check_compatible(self.index, model)
     self.model = model
-    self.approx = approximate.load(self.index) if backend != "exact" else None
+    # Loaded only where it may be used: FAISS's reader is the one reader here not written for hostile files.
+    uses_approx = backend == "approximate" or (backend == "auto" and self.index.count >= APPROXIMATE_ABOVE)
+    self.approx = approximate.load(self.index) if uses_approx else None
     if backend == "approximate" and self.approx is None:
       top_rows(self.index, np.zeros((0, self.index.dims), np.float32), 1, backend, None)  # raises the sentence
 

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.retrieval.index import EmbeddingIndex
+from clipvip_jax.retrieval.index_checks import VERIFY_HINT
 from clipvip_jax.retrieval.search import (APPROXIMATE_ABOVE, BACKENDS, DEFAULT_TOP_K, Ranking, Searcher,
                                           check_backend, check_queries, check_top_k)
 
@@ -43,17 +44,21 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _print_rankings(index: EmbeddingIndex, queries: list[str], rankings: list[Ranking],
-                    rows: list[list[int]]) -> None:
+def _format_rankings(index: EmbeddingIndex, queries: list[str], rankings: list[Ranking],
+                     rows: list[list[int]]) -> list[str]:
+  """The table's lines, every id and caption read before anything is printed: a damaged index stops the command
+  with its one sentence, not halfway through the table."""
+  lines = []
   for n, (query, ranking, row_list) in enumerate(zip(queries, rankings, rows)):
     if n:
-      print()
-    print(f"query: {query}")
-    width = max(len(clip_id) for clip_id, _ in ranking)
+      lines.append("")
+    lines.append(f"query: {query}")
+    width = max((len(clip_id) for clip_id, _ in ranking), default=0)
     for place, ((clip_id, score), row) in enumerate(zip(ranking, row_list), 1):
       captions = index.captions(row)
       caption = f"  {captions[0]}" if captions else ""
-      print(f"{place:4d}  {score:9.4f}  {clip_id:<{width}}{caption}")
+      lines.append(f"{place:4d}  {score:9.4f}  {clip_id:<{width}}{caption}")
+  return lines
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -75,12 +80,20 @@ def _run(argv: Sequence[str] | None) -> int:
   for note in truncation_warnings(searcher.model, queries):
     print(f"{PROG}: note: {note}", file=sys.stderr)
   scores, rows, _ = top_rows(index, encode_queries(searcher.model, queries), top_k, args.backend, searcher.approx)
+  rows = [[int(r) for r in rrow if r >= 0] for rrow in rows]  # -1: a slot no rankable row filled
   rankings = [[(index.id(r), float(s)) for s, r in zip(srow, rrow)] for srow, rrow in zip(scores, rows)]
   if args.json:
-    print(json.dumps([{"query": q, "results": [{"id": i, "score": s} for i, s in r]}
-                      for q, r in zip(queries, rankings)], indent=1, ensure_ascii=False))
+    text = json.dumps([{"query": q, "results": [{"id": i, "score": s} for i, s in r]}
+                       for q, r in zip(queries, rankings)], indent=1, ensure_ascii=False)
   else:
-    _print_rankings(index, queries, rankings, rows.tolist())
+    text = "\n".join(_format_rankings(index, queries, rankings, rows))
+  wanted = min(top_k, index.count)
+  short = min(len(r) for r in rankings)
+  if short < wanted:
+    print(f"{PROG}: note: only {short} of the {wanted} results asked for could be ranked: the index holds rows "
+          f"with NaN or infinite values, which are never ranked ({VERIFY_HINT} {index.path} lists them)",
+          file=sys.stderr)
+  print(text)
   return 0
 
 

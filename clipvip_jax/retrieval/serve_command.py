@@ -6,8 +6,11 @@ info, OpenAPI at /openapi.json). The index and its model are loaded once; querie
 in one model call (clipvip_jax.retrieval.query_batcher). It binds to 127.0.0.1 unless --host says otherwise, and
 serves nothing outside the index folder and the page's own files (clipvip_jax.retrieval.service).
 
-An index encoded before thumbnails existed gets them once, at start, from the shards or videos it was encoded
-from (written into DIR/thumbnails); without them the page shows captions and scores only.
+The index is verified before it is served (python -m clipvip_jax.index verify: an index from anywhere is
+untrusted input) and one with a problem is refused. Requests are answered only for the Host names of this machine
+(localhost, the bound address, the address a connection reached, and --allow-host), never with absolute paths
+(unless --show-paths); docs/security.md says what the service trusts. An index without thumbnails is served with
+captions and scores only (python -m clipvip_jax.index thumbnails DIR writes them from its recorded source).
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--host", default=DEFAULT_HOST,
                  help="address to bind (default %(default)s: this machine only; 0.0.0.0 opens it to the network)")
   p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port (default %(default)s; 0 = any free one)")
+  p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                 help="also answer requests whose Host is NAME (repeatable; '*' answers any, giving up the "
+                      "DNS-rebinding guard); localhost, the bound address and the address a connection reached are "
+                      "always answered")
+  p.add_argument("--show-paths", action="store_true",
+                 help="/api/index shows the absolute paths of the index, checkpoint and source (default: names)")
+  p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                 help="seconds a request's line, headers and body may take to arrive (default "
+                      "clipvip_jax.retrieval.service.REQUEST_TIMEOUT_S)")
   return p
 
 
@@ -78,15 +90,23 @@ def _run(argv: Sequence[str] | None) -> int:
     raise UsageError("--model (an exported model) and --checkpoint are alternatives; give one of them")
   if not 1 <= args.max_batch <= search.QUERY_BATCH:
     raise UsageError(f"--max-batch must be in 1..{search.QUERY_BATCH}, got {args.max_batch}")
+  if args.request_timeout is not None and not 0 < args.request_timeout <= 3600:
+    raise UsageError(f"--request-timeout must be in (0, 3600] seconds, got {args.request_timeout}")
   _check_address(args.host, args.port)  # before the model load: a taken port fails in a second, not a minute
   import uvicorn
 
-  from clipvip_jax.retrieval import service, thumbnails
+  from clipvip_jax.retrieval import service, thumbnails, verify
+  report = verify.verify_index(args.index)  # before the model load, too
+  if not report.ok:
+    more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+    raise UsageError(f"{args.index} is not served: {report.problems[0]}{more}; python -m clipvip_jax.index verify "
+                     f"{args.index} lists every problem")
   searcher = search.Searcher(args.index, args.checkpoint, args.config, args.step, backend=args.backend, warn=False,
                              model_dir=args.model)
-  if thumbnails.ensure_thumbnails(searcher.index):
-    print(f"{PROG}: wrote thumbnails into {searcher.index.path / thumbnails.FOLDER} from "
-          f"{searcher.index.meta.get('source')} (once: encode writes them now)", file=sys.stderr, flush=True)
+  if not thumbnails.Thumbnails(searcher.index.path, searcher.index.count).available:
+    print(f"{PROG}: note: {searcher.index.path} has no thumbnails, so the page shows captions and scores only "
+          f"(python -m clipvip_jax.index thumbnails {searcher.index.path} writes them from its source)",
+          file=sys.stderr, flush=True)
   # Compile the text tower for every batch shape the batcher can form (powers of two up to --max-batch) now, so
   # that no request waits on a compilation under load.
   size = 1
@@ -95,9 +115,10 @@ def _run(argv: Sequence[str] | None) -> int:
     if size >= args.max_batch:
       break
     size *= 2
-  app = service.create_app(searcher, max_batch=args.max_batch)
-  config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-  server = uvicorn.Server(config)
+  allowed = service.default_allowed_hosts(args.host) + list(args.allow_host)
+  app = service.create_app(searcher, max_batch=args.max_batch, allowed_hosts=allowed, show_paths=args.show_paths)
+  timeout = service.REQUEST_TIMEOUT_S if args.request_timeout is None else args.request_timeout
+  server = uvicorn.Server(service.server_config(app, args.host, args.port, request_timeout=timeout))
   host = f"[{args.host}]" if ":" in args.host else args.host
   print(f"serving {searcher.index.count} clips of {searcher.index.path} on http://{host}:{args.port}/ "
         "(API: /openapi.json; Ctrl-C stops)", flush=True)

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from clipvip_jax.retrieval import index as index_lib
+from clipvip_jax.retrieval.index_checks import IndexDamaged, exists_inside, inside, read_json
 
 FOLDER = "thumbnails"
 STRIP_FRAMES = 6  # frames per strip: enough to see the motion of a clip
@@ -147,23 +148,80 @@ def ensure_thumbnails(index: index_lib.EmbeddingIndex) -> bool:
 
 
 class Thumbnails:
-  """The read side: strip(row) -> JPEG bytes or None; the arrays memory-mapped, strips.bin read per request."""
+  """The read side: strip(row) -> JPEG bytes or None. Every file is checked to lie inside the index folder and
+  strips.bin is memory-mapped once, at open; each row's (start, length) is checked against its size and the strip
+  must start as a JPEG does, so a damaged or hostile thumbnails/ folder can neither read outside strips.bin nor
+  serve anything but JPEG. A folder that does not match the index raises IndexDamaged."""
 
   def __init__(self, index_dir: str | os.PathLike, rows: int):
-    root = pathlib.Path(index_dir) / FOLDER
+    index_dir = pathlib.Path(index_dir)
+    root = index_dir / FOLDER
     self.path = root / "strips.bin"
-    self.available = (root / "thumbnails.json").is_file()
-    if self.available:
-      self.starts = np.load(root / "strips.starts.npy", mmap_mode="r")
-      self.lengths = np.load(root / "strips.lengths.npy", mmap_mode="r")
-      self.available = len(self.starts) == rows == len(self.lengths)
+    self.available = exists_inside(index_dir, FOLDER, "thumbnails.json")
+    self.starts = self.lengths = np.zeros(0, np.int64)
+    self._data = np.zeros(0, np.uint8)
+    if not self.available:
+      return
+    inside(index_dir, FOLDER, kind="dir")
+    info_path = inside(index_dir, FOLDER, "thumbnails.json")
+    info = read_json(info_path)
+    if not isinstance(info, dict) or info.get("rows") != rows:
+      raise IndexDamaged(f"{info_path} describes {info.get('rows') if isinstance(info, dict) else info!r} rows, "
+                         f"not the index's {rows}; re-encode the index (or python -m clipvip_jax.index thumbnails)")
+    arrays = []
+    for name in ("strips.starts.npy", "strips.lengths.npy"):
+      path = inside(index_dir, FOLDER, name)
+      try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+      except (ValueError, OSError, EOFError) as e:
+        raise IndexDamaged(f"{path} is not a readable .npy array ({e})") from None
+      if array.shape != (rows,) or not np.issubdtype(array.dtype, np.integer):
+        raise IndexDamaged(f"{path} holds {array.dtype} {tuple(array.shape)}, not {rows} integer offsets")
+      arrays.append(array)
+    self.starts, self.lengths = arrays
+    self.path = inside(index_dir, FOLDER, "strips.bin")
+    self.size = os.path.getsize(self.path)
+    self._data = np.memmap(self.path, np.uint8, "r") if self.size else np.zeros(0, np.uint8)
+
+  def _span(self, row: int) -> tuple[int, int] | None:
+    if not (self.available and 0 <= row < len(self.lengths)):
+      return None
+    start, length = int(self.starts[row]), int(self.lengths[row])
+    if length <= 0 or start < 0 or start + length > self.size or length < 2:
+      return None
+    if self._data[start] != 0xFF or self._data[start + 1] != 0xD8:  # not a JPEG: never served as one
+      return None
+    return start, length
 
   def has(self, row: int) -> bool:
-    return self.available and 0 <= row < len(self.lengths) and bool(self.lengths[row])
+    return self._span(row) is not None
 
   def strip(self, row: int) -> bytes | None:
-    if not self.has(row):
+    span = self._span(row)
+    if span is None:
       return None
-    with open(self.path, "rb") as f:
-      f.seek(int(self.starts[row]))
-      return f.read(int(self.lengths[row]))
+    start, length = span
+    return self._data[start:start + length].tobytes()
+
+  def problems(self, limit: int = 5) -> list[str]:
+    """What is wrong with the strips (index verify): entries outside strips.bin, negative, or not JPEG."""
+    if not self.available:
+      return []
+    starts, lengths = np.asarray(self.starts, np.int64), np.asarray(self.lengths, np.int64)
+    outside = (starts < 0) | (lengths < 0) | (starts + lengths > self.size)
+    found = [f"{self.path.with_name('strips.lengths.npy')}: row {r} spans bytes {int(starts[r])}.."
+             f"{int(starts[r] + lengths[r])}, outside {self.path} ({self.size} bytes)"
+             for r in np.flatnonzero(outside)[:limit].tolist()]
+    rest = (lengths > 0) & ~outside
+    if rest.any():
+      first = np.where(rest, starts, 0)
+      second = np.where(rest, np.minimum(starts + 1, max(self.size - 1, 0)), 0)
+      data = np.asarray(self._data) if self.size else np.zeros(1, np.uint8)
+      not_jpeg = rest & ((lengths < 2) | (data[first] != 0xFF) | (data[second] != 0xD8))
+      found += [f"{self.path}: the strip of row {r} is not a JPEG" for r in np.flatnonzero(not_jpeg)[:limit].tolist()]
+    else:
+      not_jpeg = rest
+    more = int(outside.sum()) + int(not_jpeg.sum()) - len(found)
+    if more > 0:
+      found.append(f"{self.path}: {more} more damaged strips")
+    return found

@@ -68,8 +68,13 @@ def _describe(holder: dict) -> str:
 class WorkdirLock:
   """The lock of one workdir, held by this process between acquire() and release()."""
 
-  def __init__(self, workdir: str | os.PathLike):
-    self.path = pathlib.Path(workdir).absolute() / LOCK_NAME
+  def __init__(self, workdir: str | os.PathLike, *, lock_name: str = LOCK_NAME, label: str | None = None,
+               holder: str = "the training run", option: str = "--workdir"):
+    """lock_name: the lock file in `workdir`; label, holder, option: how messages name the locked folder, the run
+    that holds it and the option that picks another (encode locks its --out: clipvip_jax.retrieval.indexer)."""
+    self.path = pathlib.Path(workdir).absolute() / lock_name
+    self.label = label or f"workdir {self.path.parent}"
+    self.holder, self.option = holder, option
     self.held = False
     self._stop = threading.Event()
 
@@ -130,19 +135,19 @@ class WorkdirLock:
       elif same_host and isinstance(pid, int) and not _alive(pid, holder.get("pid_start")):
         stale_reason = f"{_describe(holder)}, which is no longer running"
       elif same_host:
-        raise WorkdirLockedError(f"workdir {self.path.parent} is in use by the training run of {_describe(holder)} "
+        raise WorkdirLockedError(f"{self.label} is in use by {self.holder} of {_describe(holder)} "
                                  f"(lock file {self.path}); wait for it to finish or stop it, or use another "
-                                 f"--workdir")
+                                 f"{self.option}")
       elif (age := self._age()) is not None and age > STALE_AFTER_S:
         stale_reason = f"{_describe(holder)}, whose lock was last refreshed {age / 60:.0f} minutes ago"
       else:
         raise WorkdirLockedError(
-            f"workdir {self.path.parent} is in use by the training run of {_describe(holder)} (lock file "
+            f"{self.label} is in use by {self.holder} of {_describe(holder)} (lock file "
             f"{self.path}, refreshed {age or 0:.0f} s ago; a lock of another host counts as abandoned after "
-            f"{STALE_AFTER_S / 60:.0f} minutes without a refresh); stop that run or use another --workdir")
+            f"{STALE_AFTER_S / 60:.0f} minutes without a refresh); stop that run or use another {self.option}")
       # Take over: move the stale file aside under a unique name first, so that of two runs taking over at once
       # only one removes it, and the other finds the winner's lock on its next attempt.
-      aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+      aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
       try:
         os.replace(self.path, aside)
       except FileNotFoundError:
@@ -160,9 +165,21 @@ class WorkdirLock:
         continue
       aside.unlink(missing_ok=True)
       if pid != os.getpid():  # an earlier train() of this process that ended in an error: nothing to say
-        report(f"took over the lock of workdir {self.path.parent} from {stale_reason}")
-    raise WorkdirLockedError(f"workdir {self.path.parent}: could not take its lock file {self.path} (other runs "
+        report(f"took over the lock of {self.label} from {stale_reason}")
+    raise WorkdirLockedError(f"{self.label}: could not take its lock file {self.path} (other runs "
                              "keep starting on it)")
+
+  def live_holder(self) -> str | None:
+    """Who holds the lock now ("pid N on host H (since T)"), or None when no live run does (no lock file, or the
+    lock of a process that died or of another host untouched for STALE_AFTER_S). Takes nothing."""
+    holder = self._holder()
+    if not holder:
+      return None
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname():
+      return _describe(holder) if isinstance(pid, int) and _alive(pid, holder.get("pid_start")) else None
+    age = self._age()
+    return _describe(holder) if age is not None and age <= STALE_AFTER_S else None
 
   def acquire(self, report: Callable[[str], None] = print) -> "WorkdirLock":
     """Takes the lock on process 0 (the others wait for its outcome); raises WorkdirLockedError on every process
@@ -179,8 +196,8 @@ class WorkdirLock:
       from jax.experimental import multihost_utils
       failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
       if failed and error is None:
-        error = WorkdirLockedError(f"workdir {self.path.parent} is in use by another training run (process 0 "
-                                   "names it)")
+        error = WorkdirLockedError(f"{self.label} is in use by another {self.holder.removeprefix('the ')} "
+                                   "(process 0 names it)")
     if error is not None:
       raise error
     return self
