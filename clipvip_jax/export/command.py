@@ -3,10 +3,10 @@
 Writes a checkpoint's text and video encoders as a folder a deployment can run without this project's training
 stack: the two graphs (ONNX for onnxruntime, Triton or another ONNX runtime; or StableHLO, serialized by
 jax.export, for any JAX or XLA runtime), the tokenizer, the preprocessing spec and a manifest with dims,
-versions and checksums. The batch size of both graphs is dynamic; the frame count is dynamic for image CLIPs and
-meanP, fixed per export for CLIP-ViP and CLIP2Video (--frames, default the model's recipe). Re-exporting to the
-same --out replaces the folder in one step. clipvip_jax.export.runtime runs the folder; search and serve take it
-as --model DIR.
+versions and checksums. The batch size of both graphs is dynamic; the frame count is dynamic for image CLIPs,
+meanP and (in StableHLO) CLIP-ViP, fixed per export otherwise (--frames, default the model's recipe).
+Re-exporting to the same --out replaces the folder in one step. clipvip_jax.export.runtime runs the folder;
+search and serve take it as --model DIR.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@
 
 Each encoder is the model's own `encode_text` / `encode_video` with the weights closed over (they become the
 graph's constants); the video graph takes uint8 frames and normalises them itself, so a deployment feeds decoded
-pixels. The batch is symbolic in both graphs. The frame count is symbolic where the model allows any count with
-graph-independent arithmetic (clip and meanp: a mean over frames); CLIP-ViP resamples its temporal embedding
-with weights computed from T at trace time and CLIP2Video's temporal heads are built per T (at most its frame
-positions), so their T is fixed per export (--frames, default the recipe's) and stated in the manifest.
+pixels. The batch is symbolic in both graphs. The frame count is symbolic for clip and meanp (a mean over
+frames) and, in StableHLO, for CLIP-ViP (DYNAMIC_FRAME_KINDS); CLIP2Video's temporal heads are built per T (at
+most its frame positions), so its T, and CLIP-ViP's in ONNX, is fixed per export (--frames, default the recipe's)
+and stated in the manifest.
 
 The folder is built under a hidden temporary name beside --out, checked (both graphs run in their runtime against
 the JAX model), then swapped into place in one rename: a reader sees the old export or the new one, never a part.
@@ -34,7 +34,10 @@ from clipvip_jax.cli_errors import UsageError
 from clipvip_jax.export import routes, spec
 from clipvip_jax.retrieval.model import RetrievalModel
 
-DYNAMIC_FRAME_KINDS = ("clip", "meanp")
+# Kinds whose video graph takes any frame count, per format. CLIP-ViP resamples its temporal embedding to T; in
+# StableHLO that arithmetic runs in the graph (clipvip._resample_temporal_traced), while jax2onnx 0.17.1 cannot
+# convert an index array sized by a symbolic T, so its ONNX graph has a fixed T.
+DYNAMIC_FRAME_KINDS = {"onnx": ("clip", "meanp"), "stablehlo": ("clip", "meanp", "clipvip")}
 # Largest difference from the JAX model the export accepts in its own check (float32 compute; see README there).
 CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
 CHECK_BATCH = 2
@@ -57,14 +60,14 @@ def encoder_functions(model: RetrievalModel) -> tuple[Callable, Callable]:
   return text_encoder, video_encoder
 
 
-def frame_count(model: RetrievalModel, frames: int | None) -> tuple[int, bool]:
+def frame_count(model: RetrievalModel, frames: int | None, fmt: str) -> tuple[int, bool]:
   """(T the video graph is written for, whether T is dynamic); UsageError for a count the model cannot take."""
   count = model.recipe.num_frames if frames is None else frames
   if count < 1:
     raise UsageError(f"--frames must be >= 1, got {count}")
   if model.max_frames is not None and count > model.max_frames:
     raise UsageError(f"--frames {count} exceeds this {model.kind} model's {model.max_frames} frame positions")
-  return count, model.kind in DYNAMIC_FRAME_KINDS
+  return count, model.kind in DYNAMIC_FRAME_KINDS[fmt]
 
 
 def input_specs(model: RetrievalModel, frames: int, dynamic_frames: bool):
@@ -203,7 +206,7 @@ def export_model(model: RetrievalModel, out: str | os.PathLike, fmt: str, *, fra
     raise UsageError(f"a {model.kind} model cannot be exported; export supports {', '.join(spec.EXPORTABLE_KINDS)}")
   out = pathlib.Path(out).absolute()
   check_out_dir(out)
-  t, dynamic = frame_count(model, frames)
+  t, dynamic = frame_count(model, frames, fmt)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
   _remove(tmp)
@@ -245,7 +248,7 @@ def _write(model: RetrievalModel, folder: pathlib.Path, fmt: str, frames: int, d
       },
       "batch": "dynamic (symbolic 'batch' in every graph)",
       "frames": {"dynamic": dynamic, "count": frames, "max": model.max_frames,
-                 "note": ("any count (mean over frames)" if dynamic else
+                 "note": ("any count" if dynamic else
                           f"fixed at {frames} for this export (--frames N writes another count)")},
       "preprocessing": spec.PREPROCESS,
       "tokenizer": tokenizer_info,

@@ -112,10 +112,25 @@ def linear_resample_indices(src: int, dst: int) -> tuple[np.ndarray, np.ndarray,
 
 def resample_temporal(embed: Array, num_frames: int) -> Array:
   """Temporal embedding [T0, D] -> [T, D] by explicit linear interpolation (jax.image.resize antialiases)."""
+  if not isinstance(num_frames, (int, np.integer)):
+    return _resample_temporal_traced(embed, num_frames)
   if embed.shape[0] == num_frames:
     return embed
   lo, hi, w = linear_resample_indices(embed.shape[0], num_frames)
   w = jnp.asarray(w, embed.dtype)[:, None]
+  return embed[lo] * (1 - w) + embed[hi] * w
+
+
+def _resample_temporal_traced(embed: Array, num_frames: Any) -> Array:
+  """`linear_resample_indices` computed in the graph, for a frame count known only when it runs (a symbolic T:
+  the StableHLO export of clipvip_jax.export). The same float32 arithmetic, so the same weights; at T = T0 every
+  weight is 0 and the embedding comes out unchanged."""
+  src = embed.shape[0]
+  scale = jnp.float32(src) / jnp.asarray(num_frames, jnp.float32)
+  pos = jnp.maximum(scale * (jnp.arange(num_frames, dtype=jnp.float32) + 0.5) - 0.5, 0.0)
+  lo = jnp.minimum(jnp.floor(pos).astype(jnp.int32), src - 1)
+  hi = jnp.minimum(lo + 1, src - 1)
+  w = jnp.clip(pos - lo.astype(jnp.float32), 0, 1).astype(embed.dtype)[:, None]
   return embed[lo] * (1 - w) + embed[hi] * w
 
 
