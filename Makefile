@@ -45,10 +45,11 @@ browser:
 
 # libtpu, for the TPU planner only (python -m clipvip_jax.plan): the version jax[tpu] pins for the installed jax,
 # into .venv/libtpu, a folder of its own that only the planner puts on sys.path (clipvip_jax/train/targets.py).
-# Ordinary commands never see it: JAX keeps picking CPU/GPU with no TPU start-up probing or warnings.
+# Ordinary commands never see it: JAX keeps picking CPU/GPU with no TPU start-up probing or warnings. Installed once
+# (order-only on the venv); `rm -r .venv/libtpu` and `make tpu` again after upgrading jax.
 tpu: $(VENV)/libtpu/.installed
 
-$(VENV)/libtpu/.installed: $(STAMP)
+$(VENV)/libtpu/.installed: | $(STAMP)
 	@jaxv=$$($(BIN)/python -c 'import jax; print(jax.__version__)'); \
 	  $(BIN)/python -m pip install -q --dry-run "jax[tpu]==$$jaxv" --report $(VENV)/tpu-report.json 2>&1 | $(QUIET); \
 	  v=$$($(BIN)/python -c "import json; print(*[i['metadata']['version'] for i in json.load(open('$(VENV)/tpu-report.json'))['install'] if i['metadata']['name'] == 'libtpu'])"); \
