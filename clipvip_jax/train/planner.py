@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
-import numpy as np
 
 from clipvip_jax.models import layers
 from clipvip_jax.train import model_flops, sharding, targets
@@ -283,13 +282,16 @@ def plan(config: Any, topology: str, *, search: bool = True, min_headroom: float
   slice_ = targets.describe(topology)
   # A program compiled for devices this process cannot run on cannot be stored in (or read back from) JAX's
   # persistent compilation cache: it is left out of it while planning.
+  from jax.experimental.compilation_cache import compilation_cache
   cache_was = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides on the cache once per process: make it decide again, now and after
   try:
     return _plan(config, slice_, libtpu_version, search=search, min_headroom=min_headroom, hbm_bytes=hbm_bytes,
                  with_eval=with_eval, report=report)
   finally:
     jax.config.update("jax_enable_compilation_cache", cache_was)
+    compilation_cache.reset_cache()
 
 
 def _plan(config, slice_, libtpu_version, *, search, min_headroom, hbm_bytes, with_eval, report):
