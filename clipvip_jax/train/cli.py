@@ -233,9 +233,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, spli
   rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
   graphdef, rest, shardings = model_init.param_shardings(kind, cfg, mesh, rules)
   params = model_init.place_params(flat, shardings)
-  eval_cfg = config.get("eval") or {}
-  data_cfg = {**config.data.to_dict(), "batch_size": eval_cfg.get("batch_size") or config.data.batch_size,
-              **dict(eval_cfg.get("data") or {}), "split": split, "pretraining": False}
+  from clipvip_jax.train.trainer import eval_data_config
+  data_cfg = {**eval_data_config(config), "split": split}
   evaluator = Evaluator(pipeline.make_eval_dataset(data_cfg), graphdef, rest, shardings, mesh, rules)
   result = evaluator(params)
   result.update({"checkpoint": checkpoint, "split": split, "kind": kind})

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 
 from clipvip_jax.models import layers
-from clipvip_jax.train import model_flops, sharding, targets
+from clipvip_jax.train import model_flops, sharding, targets, trainer
 from clipvip_jax.train import step as step_lib
 
 PlanError = targets.TargetError
@@ -132,7 +132,6 @@ def analyse(compiled: Any, chip: targets.Chip, model_flops_per_chip: float | Non
 
 
 def _check_divisible(config: ml_collections.ConfigDict, mesh) -> None:
-  from clipvip_jax.train import trainer
   devices = trainer.batch_devices(mesh, config.sharding_rules)
   batch, accum = int(config.data.batch_size), int(config.get("grad_accum", 1))
   if batch % devices:
@@ -154,7 +153,6 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Iterable[Any]):
 def lower_train_step(config: ml_collections.ConfigDict, mesh, target: layers.Target | None = None):
   """(TrainingSetup, Lowered) of the run's training step on `mesh`, with no weights: the trainer's own setup in
   its abstract mode. `target`: the chip "auto" settings are resolved for (None: this machine's backend)."""
-  from clipvip_jax.train import trainer
   config = trainer.as_config_dict(config)
   trainer.check_config(config)
   _check_divisible(config, mesh)
@@ -168,7 +166,6 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh, target: layers.Tar
 def lower_eval_steps(config: ml_collections.ConfigDict, setup: Any, mesh) -> dict[str, Any]:
   """{"encode_video", "encode_text"}: the evaluator's programs lowered for the run's eval batch."""
   from clipvip_jax.evaluator import encode_functions
-  from clipvip_jax.train import trainer
   from data_pipelines import pipeline
   data = pipeline.DataConfig.from_config(trainer.eval_data_config(config))
   bs = sharding.batch_sharding(mesh, config.sharding_rules, 1)
@@ -255,7 +252,7 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
   facts["compile_seconds"] = time.time() - t0
   facts["remat"] = layers.resolve_remat(config.model.get("remat", "auto"), "tpu", slice_.device_kind)
   facts["mesh"] = dict(mesh.shape)
-  facts["per_chip_batch"] = int(config.data.batch_size) / trainer_batch_devices(config, mesh)
+  facts["per_chip_batch"] = int(config.data.batch_size) / trainer.batch_devices(mesh, config.sharding_rules)
   report(f"compiled the training step in {facts['compile_seconds']:.0f}s")
   if with_eval:
     facts["eval"] = {}
@@ -265,18 +262,12 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
   return facts
 
 
-def trainer_batch_devices(config, mesh) -> int:
-  from clipvip_jax.train import trainer
-  return trainer.batch_devices(mesh, config.sharding_rules)
-
-
 def plan(config: Any, topology: str, *, search: bool = True, min_headroom: float = 0.15,
          hbm_bytes: int | None = None, with_eval: bool = True,
          report: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
   """The plan of `config` on the slice `topology`: facts of the recipe as given and, where it does not fit (or
   wastes the chip), the best alternative that fits with `min_headroom` of the HBM free. `hbm_bytes` plans
   against a smaller memory than the chip's (another job's share, a safety margin)."""
-  from clipvip_jax.train import trainer
   config = trainer.as_config_dict(config)
   libtpu_version = targets.ensure_libtpu()
   slice_ = targets.describe(topology)

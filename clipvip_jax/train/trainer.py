@@ -408,7 +408,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
       batch = {k: device_batch[k] for k in objective.batch_keys + step_lib.OPTIONAL_KEYS if k in device_batch}
       if record_batches:
         record_batch(step + 1, device_batch)
-      if compiled is None:  # compile once ahead of time: the executable also reports its FLOPs for the MFU
+      if compiled is None:  # compile once ahead of time (timed; the compiler's FLOPs logged beside the model's)
         t0 = time.time()
         compiled = train_step.fn.lower(params, opt_state, batch).compile()
         compiler_flops = run_logging.compiled_flops(compiled)
