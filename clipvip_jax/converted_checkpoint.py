@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 from typing import Any, Mapping
 
 import numpy as np
 
+from clipvip_jax import files
 from clipvip_jax.convert.common import ConversionError, Converted
 
 FORMAT_VERSION = 1
@@ -81,13 +81,6 @@ def restore_params(directory: str | os.PathLike) -> dict[str, np.ndarray]:
   return flatten(restored)
 
 
-def _remove(path: pathlib.Path) -> None:
-  if path.is_dir() and not path.is_symlink():
-    shutil.rmtree(path, ignore_errors=True)
-  elif path.exists() or path.is_symlink():
-    path.unlink()
-
-
 def save_converted(converted: Converted, out_dir: str | os.PathLike, *, force: bool = False) -> pathlib.Path:
   """Writes `converted` to `out_dir` atomically; refuses an existing `out_dir` unless `force`."""
   out_dir = pathlib.Path(out_dir)
@@ -95,23 +88,16 @@ def save_converted(converted: Converted, out_dir: str | os.PathLike, *, force: b
     raise ConversionError(f"output directory {out_dir} already exists (use --force / force=True to replace it)")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-  _remove(tmp)
+  files.remove(tmp)
   try:
     tmp.mkdir()
     meta = {"format_version": FORMAT_VERSION, "kind": converted.kind, "model": converted.config.to_dict(),
             "source": str(converted.source), "source_format": converted.source_format}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     save_params(converted.params, tmp / PARAMS_DIR)
-    if out_dir.exists():  # force: move the old one aside first, so a failure here still leaves one whole copy
-      old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-      _remove(old)
-      out_dir.rename(old)
-      tmp.rename(out_dir)
-      _remove(old)
-    else:
-      tmp.rename(out_dir)
+    files.replace_dir(tmp, out_dir)  # force: the old copy is swapped out whole, never half-replaced
   except BaseException:
-    _remove(tmp)
+    files.remove(tmp)
     raise
   return out_dir
 

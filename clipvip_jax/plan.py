@@ -9,7 +9,6 @@ clipvip_jax/train/planner.py.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Sequence
@@ -105,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["command"] = " ".join([PROG, *args_in])
     print(format_plan(result))
     if args.json:
-      from data_pipelines.manifest import write_json_atomic
+      from clipvip_jax.files import write_json_atomic
       write_json_atomic(args.json, result)
     return 0
 

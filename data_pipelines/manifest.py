@@ -23,18 +23,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from clipvip_jax.files import write_json_atomic  # re-exported: build_shards writes through it
 from data_pipelines.records import SCHEMA_VERSION
 
 MANIFEST_NAME = "manifest.json"
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes to a temporary name in the same folder, then renames: readers never see half a file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=False, ensure_ascii=False)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def make_manifest(producer: str, options: dict[str, Any], shards: Sequence[dict[str, Any]],

@@ -17,7 +17,6 @@ the JAX model), then swapped into place in one rename: a reader sees the old exp
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipvip_jax import kinds
+from clipvip_jax import files
 from clipvip_jax.cli_errors import UsageError
 from clipvip_jax.export import routes, spec
 from clipvip_jax.retrieval.model import RetrievalModel
@@ -152,40 +152,6 @@ def _self_check(model: RetrievalModel, folder: pathlib.Path, frames: int) -> dic
           "max_abs_error": errors}
 
 
-def _remove(path: pathlib.Path) -> None:
-  if path.is_dir() and not path.is_symlink():
-    shutil.rmtree(path, ignore_errors=True)
-  elif path.exists() or path.is_symlink():
-    path.unlink()
-
-
-def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
-  """Swaps two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where the call is unavailable."""
-  try:
-    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-  except (OSError, AttributeError):
-    return False
-  at_fdcwd, rename_exchange = -100, 2
-  return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
-def swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """`tmp` becomes `out`: a plain rename when `out` is new, an atomic exchange when it exists (the old folder is
-  removed afterwards). Without renameat2 the old folder is renamed aside first: `out` is briefly absent, never
-  half-written."""
-  if not out.exists():
-    tmp.rename(out)
-    return
-  if _exchange(tmp, out):
-    _remove(tmp)  # now the old export
-    return
-  old = out.with_name(f".{out.name}.old-{os.getpid()}")
-  _remove(old)
-  out.rename(old)
-  tmp.rename(out)
-  _remove(old)
-
-
 def check_out_dir(out: pathlib.Path) -> None:
   """--out may be new, or an earlier export (replaced atomically); anything else there is refused."""
   if out.exists() and not (out.is_dir() and (out / spec.MANIFEST).is_file()):
@@ -209,13 +175,13 @@ def export_model(model: RetrievalModel, out: str | os.PathLike, fmt: str, *, fra
   t, dynamic = frame_count(model, frames, fmt)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-  _remove(tmp)
+  files.remove(tmp)
   try:
     tmp.mkdir()
     _write(model, tmp, fmt, t, dynamic, platforms, decode_fps, check)
-    swap_into_place(tmp, out)
+    files.replace_dir(tmp, out)
   except BaseException:
-    _remove(tmp)
+    files.remove(tmp)
     raise
   return out
 

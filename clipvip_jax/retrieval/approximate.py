@@ -163,7 +163,7 @@ def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int =
   import faiss
 
   from clipvip_jax.retrieval import exact
-  from clipvip_jax.retrieval.index import remove, write_json_atomic
+  from clipvip_jax.files import remove, replace_dir, write_json_atomic
   if index.count < 2:
     raise UsageError(f"{index.path} holds {index.count} row(s); an approximate index needs more")
   d = index.dims
@@ -221,11 +221,7 @@ def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int =
   try:
     faiss.write_index(ivf, str(tmp / FAISS_FILE))
     write_json_atomic(tmp / META_FILE, meta)
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-      folder.rename(old)
-    tmp.rename(folder)
-    remove(old)
+    replace_dir(tmp, folder)
   except BaseException:
     remove(tmp)
     raise

@@ -30,12 +30,12 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.files import remove, replace_dir, write_json_atomic  # noqa: F401  (remove, write_json_atomic: used by the indexer through this module)
 from clipvip_jax.retrieval.index_checks import (VERIFY_HINT, IndexDamaged, check_part_name, exists_inside, inside,
                                                 meta_problems, part_info_problems, read_json)
 from clipvip_jax.retrieval.string_table import StringTable, has_strings, write_strings
@@ -200,19 +200,6 @@ def check_out_dir(out_dir: str | os.PathLike, force: bool) -> pathlib.Path:
   return out
 
 
-def remove(path: pathlib.Path) -> None:
-  if path.is_dir() and not path.is_symlink():
-    shutil.rmtree(path, ignore_errors=True)
-  elif path.exists() or path.is_symlink():
-    path.unlink()
-
-
-def write_json_atomic(path: pathlib.Path, value: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-  os.replace(tmp, path)
-
-
 def write_part(root: pathlib.Path, name: str, embeddings: np.ndarray, ids: Sequence[str],
                captions: Sequence[Sequence[str]] | None, info: Mapping[str, Any], dtype: str) -> pathlib.Path:
   """root/parts/<name>/, written under a temporary name and renamed: a part is there whole or not at all."""
@@ -274,16 +261,9 @@ def finish_index(root: pathlib.Path, meta: Mapping[str, Any], part_names: Sequen
 
 
 def publish(staging: pathlib.Path, out: pathlib.Path) -> None:
-  """Renames the finished staging folder to `out`; an existing index there (--force) moves aside first, so a
-  failure leaves one whole copy and a reader never sees a mix."""
-  if out.exists():
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    remove(old)
-    out.rename(old)
-    staging.rename(out)
-    remove(old)
-  else:
-    staging.rename(out)
+  """The finished staging folder becomes `out`; an existing index there (--force) is swapped out whole, so a reader
+  never sees a mix."""
+  replace_dir(staging, out)
 
 
 def write_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[str], meta: Mapping[str, Any], *,
