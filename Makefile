@@ -22,12 +22,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -c "import jax, flax, optax, orbax.checkpoint, grain, transformers, torch, fastapi, uvicorn, selenium, clipvip_jax"
 	touch $(STAMP)
 
-# tcmalloc, which the commands preload on their own where it is installed (clipvip_jax/host_allocator.py): XLA:CPU
+# tcmalloc, which the commands preload on their own where it is installed (clipvip_jax/runtime/host_allocator.py): XLA:CPU
 # allocates each step's temporaries afresh, and glibc's malloc makes every step fault them in again (the B/16 CPU
 # step 1.8x slower; docs/performance.md 1a). Installed with apt-get when missing and we are root; otherwise one line
 # says how. Optional: without it everything works, CPU steps are slower.
 allocator:
-	@$(PY) -c "import sys; sys.path.insert(0, 'clipvip_jax'); import host_allocator as h; sys.exit(h.find() is None)" || { \
+	@$(PY) -c "import sys; sys.path.insert(0, 'clipvip_jax/runtime'); import host_allocator as h; sys.exit(h.find() is None)" || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    export DEBIAN_FRONTEND=noninteractive; \
 	    { apt-get update -qq >/dev/null && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; } || \

@@ -15,7 +15,7 @@ glibc serves a block that large with its own mmap and returns it to the OS at fr
 all of it again (about a million page faults and 15% of the CPU time of a B/32 step). `MALLOC_KEEP` (the glibc
 tunables `GLIBC_TUNABLES` takes; read at process start) serves every block from one heap and never trims it:
 freed memory stays with the process and the next step reuses it, with no page faults, but all threads share one
-arena. tcmalloc, which the repository's commands preload where it is installed (clipvip_jax/host_allocator.py),
+arena. tcmalloc, which the repository's commands preload where it is installed (clipvip_jax/runtime/host_allocator.py),
 keeps freed memory too, without that lock. Either applies to the whole process, ours and the peer alike.
 """
 
@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from clipvip_jax import host_allocator
+from clipvip_jax.runtime import host_allocator
 
 
 def usable_cores() -> int:
@@ -74,7 +74,7 @@ def malloc_name() -> str:
 
 def malloc_env(choice: str) -> dict[str, str] | None:
   """The environment of a child process that runs with host allocator `choice` (MALLOC_CHOICES): "auto" as the
-  repository's commands choose (clipvip_jax/host_allocator.py), "system" glibc's malloc as started, "keep" glibc
+  repository's commands choose (clipvip_jax/runtime/host_allocator.py), "system" glibc's malloc as started, "keep" glibc
   with MALLOC_KEEP. None when this process already runs with it."""
   if choice == "auto":
     return None if host_allocator.preloaded() else host_allocator.plan()

@@ -3,7 +3,7 @@
   nice python -m benchmarks.host_allocator [--variant B/32] [--batch 2] [--steps 5] [--rounds 2] [--input-thread]
 
 XLA:CPU allocates a step's temporaries afresh at every call; what that costs depends on the process's malloc
-(clipvip_jax/host_allocator.py). Each row runs the trainer's own compiled step (benchmarks/ours.py, the
+(clipvip_jax/runtime/host_allocator.py). Each row runs the trainer's own compiled step (benchmarks/ours.py, the
 repository's default config.model) in a fresh child process started with that allocator: glibc as it is,
 glibc with benchmarks.common.MALLOC_KEEP, and every one of tcmalloc, jemalloc (as installed, and with the
 never-purge setting the commands give it) and mimalloc found on this machine. A child times `--steps` steps after
@@ -27,7 +27,7 @@ import threading
 import time
 
 from benchmarks import common
-from clipvip_jax import host_allocator
+from clipvip_jax.runtime import host_allocator
 
 _PATTERNS = {"tcmalloc": "libtcmalloc_minimal.so*", "jemalloc": "libjemalloc.so*", "mimalloc": "libmimalloc.so*"}
 

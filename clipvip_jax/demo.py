@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0,
                       help="training seed of both models: initialisation and data order (default 0)")
   args = parser.parse_args(argv)
-  from clipvip_jax.cli_errors import quiet_library_logs
+  from clipvip_jax.runtime.cli_errors import quiet_library_logs
   quiet_library_logs()  # Orbax's routine absl warnings (e.g. reading a checkpoint item) are not for the user
   if args.steps is not None and args.steps < 1:
     parser.error("--steps must be >= 1")
@@ -219,6 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from clipvip_jax import host_allocator
+  from clipvip_jax.runtime import host_allocator
   host_allocator.use_preferred()  # tcmalloc where installed: may re-execute this process, once
   sys.exit(main())

@@ -71,7 +71,7 @@ def format_plan(p: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from clipvip_jax import cli_errors
+  from clipvip_jax.runtime import cli_errors
   from clipvip_jax.train import cli
 
   def run(args_in: Sequence[str]) -> int:

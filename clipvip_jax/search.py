@@ -9,6 +9,6 @@ from clipvip_jax.retrieval.search import Searcher, search  # noqa: F401 (library
 from clipvip_jax.retrieval.search_command import main
 
 if __name__ == "__main__":
-  from clipvip_jax import host_allocator
+  from clipvip_jax.runtime import host_allocator
   host_allocator.use_preferred()  # tcmalloc where installed: may re-execute this process, once
   sys.exit(main())

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import retrieval_helpers as rh
-from clipvip_jax import cli_errors, encode, search
-from clipvip_jax.cli_errors import UsageError, run_cli
+from clipvip_jax.runtime import cli_errors, encode, search
+from clipvip_jax.runtime.cli_errors import UsageError, run_cli
 from data_pipelines import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import retrieval_helpers as rh
 from retrieval_helpers import checkpoint, model, shards  # noqa: F401 (pytest fixtures)
 from clipvip_jax import encode
 from clipvip_jax import search as search_command
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.retrieval import indexer
 from clipvip_jax.retrieval.index import read_index
 

@@ -1,4 +1,4 @@
-"""The commands' host allocator (clipvip_jax/host_allocator.py): which library, when a process re-executes, and
+"""The commands' host allocator (clipvip_jax/runtime/host_allocator.py): which library, when a process re-executes, and
 that a command really runs with it afterwards."""
 
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from clipvip_jax import host_allocator
+from clipvip_jax.runtime import host_allocator
 
 
 def _lib(folder, name):
@@ -46,7 +46,7 @@ def test_plan_preloads_once_and_respects_the_user(tmp_path):
     host_allocator.plan({host_allocator.ENV: "/no/such.so"}, dirs)
 
 
-_PROBE = ("from clipvip_jax import host_allocator; host_allocator.use_preferred(); import sys; "
+_PROBE = ("from clipvip_jax.runtime import host_allocator; host_allocator.use_preferred(); import sys; "
           "print(sys.argv[1:], host_allocator.describe()); "
           "print('\\n'.join(l for l in open('/proc/self/maps') if 'malloc' in l))")
 

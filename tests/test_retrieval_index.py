@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clipvip_jax import index as index_command
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.retrieval import approximate, exact
 from clipvip_jax.retrieval.index import describe, read_index, write_index
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from clipvip_jax import index as index_command
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.retrieval import exact, search, thumbnails
 from clipvip_jax.retrieval.index import read_index, write_index
 from clipvip_jax.retrieval.index_checks import IndexDamaged

@@ -16,7 +16,7 @@ import json
 import pathlib
 from typing import Sequence
 
-from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
+from clipvip_jax.runtime.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.export import routes, spec
 
 PROG = "python -m clipvip_jax.export"

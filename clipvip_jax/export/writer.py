@@ -30,7 +30,7 @@ import numpy as np
 
 from clipvip_jax import kinds
 from clipvip_jax import files
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.export import routes, spec
 from clipvip_jax.retrieval.model import RetrievalModel
 

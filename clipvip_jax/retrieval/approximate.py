@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 
 APPROXIMATE_DIR = "approximate"
 FAISS_FILE = "faiss.index"

@@ -23,7 +23,7 @@ import shlex
 import sys
 from typing import Any, Sequence
 
-from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
+from clipvip_jax.runtime.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.retrieval import indexer
 from clipvip_jax.retrieval.model import RetrievalModel
 
@@ -164,8 +164,8 @@ def _index_meta(model: RetrievalModel, args: argparse.Namespace, modality: str, 
 
 
 def _start_processes() -> None:
-  """Joins the other JAX processes of a multi-process launch (clipvip_jax.distributed; no-op for one process)."""
-  from clipvip_jax import distributed
+  """Joins the other JAX processes of a multi-process launch (clipvip_jax.runtime.distributed; no-op for one process)."""
+  from clipvip_jax.runtime import distributed
   distributed.initialize("encode")
 
 

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.files import remove, replace_dir, write_json_atomic  # noqa: F401  (remove, write_json_atomic: used by the indexer through this module)
 from clipvip_jax.retrieval.index_checks import (VERIFY_HINT, IndexDamaged, check_part_name, exists_inside, inside,
                                                 meta_problems, part_info_problems, read_json)

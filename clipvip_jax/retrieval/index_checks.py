@@ -18,7 +18,7 @@ import pathlib
 import re
 from typing import Any, Callable
 
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 
 # Part folder names as encode writes them ("part-00000"), and any other plain name: letters, digits, "_", "-" and
 # single dots inside; never "..", a separator, a leading dot (hidden, or a temporary of encode) or over 100 chars.

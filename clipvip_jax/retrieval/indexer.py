@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.retrieval import index as index_lib
 from clipvip_jax.retrieval.model import RetrievalModel
 

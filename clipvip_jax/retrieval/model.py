@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipvip_jax import kinds
-from clipvip_jax.cli_errors import DEBUG_ENV, UsageError
+from clipvip_jax.runtime.cli_errors import DEBUG_ENV, UsageError
 
 CLIP4CLIP_FPS = 5.0  # CLIP2Video / CLIP4Clip extract frames at 5 fps before sub-sampling
 CLIP4CLIP_FRAMES = 12

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.retrieval import approximate, exact
 from clipvip_jax.retrieval.index import EmbeddingIndex, read_index
 from clipvip_jax.tokenizer import MAX_QUERY_CHARS

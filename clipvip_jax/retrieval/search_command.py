@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Sequence
 
-from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
+from clipvip_jax.runtime.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.retrieval.index import EmbeddingIndex
 from clipvip_jax.retrieval.index_checks import VERIFY_HINT
 from clipvip_jax.retrieval.search import (APPROXIMATE_ABOVE, BACKENDS, DEFAULT_TOP_K, Ranking, Searcher,

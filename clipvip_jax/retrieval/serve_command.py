@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from clipvip_jax.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
+from clipvip_jax.runtime.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.retrieval import search
 
 PROG = "python -m clipvip_jax.serve"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from clipvip_jax.cli_errors import UsageError
+from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.retrieval import index as index_lib
 from clipvip_jax.retrieval.index_checks import (IndexDamaged, check_part_name, exists_inside, inside, is_int,
                                                 meta_problems, read_json)

@@ -126,7 +126,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return _fail(prog, str(e))
   except ValueError as e:
     return _fail(prog, f"invalid config: {e}")
-  from clipvip_jax.cli_errors import one_sentence, quiet_library_logs
+  from clipvip_jax.runtime.cli_errors import one_sentence, quiet_library_logs
   from clipvip_jax.train import checkpoint as ckpt_lib
   from clipvip_jax.train import logging as run_logging
   from clipvip_jax.train import workdir_lock
@@ -183,14 +183,14 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     from clipvip_jax.train import run_config
     if args.dtype not in run_config.FLOAT_DTYPES:
       raise UsageError(f"--dtype {args.dtype} is not one of {', '.join(run_config.FLOAT_DTYPES)}")
-    from clipvip_jax.cli_errors import quiet_library_logs
+    from clipvip_jax.runtime.cli_errors import quiet_library_logs
     quiet_library_logs()
-    from clipvip_jax.evaluator import dump, format_table
+    from clipvip_jax.train.evaluator import dump, format_table
     result = evaluate_checkpoint(config, str(ckpt), split, which=args.which, dtype=args.dtype)
   except UsageError as e:
     return _fail(prog, str(e))
   except (OSError, ValueError) as e:
-    from clipvip_jax.cli_errors import one_sentence
+    from clipvip_jax.runtime.cli_errors import one_sentence
     from clipvip_jax.train import checkpoint as ckpt_lib
     from data_pipelines import sources
     if isinstance(e, (ckpt_lib.DamagedCheckpointError, sources.DamagedShardError)):
@@ -214,8 +214,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, split: str, *, which: str = "latest",
                         dtype: str = "float32") -> dict[str, Any]:
   """Library form of the eval command: metrics of `checkpoint` on `split` with the config's data settings."""
-  from clipvip_jax import distributed, kinds
-  from clipvip_jax.evaluator import Evaluator
+  from clipvip_jax.runtime import distributed, kinds
+  from clipvip_jax.train.evaluator import Evaluator
   from clipvip_jax.train import checkpoint as ckpt_lib
   from clipvip_jax.train import model_init, sharding
   from data_pipelines import pipeline

@@ -165,7 +165,7 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh, target: layers.Tar
 
 def lower_eval_steps(config: ml_collections.ConfigDict, setup: Any, mesh) -> dict[str, Any]:
   """{"encode_video", "encode_text"}: the evaluator's programs lowered for the run's eval batch."""
-  from clipvip_jax.evaluator import encode_functions
+  from clipvip_jax.train.evaluator import encode_functions
   from data_pipelines import pipeline
   data = pipeline.DataConfig.from_config(trainer.eval_data_config(config))
   bs = sharding.batch_sharding(mesh, config.sharding_rules, 1)

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from clipvip_jax import host_allocator
+from clipvip_jax.runtime import host_allocator
 from clipvip_jax.train import checkpoint as ckpt_lib
 from clipvip_jax.train import logging as run_logging
 from clipvip_jax.train import model_init, optim, run_config, sharding, workdir_lock
@@ -51,9 +51,9 @@ class Hooks:
 
 
 def maybe_initialize_distributed(label: str | None = None) -> None:
-  """jax.distributed on every multi-process launch (clipvip_jax.distributed: plain env, SLURM, Open MPI, Cloud
+  """jax.distributed on every multi-process launch (clipvip_jax.runtime.distributed: plain env, SLURM, Open MPI, Cloud
   TPU, Kubernetes); a no-op for one process."""
-  from clipvip_jax import distributed
+  from clipvip_jax.runtime import distributed
   distributed.initialize(label)
   if jax.process_count() > 1:
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
@@ -188,7 +188,7 @@ def _make_evaluator(config, ms: model_init.ModelState, mesh, rules):
   eval_cfg = config.get("eval")
   if not eval_cfg or not eval_cfg.get("split"):
     return None
-  from clipvip_jax.evaluator import Evaluator
+  from clipvip_jax.train.evaluator import Evaluator
   from data_pipelines import pipeline
   return Evaluator(pipeline.make_eval_dataset(eval_data_config(config)), ms.graphdef, ms.rest, ms.shardings, mesh,
                    rules)
@@ -449,7 +449,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
         logger.message(f"final val t2v R@1 {last_eval['t2v/R@1']:.1f}, v2t R@1 {last_eval['v2t/R@1']:.1f}")
       save(step, {f"{eval_prefix}{k}": v for k, v in _scalars(last_eval).items()} if last_eval else None)
   except Exception as e:
-    from clipvip_jax import distributed
+    from clipvip_jax.runtime import distributed
     if distributed.is_lost_peer(e):  # another process is gone: one sentence, no cleanup that would wait for it
       distributed.exit_lost_peer(e)
     raise

@@ -196,7 +196,7 @@ def _start_stderr_filter(label: str, process_id: int | None) -> None:
     real_stderr = os.dup(2)
     read_end, write_end = os.pipe()
     _filter = subprocess.Popen(
-        [sys.executable, "-m", "clipvip_jax._stderr_filter", label, str(-1 if process_id is None else process_id)],
+        [sys.executable, "-m", "clipvip_jax.runtime.stderr_filter", label, str(-1 if process_id is None else process_id)],
         stdin=read_end, stdout=real_stderr, stderr=real_stderr, close_fds=True, start_new_session=True)
     os.close(read_end)
     os.dup2(write_end, 2)

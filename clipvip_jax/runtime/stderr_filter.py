@@ -1,6 +1,6 @@
 """The stderr filter of a multi-process run: one sentence instead of the runtime's fatal log when a peer is lost.
 
-Started by `clipvip_jax.distributed.initialize` as `python -m clipvip_jax._stderr_filter LABEL PROCESS_ID`, with
+Started by `clipvip_jax.runtime.distributed.initialize` as `python -m clipvip_jax.runtime.stderr_filter LABEL PROCESS_ID`, with
 the run's stderr on its stdin. Every line passes through unchanged, at once, until the JAX coordination client
 logs that the distributed runtime failed (another process died or the coordinator is gone). From then on the
 runtime's log lines, continuation lines and native stack trace are held back; when the fatal line arrives (or
