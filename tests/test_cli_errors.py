@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import retrieval_helpers as rh
-from clipvip_jax.runtime import cli_errors, encode, search
+from clipvip_jax import encode, search
+from clipvip_jax.runtime import cli_errors
 from clipvip_jax.runtime.cli_errors import UsageError, run_cli
 from data_pipelines import synthetic
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from conftest import synthetic_shards
 
-from clipvip_jax.runtime import stderr_filter as _stderr_filter, distributed, launch_local
+from clipvip_jax.runtime import distributed, launch_local
+from clipvip_jax.runtime import stderr_filter as _stderr_filter
 from clipvip_jax.train import checkpoint as ckpt_lib
 from clipvip_jax.train import cli
 

@@ -214,7 +214,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, split: str, *, which: str = "latest",
                         dtype: str = "float32") -> dict[str, Any]:
   """Library form of the eval command: metrics of `checkpoint` on `split` with the config's data settings."""
-  from clipvip_jax.runtime import distributed, kinds
+  from clipvip_jax import kinds
+  from clipvip_jax.runtime import distributed
   from clipvip_jax.train.evaluator import Evaluator
   from clipvip_jax.train import checkpoint as ckpt_lib
   from clipvip_jax.train import model_init, sharding
