@@ -20,6 +20,12 @@ def _gib(n: float) -> str:
   return f"{n / 1024**3:.2f} GiB"
 
 
+def _copies(entry: dict[str, int]) -> str:
+  """' (3 distinct)' where the compiler copied collectives into their consumers (planner.collectives)."""
+  distinct = entry.get("distinct", entry["count"])
+  return f" ({distinct} distinct)" if distinct != entry["count"] else ""
+
+
 def _bytes(n: float) -> str:
   for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
     if n >= size:
@@ -54,7 +60,7 @@ def format_plan(p: dict[str, Any]) -> str:
   if p["collectives"] is None:
     lines.append("  collectives  unavailable (libtpu could not print this program)")
   else:
-    lines.append("  collectives  " + (", ".join(f"{k} x{v['count']} {_bytes(v['bytes'])}"
+    lines.append("  collectives  " + (", ".join(f"{k} x{v['count']}{_copies(v)} {_bytes(v['bytes'])}"
                                                 for k, v in sorted(p["collectives"].items())) or "none"))
   for name, e in (p.get("eval") or {}).items():
     lines.append(f"  {name:<12} HBM {_gib(e['hbm_peak_bytes'])}, {e['compiler_flops'] / 1e12:.3f} TFLOP, "

@@ -208,8 +208,18 @@ ENTRY %main.1 (p0: f32[16,32], p1: bf16[8,4]) -> f32[64,32] {
   %collective-permute-start.1 = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%c), channel_id=4
   %all-to-all.2 = f32[4,1,512]{2,1,0} all-to-all(%d), channel_id=5, dimensions={0}
 }
+%fused_consumer.1 (param_0.1: f32[2,64]) -> f32[8,2,64] {
+  %all-gather.7 = f32[8,2,64]{2,1,0:T(2,128)S(1)} all-gather(%param_0.1), channel_id=6, dimensions={0}
+}
+%fused_consumer.2 (param_0.2: f32[2,64]) -> f32[8,2,64] {
+  %all-gather.8 = f32[8,2,64]{2,1,0:T(2,128)S(1)} all-gather(%param_0.2), channel_id=6, dimensions={0}
+}
 """
+  # The last two: one gather the TPU compiler copied into two consumers (same channel_id): 2 ops, 1 distinct.
+  gathered = 8 * 2 * 64 * 4
   assert planner.collectives(hlo) == {
-      "reduce-scatter": {"count": 1, "bytes": 64 * 32 * 4}, "all-gather": {"count": 1, "bytes": 32 * 4 * 2},
-      "all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 20}, "collective-permute": {"count": 1, "bytes": 16},
-      "all-to-all": {"count": 1, "bytes": 4 * 512 * 4}}
+      "reduce-scatter": {"count": 1, "bytes": 64 * 32 * 4, "distinct": 1},
+      "all-gather": {"count": 3, "bytes": 32 * 4 * 2 + 2 * gathered, "distinct": 2},
+      "all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 20, "distinct": 1},
+      "collective-permute": {"count": 1, "bytes": 16, "distinct": 1},
+      "all-to-all": {"count": 1, "bytes": 4 * 512 * 4, "distinct": 1}}

@@ -50,6 +50,7 @@ def _shape_bytes(text: str) -> list[int]:
   return out
 
 
+_CHANNEL = re.compile(r"\bchannel_id=([0-9]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
 
 
@@ -57,9 +58,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count", "bytes"}} of the collectives in an optimised HLO module's text (bytes: each op's result,
   per device; an async op counted at its start, a loop body once). The TPU compiler writes a reduce-scatter as
   an all-reduce inside a fusion computation named all-reduce-scatter.N: counted as a reduce-scatter (bytes: the
-  unscattered size)."""
+  unscattered size). "distinct": the program's collectives before the compiler copied them: the TPU compiler fuses a
+  small all-gather into each consumer (the copies share the op's channel_id and run once per consumer), e.g. one
+  logical gather of CLIP2Video's normalised features appears 54 times."""
   out: dict[str, dict[str, int]] = {}
-  computation = ""
+  computation, channels = "", set()
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
     if head:
@@ -76,9 +79,14 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
       sizes = sizes[1:2]  # (operand, result, contexts...)
     elif start and kind in ("all-gather", "reduce-scatter", "all-to-all") and len(sizes) > 1:
       sizes = sizes[len(sizes) // 2:]  # (operands..., results...)
-    entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+    entry = out.setdefault(kind, {"count": 0, "bytes": 0, "distinct": 0})
     entry["count"] += 1
     entry["bytes"] += int(sum(sizes))
+    channel = _CHANNEL.search(line)
+    if channel is None or (kind, channel.group(1)) not in channels:
+      entry["distinct"] += 1
+      if channel is not None:
+        channels.add((kind, channel.group(1)))
   return out
 
 
