@@ -3,7 +3,8 @@
 Compiles the trainer's step (and the evaluation encoders) for a TPU slice on this machine, with no TPU and no
 data, and prints per chip: HBM against the chip's capacity, model and compiler FLOPs, the step time estimate and
 its MFU, and the collectives. Where the recipe does not fit or wastes the chip it compiles alternatives and
-prints the `--config` flags of the best that fits. Needs libtpu (`make tpu`); the library is
+prints the `--config` flags of the best that fits. Needs libtpu (`make tpu`); for NVIDIA GPUs (`--topology h100:8`)
+the JAX CUDA plugin (`make gpu-plan`), and then gives memory and collectives, no time estimate. The library is
 clipvip_jax/train/planner.py.
 """
 
@@ -38,16 +39,18 @@ def format_plan(p: dict[str, Any]) -> str:
   hbm = p["hbm"]
   lines = [f"{p['topology']}: {p['num_chips']} x {p['chip']} ({p['device_kind']}), {p['num_hosts']} host(s); mesh "
            f"{p['mesh']}, global batch {p['global_batch']} ({p['per_chip_batch']:g} per chip), remat {p['remat']}",
-           f"  libtpu {p['libtpu']}, jax {p['jax']}; train step compiled in {p['compile_seconds']:.0f} s",
+           f"  {p['compiler']}, jax {p['jax']}; train step compiled in {p['compile_seconds']:.0f} s",
            "per chip:",
            f"  HBM       {_gib(hbm['peak'])} of {_gib(p['hbm_capacity_bytes'])} "
            f"({'fits' if p['fits'] else 'DOES NOT FIT'}, headroom {100 * p['headroom']:.0f}%): arguments "
            f"{_gib(hbm['arguments'])}, temporaries {_gib(hbm['temporaries'])}, outputs {_gib(hbm['outputs'])} "
            f"({_gib(hbm['aliased'])} aliased to arguments), code {_gib(hbm['code'])}",
            f"  FLOPs     model {p.get('model_flops', 0) / 1e12:.3f} T (the trainer's MFU basis), compiler "
-           f"{p['compiler_flops'] / 1e12:.3f} T (with recomputation)"]
+           + (f"{p['compiler_flops'] / 1e12:.3f} T (with recomputation)" if p["compiler_flops"] else "none given")]
   roof = p["roofline"]
-  if p["step_seconds_source"] == "compiler":
+  if p["step_seconds_source"] == "none":
+    est = "no estimate (the compiler gives no cost analysis for this target)"
+  elif p["step_seconds_source"] == "compiler":
     est = f"compiler's estimate {p['step_seconds'] * 1e3:.1f} ms"
   else:
     given = p["compiler_seconds"]
@@ -64,10 +67,12 @@ def format_plan(p: dict[str, Any]) -> str:
                                                 for k, v in sorted(p["collectives"].items())) or "none"))
   for name, e in (p.get("eval") or {}).items():
     lines.append(f"  {name:<12} HBM {_gib(e['hbm_peak_bytes'])}, {e['compiler_flops'] / 1e12:.3f} TFLOP, "
-                 f"{e['step_seconds'] * 1e3:.2f} ms ({e['step_seconds_source']})")
+                 + (f"{e['step_seconds'] * 1e3:.2f} ms ({e['step_seconds_source']})" if e["step_seconds"]
+                    else "no time estimate"))
   for alt in p.get("alternatives") or []:
     lines.append(f"  tried {' '.join(alt['flags'])}: HBM {_gib(alt['hbm_peak_bytes'])} "
-                 f"({'fits' if alt['fits'] else 'no'}), step {alt['step_seconds'] * 1e3:.1f} ms"
+                 f"({'fits' if alt['fits'] else 'no'}), step "
+                 + (f"{alt['step_seconds'] * 1e3:.1f} ms" if alt["step_seconds"] else "(no estimate)")
                  + (f", MFU {100 * alt['mfu']:.0f}%" if alt.get("mfu") else ""))
   if p.get("suggestion"):
     lines.append(("does not fit; " if not p["fits"] else "") + "use: " + " ".join(p["suggestion"]))
@@ -85,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        epilog="Override any config field with --config.KEY=VALUE.")
     parser.add_argument("--config", required=True, help="config file, optionally :ARG")
     parser.add_argument("--topology", required=True, help="TPU slice as libtpu names it: v4:2x2x1, v5e:2x2, "
-                        "v5p:4x4x4, v6e:8x8, ...")
+                        "v5p:4x4x4, v6e:8x8, ...; or GPUs: h100:8, a100:2x8 (hosts x GPUs)")
     parser.add_argument("--json", help="write the plan's facts to this JSON file")
     parser.add_argument("--no-search", action="store_true", help="report the recipe only; compile no alternatives")
     parser.add_argument("--no-eval", action="store_true", help="do not compile the evaluation encoders")
@@ -99,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hbm_gib is not None and args.hbm_gib <= 0:
       raise cli_errors.UsageError(f"--hbm-gib {args.hbm_gib} must be positive")
     config = cli.config_from_args(args.config, overrides)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; the slice is described by libtpu
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; the slice is described by libtpu / the plugin
     import jax
     jax.config.update("jax_platforms", "cpu")
     from clipvip_jax.train import planner
