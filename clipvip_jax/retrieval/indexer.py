@@ -53,8 +53,9 @@ class PartRows:
   """What a part's inputs became: rows that encoded and the inputs that did not."""
 
   def __init__(self, embeddings: np.ndarray, ids: list[str], captions: list[list[str]] | None,
-               skipped: list[dict[str, str]]):
+               skipped: list[dict[str, str]], spans: np.ndarray | None = None):
     self.embeddings, self.ids, self.captions, self.skipped = embeddings, ids, captions, skipped
+    self.spans = spans  # [rows, 2] (start, end) seconds of moment rows (VideoWindows), else None
 
 
 class Inputs(Protocol):
@@ -135,6 +136,59 @@ class VideoFiles:
 
     embeddings = _run(encode_fn, _video_batches(readable(), batch_size), batch_size, dims)
     return PartRows(embeddings, ids, None, skipped)
+
+
+class VideoWindows:
+  """Every video file of (id, path) cut into windows (clipvip_jax.retrieval.windows): one row per window, its id the
+  video's, its span (start, end) in seconds. Each video is decoded once, in order, `workers` videos at a time; a
+  video that fails part way is skipped whole (its windows already encoded are dropped) and listed."""
+  modality, unit = "video", "video"
+
+  def __init__(self, videos: Sequence[tuple[str, pathlib.Path]], recipe, window: float, stride: float,
+               fps: float = 5.0, workers: int = 4):
+    from clipvip_jax.retrieval.windows import check_window
+    check_window(window, stride)
+    self.videos, self.recipe, self.fps, self.workers = list(videos), recipe, fps, workers
+    self.window, self.stride = float(window), float(stride)
+
+  def __len__(self) -> int:
+    return len(self.videos)
+
+  def fingerprint(self) -> str:
+    return _fingerprint([clip_id for clip_id, _ in self.videos])
+
+  def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
+    from clipvip_jax.retrieval.windows import ordered_streams, video_windows
+    from data_pipelines.video_io import VideoReadError
+    videos = self.videos[start:stop]
+    owners: list[int] = []  # the video (number in `videos`) of every window sent to the model, in order
+    spans: list[tuple[float, float]] = []
+    failed: dict[int, str] = {}
+
+    def windows_of(item):
+      return video_windows(item[1], self.recipe, self.fps, self.window, self.stride)
+
+    def readable():
+      for number, window, error in ordered_streams(windows_of, videos, self.workers, buffer=2 * batch_size):
+        if window is not None:
+          owners.append(number)
+          spans.append(window[:2])
+          yield window[2], window[3]
+          continue
+        bar.update(1)  # the video is done
+        if error is not None:
+          if not isinstance(error, (VideoReadError, ValueError, OSError)):
+            raise error
+          failed[number] = str(error) or type(error).__name__
+          bar.set_postfix(skipped=bar.skipped + len(failed))
+
+    embeddings = _run(encode_fn, _video_batches(readable(), batch_size), batch_size, dims)
+    keep = [i for i, owner in enumerate(owners) if owner not in failed]
+    rows_of = {n for n in (owners[i] for i in keep)}
+    skipped = [{"id": videos[n][0], "reason": failed.get(n, "no window of it holds a decodable frame")}
+               for n in range(len(videos)) if n not in rows_of]
+    return PartRows(embeddings[keep], [videos[owners[i]][0] for i in keep], None, skipped,
+                    np.asarray([spans[i] for i in keep], np.float64).reshape(-1, 2))
 
 
 class _CaptionCollector:
@@ -327,7 +381,8 @@ def _finite_only(rows: PartRows) -> PartRows:
   keep = np.setdiff1d(np.arange(len(rows.ids)), bad)
   skipped = rows.skipped + [{"id": rows.ids[i], "reason": NON_FINITE_REASON} for i in bad.tolist()]
   return PartRows(np.asarray(rows.embeddings)[keep], [rows.ids[i] for i in keep.tolist()],
-                  None if rows.captions is None else [rows.captions[i] for i in keep.tolist()], skipped)
+                  None if rows.captions is None else [rows.captions[i] for i in keep.tolist()], skipped,
+                  None if rows.spans is None else rows.spans[keep])
 
 
 def _plan(model: RetrievalModel, inputs: Inputs, meta: Mapping[str, Any], part_size: int, dtype: str,
@@ -355,9 +410,7 @@ def _prepare_staging(staging: pathlib.Path, plan: dict[str, Any], force: bool, i
       plan = {k: v for k, v in plan.items() if k not in _HOW_TO_FINISH}
       if previous != plan:
         if not force:
-          differ = sorted(k for k in set(plan) | set(previous or {})
-                          if (previous or {}).get(k) != plan.get(k))
-          raise UsageError(f"{staging} holds an unfinished encode with other arguments ({', '.join(differ)} "
+          raise UsageError(f"{staging} holds an unfinished encode with other arguments ({_differences(previous, plan)} "
                            "differ); re-run it as it was, or pass --force to start over")
         index_lib.remove(staging)
     elif staging.exists():
@@ -405,7 +458,7 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
     raise UsageError("there is nothing to encode")
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  out = index_lib.check_out_dir(out_dir, force)
+  out = index_lib.check_out_dir(out_dir, force, finished_ok=True)
   lock = encode_lock(out)
   from clipvip_jax.train.workdir_lock import WorkdirLockedError
   try:
@@ -428,13 +481,17 @@ def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype,
   from tqdm.auto import tqdm
 
   from clipvip_jax.retrieval.extraction import device_encoder, round_batch_size
-  out = index_lib.check_out_dir(out_dir, force)  # again: another encode may have published it while we waited
-  staging = staging_dir(out)
+  # Again: another encode may have published it while we waited.
+  out = index_lib.check_out_dir(out_dir, force, finished_ok=True)
   dims = model.embedding_dim()
+  plan = _plan(model, inputs, meta, part_size, dtype, dims)
+  if not force and (out / index_lib.INDEX_FILE).is_file():
+    _check_finished(out, plan)  # the same encode, finished already (a job re-run): nothing to do
+    return out
+  staging = staging_dir(out)
   barrier = _barrier(process_count)
   if process_index == 0:  # before the plan barrier: no process of this run writes yet
     _remove_leftovers(out, staging, everything=True)
-  plan = _plan(model, inputs, meta, part_size, dtype, dims)
   if command:
     plan.update(command=command, cwd=os.getcwd())
   _prepare_staging(staging, plan, force, process_index == 0, barrier)
@@ -454,7 +511,8 @@ def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype,
       rows = _finite_only(inputs.encode(encode_fn, start, stop, batch_size, dims, bar))
       bar.skipped += len(rows.skipped)
       index_lib.write_part(staging, names[k], rows.embeddings, rows.ids, rows.captions,
-                           {"first_input": start, "inputs": stop - start, "skipped": rows.skipped}, dtype)
+                           {"first_input": start, "inputs": stop - start, "skipped": rows.skipped}, dtype,
+                           rows.spans)
       if after_part is not None:
         after_part(names[k])
   barrier("clipvip_jax.encode: parts")
@@ -478,11 +536,40 @@ def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype,
   if before_publish is not None:
     before_publish(staging)
   _remove_leftovers(out, staging, everything=True)  # every part is there: any temporary left is garbage
+  # The plan stays in the index, without the command (a path and cwd of no use there): a relaunch of the same
+  # encode compares with it and exits 0 (_check_finished). A kill before the rename leaves a resumable encode.
+  index_lib.write_json_atomic(staging / PLAN_FILE, {k: v for k, v in plan.items() if k not in _HOW_TO_FINISH})
   index_lib.publish(staging, out)
-  (out / PLAN_FILE).unlink(missing_ok=True)  # after the rename: a kill before it leaves a resumable encode
   if process_count > 1 and jax.process_count() > 1:
     barrier("clipvip_jax.encode: published")
   return out
+
+
+def _check_finished(out: pathlib.Path, plan: Mapping[str, Any]) -> None:
+  """Returns when `out` holds the index this very plan writes (the encode finished before); UsageError otherwise,
+  naming what differs: an existing index is replaced only with --force."""
+  plan = {k: v for k, v in plan.items() if k not in _HOW_TO_FINISH}
+  try:
+    previous = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    previous = None
+  if previous == plan:
+    return
+  differ = f" ({_differences(previous, plan)} differ)" if isinstance(previous, dict) else ""
+  raise UsageError(f"--out {out} already exists and holds another index{differ} (pass --force to replace it)")
+
+
+def _differences(previous: Any, plan: Mapping[str, Any], prefix: str = "") -> str:
+  """The plan's fields that differ, dotted into meta and options ("meta.options.window, checkpoint")."""
+  previous = previous if isinstance(previous, dict) else {}
+  names = []
+  for k in sorted(set(plan) | set(previous)):
+    a, b = previous.get(k), plan.get(k)
+    if a == b:
+      continue
+    names.append(_differences(a, b, f"{prefix}{k}.") if isinstance(a, dict) and isinstance(b, dict)
+                 else f"{prefix}{k}")
+  return ", ".join(names)
 
 
 def _first_skipped(staging: pathlib.Path, names: Sequence[str]) -> dict[str, str]:

@@ -105,7 +105,11 @@ def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, l
   frames = source_frames(index) if frames is None else frames
   if frames is None:
     return False
-  rows = {clip_id: row for row, clip_id in enumerate(index.ids)}
+  rows: dict[str, list[int]] = {}
+  for row, clip_id in enumerate(index.ids):
+    rows.setdefault(clip_id, []).append(row)
+  if not index.moments:  # one row a clip (a repeated id: its first row)
+    rows = {clip_id: found[:1] for clip_id, found in rows.items()}
   root = index.path / FOLDER
   tmp = index.path / f".{FOLDER}.tmp-{os.getpid()}"
   index_lib.remove(tmp)
@@ -116,16 +120,16 @@ def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, l
     offset = 0
     with open(tmp / "strips.bin", "wb") as out:
       for clip_id, clip_frames in frames:
-        row = rows.get(clip_id)
-        if row is None or lengths[row]:
-          continue
-        try:
-          strip = make_strip(clip_frames)
-        except (OSError, ValueError):
-          continue  # an undecodable frame: the row keeps no strip, the page shows its caption alone
-        out.write(strip)
-        starts[row], lengths[row] = offset, len(strip)
-        offset += len(strip)
+        for row in rows.get(clip_id, []):
+          if lengths[row]:
+            continue
+          try:
+            strip = make_strip(_moment_frames(index, row, clip_frames))
+          except (OSError, ValueError):
+            continue  # an undecodable frame: the row keeps no strip, the page shows its caption alone
+          out.write(strip)
+          starts[row], lengths[row] = offset, len(strip)
+          offset += len(strip)
     np.save(tmp / "strips.starts.npy", starts)
     np.save(tmp / "strips.lengths.npy", lengths)
     (tmp / "thumbnails.json").write_text(json.dumps(
@@ -137,6 +141,16 @@ def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, l
     index_lib.remove(tmp)
     raise
   return True
+
+
+def _moment_frames(index: index_lib.EmbeddingIndex, row: int, frames: list) -> list:
+  """The frames of a row: all of the clip's, or for a moment row those of its window (frames read at VIDEO_FPS
+  from the start: frame i is at i / VIDEO_FPS seconds)."""
+  span = index.span(row)
+  if span is None:
+    return frames
+  first, stop = int(np.ceil(span[0] * VIDEO_FPS - 1e-6)), int(np.ceil(span[1] * VIDEO_FPS - 1e-6))
+  return frames[first:max(stop, first + 1)]
 
 
 def ensure_thumbnails(index: index_lib.EmbeddingIndex) -> bool:
