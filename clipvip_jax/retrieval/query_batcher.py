@@ -34,8 +34,8 @@ class _Request:
 class QueryBatcher:
   """Batches text queries (and clip-to-clip queries) from concurrent requests; counts calls for /api/index."""
 
-  def __init__(self, searcher: search.Searcher, max_batch: int = search.QUERY_BATCH):
-    self.searcher, self.max_batch = searcher, max_batch
+  def __init__(self, searcher: search.Searcher, max_batch: int = search.QUERY_BATCH, per_video: int = 3):
+    self.searcher, self.max_batch, self.per_video = searcher, max_batch, per_video
     self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clipvip-search")
     self.queue: asyncio.Queue[_Request] | None = None
     self.worker: asyncio.Task | None = None
@@ -104,15 +104,11 @@ class QueryBatcher:
     if clips:
       vectors.append(index.rows([r.row for r in clips]))
     ordered = texts + clips
-    # One more row than asked for a clip query: the clip itself comes back first and is dropped.
-    top_k = min(max(r.top_k + (r.query is None) for r in ordered), index.count)
-    scores, rows, _ = search.top_rows(index, np.concatenate(vectors), top_k, self.searcher.backend,
-                                      self.searcher.approx)
-    answers: dict[int, Hits] = {}
-    for r, srow, rrow in zip(ordered, scores, rows):
-      hits = [(int(row), float(score)) for score, row in zip(srow, rrow) if row >= 0]
-      if r.query is None:
-        hits = [h for h in hits if h[0] != r.row]
-      answers[id(r)] = hits[:r.top_k]
+    # A clip query leaves itself out (and, for a moment, the windows of its video that overlap it); a moment index
+    # merges its windows into moments (search.ranked_hits).
+    hits = search.ranked_hits(index, np.concatenate(vectors), [r.top_k for r in ordered], self.searcher.backend,
+                              self.searcher.approx, per_video=self.per_video,
+                              excludes=[r.row for r in ordered])
+    answers = {id(r): h for r, h in zip(ordered, hits)}
     return [answers[id(r)] for r in batch]
 

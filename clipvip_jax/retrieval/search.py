@@ -3,6 +3,8 @@
     from clipvip_jax.retrieval.search import Searcher
     searcher = Searcher("idx/")                     # opens the index (memory-mapped) and loads its model once
     searcher.search(["a dog catches a frisbee"], top_k=5)   # -> [[(clip_id, score), ...]] one list per query
+    searcher.moments(["a dog catches a frisbee"], top_k=5)  # -> [[Moment(video, start, end, score, row), ...]]
+    searcher.more_like(row, top_k=5)                        # the moments (or clips) most like row `row`
 
 Each query is encoded with the model that built the index (the checkpoint recorded in index.json unless another
 of the same kind and size is given) and scored with that model's similarity, a dot product of the stored rows
@@ -13,18 +15,21 @@ alignment: clipvip_jax.models.clip2video). Backends:
   approximate  FAISS IVF candidates re-scored exactly (clipvip_jax.retrieval.approximate); needs
                `python -m clipvip_jax.index build-approximate DIR`
   auto         approximate from APPROXIMATE_ABOVE rows when one was built, exact otherwise
+A moment index (encode --window) ranks windows; they are merged into distinct moments, at most `per_video` a video
+(clipvip_jax.retrieval.moments: temporal non-maximum suppression). A whole-clip index ranks clips as it always did;
+moments() of a clip index gives each clip as a moment without a time (start and end None).
 """
 
 from __future__ import annotations
 
 import pathlib
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
 from clipvip_jax.runtime.cli_errors import UsageError
-from clipvip_jax.retrieval import approximate, exact
+from clipvip_jax.retrieval import approximate, exact, moments as moments_lib
 from clipvip_jax.retrieval.index import EmbeddingIndex, read_index
 from clipvip_jax.tokenizer import MAX_QUERY_CHARS
 
@@ -39,6 +44,16 @@ APPROXIMATE_ABOVE = 2_000_000
 QUERY_BATCH = 64  # queries encoded per compiled call (fewer are padded to a power of two: few compilations)
 
 Ranking = list[tuple[str, float]]
+
+
+class Moment(NamedTuple):
+  """One result: the video (its id in the index), the seconds it spans (None, None for a whole-clip row), the
+  model's score, and the row (for more_like and the index's other tables)."""
+  video: str
+  start: float | None
+  end: float | None
+  score: float
+  row: int
 
 
 def check_queries(queries: str | Sequence[str]) -> list[str]:
@@ -157,12 +172,40 @@ def top_rows(index: EmbeddingIndex, query_embeddings: np.ndarray, top_k: int, ba
   return scores, rows, "exact"
 
 
+def ranked_hits(index: EmbeddingIndex, vectors: np.ndarray, top_ks: Sequence[int], backend: str = "auto",
+                approx: approximate.ApproximateIndex | None = None, *, per_video: int = moments_lib.DEFAULT_PER_VIDEO,
+                excludes: Sequence[int | None] | None = None) -> list[list[tuple[int, float]]]:
+  """[(row, score), ...] best first for each query vector, top_ks[i] of them at most: clips of a whole-clip index,
+  merged moments of a moment index (moments.merge). excludes[i]: a row that is the query itself (more like this),
+  left out with, in a moment index, the windows of its video that overlap it."""
+  excludes = list(excludes) if excludes is not None else [None] * len(top_ks)
+  if index.moments:
+    return moments_lib.merged_top(index, lambda k: top_rows(index, vectors, k, backend, approx)[:2], list(top_ks),
+                                  per_video, excludes)
+  k = min(max(t + (e is not None) for t, e in zip(top_ks, excludes)), index.count)
+  scores, rows, _ = top_rows(index, vectors, k, backend, approx)
+  out = []
+  for srow, rrow, top_k, ex in zip(scores, rows, top_ks, excludes):
+    hits = [(int(r), float(sc)) for sc, r in zip(srow, rrow) if r >= 0 and r != ex]
+    out.append(hits[:top_k])
+  return out
+
+
+def as_moments(index: EmbeddingIndex, hits: Sequence[tuple[int, float]]) -> list[Moment]:
+  out = []
+  for row, score in hits:
+    span = index.span(row)
+    out.append(Moment(index.id(row), *(span if span is not None else (None, None)), float(score), int(row)))
+  return out
+
+
 def rank(model: RetrievalModel, index: EmbeddingIndex, queries: Sequence[str], top_k: int, *,
          backend: str = "auto", approx: approximate.ApproximateIndex | None = None) -> list[Ranking]:
   """For each query, the top_k (at most all) rows of the index by the model's similarity, best first; equal
-  scores keep index order (exact backend). Rows holding NaN or infinite values are never ranked (fewer results)."""
-  scores, rows, _ = top_rows(index, encode_queries(model, queries), top_k, backend, approx)
-  return [[(index.id(r), float(s)) for s, r in zip(srow, rrow) if r >= 0] for srow, rrow in zip(scores, rows)]
+  scores keep index order (exact backend). Rows holding NaN or infinite values are never ranked (fewer results).
+  A moment index gives its merged moments, each as (video id, score)."""
+  hits = ranked_hits(index, encode_queries(model, queries), [top_k] * len(queries), backend, approx)
+  return [[(index.id(r), s) for r, s in h] for h in hits]
 
 
 class Searcher:
@@ -189,6 +232,31 @@ class Searcher:
   def search(self, queries: str | Sequence[str], top_k: int = DEFAULT_TOP_K) -> list[Ranking]:
     return rank(self.model, self.index, check_queries(queries), check_top_k(top_k), backend=self.backend,
                 approx=self.approx)
+
+  def moments(self, queries: str | Sequence[str], top_k: int = DEFAULT_TOP_K,
+              per_video: int = moments_lib.DEFAULT_PER_VIDEO) -> list[list[Moment]]:
+    """Moments (video, start, end, score, row) best first for each query; distinct moments, at most per_video a
+    video (a whole-clip index: its clips, start and end None)."""
+    queries, top_k = check_queries(queries), check_top_k(top_k)
+    hits = ranked_hits(self.index, encode_queries(self.model, queries), [top_k] * len(queries), self.backend,
+                       self.approx, per_video=check_per_video(per_video))
+    return [as_moments(self.index, h) for h in hits]
+
+  def more_like(self, row: int, top_k: int = DEFAULT_TOP_K,
+                per_video: int = moments_lib.DEFAULT_PER_VIDEO) -> list[Moment]:
+    """The moments (or clips) most like row `row` of the index, the row itself (and, for a moment, the windows of
+    its video that overlap it) left out."""
+    if not 0 <= int(row) < self.index.count:
+      raise UsageError(f"row {row} is outside the index's {self.index.count} rows")
+    hits = ranked_hits(self.index, self.index.rows([int(row)]), [check_top_k(top_k)], self.backend, self.approx,
+                       per_video=check_per_video(per_video), excludes=[int(row)])
+    return as_moments(self.index, hits[0])
+
+
+def check_per_video(per_video: int) -> int:
+  if isinstance(per_video, bool) or not isinstance(per_video, (int, np.integer)) or per_video < 1:
+    raise UsageError(f"--per-video must be an integer >= 1, got {per_video!r}")
+  return int(per_video)
 
 
 def search(index_dir: str | pathlib.Path, queries: str | Sequence[str], top_k: int = DEFAULT_TOP_K, *,
