@@ -81,3 +81,17 @@ def merged_top(index, search: Callable[[int], tuple[np.ndarray, np.ndarray]], to
       return hits
     k = min(index.count, k * 4)
   return hits
+
+
+def recall_at_iou(found: list[list[tuple[str, float, float]]], truths: list[tuple[str, float, float]],
+                  ks: tuple[int, ...] = (1, 5), ious: tuple[float, ...] = (0.5, 0.7)) -> dict[str, float]:
+  """The moment-retrieval convention: R@k at IoU >= t is the share of queries whose top k results hold a moment of
+  the right video that overlaps the true span (video, start, end) by an IoU of at least t. found[i]: query i's
+  results (video, start, end), best first; a whole-video result is (video, 0, its length)."""
+  out = {}
+  for k in ks:
+    for t in ious:
+      hits = sum(any(video == truth[0] and iou((start, end), truth[1:]) >= t - 1e-9
+                     for video, start, end in results[:k]) for results, truth in zip(found, truths))
+      out[f"R@{k} IoU>={t:g}"] = hits / max(1, len(truths))
+  return out
