@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--split", default="test", help="split of --shards to encode (default %(default)s)")
   p.add_argument("--out", required=True, metavar="DIR", help="output index folder")
   p.add_argument("--force", action="store_true", help="replace an existing index in --out")
+  p.add_argument("--append", action="store_true",
+                 help="add the inputs the index in --out does not hold yet (new videos, new shard clips, new texts) "
+                      "as new parts, without re-encoding the others; same model and options as the index "
+                      "(clipvip_jax.retrieval.growth)")
   p.add_argument("--num-frames", type=_positive_int, help="frames per video (default: the model's recipe)")
   p.add_argument("--image-size", type=_positive_int,
                  help="frame size; must equal the model's input size (default: that size)")
@@ -145,7 +149,16 @@ def _check_inputs(args: argparse.Namespace) -> Any:
       check_window(args.window, args.window / 2 if args.stride is None else args.stride)
     except ValueError as e:
       raise UsageError(str(e)) from None
-  check_out_dir(args.out, args.force, finished_ok=True)
+  if args.append:
+    from clipvip_jax.retrieval.index import INDEX_FILE
+    if args.force:
+      raise UsageError("--append adds to the index in --out and --force replaces it; give one of them")
+    if not (pathlib.Path(args.out) / INDEX_FILE).is_file():
+      from clipvip_jax.retrieval.indexer import unfinished_encode
+      raise UsageError(unfinished_encode(args.out) or f"--append needs an index at --out {args.out}; there is none "
+                                                      "(encode without --append makes it)")
+  else:
+    check_out_dir(args.out, args.force, finished_ok=True)
   if args.videos is not None:
     root = pathlib.Path(args.videos)
     if not root.is_dir():
@@ -206,6 +219,30 @@ def _index_meta(model: RetrievalModel, args: argparse.Namespace, modality: str, 
                       **({"window": windows["window"], "stride": windows["stride"]} if windows else {})}}
 
 
+def _appended(inputs, args: argparse.Namespace, meta: dict[str, Any]):
+  """(the new inputs, the index they join, its before_publish) of --append; (None, ...) when nothing is new (the
+  append is done: exit 0). Refuses another model or other options in one sentence."""
+  from clipvip_jax.retrieval import growth
+  base = growth.open_base(args.out)
+  growth.check_append(base, {**meta, "dtype": args.dtype})
+  new = growth.new_inputs(inputs, base)
+  if len(new) == 0:
+    print(f"{args.out} is complete: it holds every one of the {len(inputs)} inputs already ({base.count} rows; "
+          "nothing to append)")
+    return None, base, None
+  first_new_row = base.count
+
+  def finish(staging: pathlib.Path) -> None:
+    if meta["modality"] == "video":
+      growth.carry_thumbnails(staging, base, new_ids=set(new.names()))
+    growth.refresh_approximate(staging, base, first_new_row,
+                               log=lambda line: print(f"{PROG}: approximate index: {line}", file=sys.stderr))
+
+  print(f"{PROG}: appending {len(new)} new of {len(inputs)} inputs to {args.out} ({base.count} rows)",
+        file=sys.stderr)
+  return new, base, finish
+
+
 def _start_processes() -> None:
   """Joins the other JAX processes of a multi-process launch (clipvip_jax.runtime.distributed; no-op for one process)."""
   from clipvip_jax.runtime import distributed
@@ -244,12 +281,18 @@ def _run(argv: Sequence[str] | None) -> int:
   # before it is published, so that a kill while they are written leaves an encode that a relaunch finishes.
   from clipvip_jax.retrieval.thumbnails import write_thumbnails
   from clipvip_jax.retrieval.index import INDEX_FILE
-  existed = (pathlib.Path(args.out) / INDEX_FILE).is_file() and not args.force
-  out = indexer.build_index(model, inputs, args.out, meta=_index_meta(model, args, inputs.modality, source, windows),
+  existed = (pathlib.Path(args.out) / INDEX_FILE).is_file() and not args.force and not args.append
+  meta = _index_meta(model, args, inputs.modality, source, windows)
+  before_publish, base = write_thumbnails if inputs.modality == "video" else None, None
+  if args.append:
+    inputs, base, before_publish = _appended(inputs, args, meta)
+    if inputs is None:
+      return 0
+  out = indexer.build_index(model, inputs, args.out, meta=meta,
                             batch_size=args.batch_size, part_size=args.part_size, dtype=args.dtype,
-                            force=args.force, progress=not args.quiet,
-                            before_publish=write_thumbnails if inputs.modality == "video" else None,
-                            command=shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)]))
+                            force=args.force, progress=not args.quiet, before_publish=before_publish,
+                            command=shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)]),
+                            base=base)
   if out is None:
     return 0  # another process writes the index
   from clipvip_jax.retrieval.index import read_index

@@ -14,7 +14,8 @@ index.json (format_version 2):
    "trust_pickle", "modality": "video" | "text", "source", "options": {recipe, fps, split, batch_size},
    "dims": D, "dtype": "float32" | "float16", "count": N, "inputs": inputs seen (encoded + skipped),
    "part_size": inputs per part, "parts": [{"name": "part-00000", "rows": n}], "skipped": count,
-   "captions": true | false, "windows": {"window": W, "stride": S} (moment indexes only; absent: one row a clip)}
+   "captions": true | false, "windows": {"window": W, "stride": S} (moment indexes only; absent: one row a clip),
+   "generation": appends and deletions since the first encode, "deleted": [ids deleted with index delete --id]}
 
 A part covers a fixed range of inputs (part_size of them), so which inputs a part holds depends only on the input
 list and part_size, never on how many processes or devices encoded it: that is what makes an interrupted encode
@@ -302,8 +303,9 @@ def publish(staging: pathlib.Path, out: pathlib.Path) -> None:
 
 def write_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[str], meta: Mapping[str, Any], *,
                 captions: Sequence[Sequence[str]] | None = None, dtype: str = "float32", part_rows: int = 1 << 20,
-                force: bool = False) -> pathlib.Path:
-  """An index from in-memory rows (tests, benchmarks, small sets), parts of `part_rows`; written atomically."""
+                force: bool = False, spans: np.ndarray | None = None) -> pathlib.Path:
+  """An index from in-memory rows (tests, benchmarks, small sets), parts of `part_rows`; written atomically.
+  spans: [rows, 2] (start, end) seconds: a moment index (meta must then hold "windows")."""
   out = check_out_dir(out_dir, force)
   staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   remove(staging)
@@ -315,7 +317,8 @@ def write_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequenc
       names.append(part_name(number))
       write_part(staging, names[-1], embeddings[start:stop], ids[start:stop],
                  None if captions is None else captions[start:stop],
-                 {"first_input": start, "inputs": stop - start, "skipped": []}, dtype)
+                 {"first_input": start, "inputs": stop - start, "skipped": []}, dtype,
+                 None if spans is None else spans[start:stop])
     finish_index(staging, {**meta, "dims": int(np.shape(embeddings)[1]), "dtype": dtype, "inputs": len(ids),
                            "part_size": part_rows}, names)
     publish(staging, out)
@@ -442,6 +445,10 @@ def describe(index: EmbeddingIndex) -> str:
   if index.moments:
     lines.append(f"moments     each row a window of {m['windows']['window']:g} s every {m['windows']['stride']:g} s "
                  "of a video (id: the video)")
+  if m.get("generation"):
+    deleted = len(m.get("deleted") or [])
+    lines.append(f"grown       generation {m['generation']} (appends and deletions since the first encode)"
+                 + (f"; {deleted} id(s) deleted for good" if deleted else ""))
   skipped = m.get("skipped")
   skipped = len(skipped) if isinstance(skipped, list) else skipped
   if skipped:

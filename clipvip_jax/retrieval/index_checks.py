@@ -149,7 +149,10 @@ def meta_problems(meta: Any, path: pathlib.Path, *, modalities: tuple[str, ...],
   else:
     fields.update({"parts": (True, ("a list of {\"name\", \"rows\"} objects", lambda v: isinstance(v, list))),
                    "dtype": (False, _one_of(dtypes)), "skipped": (False, _int_at_least(0)),
-                   "captions": (False, _BOOL), "windows": (False, _WINDOWS)})
+                   "captions": (False, _BOOL), "windows": (False, _WINDOWS),
+                   "generation": (False, _int_at_least(0)),
+                   "deleted": (False, _list_of("strings (ids deleted with index delete --id)",
+                                               lambda v: isinstance(v, str)))})
   problems = []
   for name, (required, (expected, test)) in fields.items():
     if name not in meta:

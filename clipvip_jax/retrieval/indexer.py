@@ -67,6 +67,10 @@ class Inputs(Protocol):
 
   def fingerprint(self) -> str: ...
 
+  def names(self) -> list[str]: ...  # the row id each input would get, in order
+
+  def only(self, keep: Sequence[int]) -> "Inputs": ...  # the inputs at these positions, in this order
+
   def encode(self, encode_fn: Callable[..., Any], start: int, stop: int, batch_size: int, dims: int,
              bar: Any) -> PartRows: ...
 
@@ -109,6 +113,12 @@ class VideoFiles:
 
   def fingerprint(self) -> str:
     return _fingerprint([clip_id for clip_id, _ in self.videos])
+
+  def names(self) -> list[str]:
+    return [clip_id for clip_id, _ in self.videos]
+
+  def only(self, keep: Sequence[int]) -> "VideoFiles":
+    return VideoFiles([self.videos[i] for i in keep], self.recipe, self.fps, self.workers)
 
   def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
     from clipvip_jax.retrieval.video_files import load_video, ordered_map
@@ -156,6 +166,13 @@ class VideoWindows:
 
   def fingerprint(self) -> str:
     return _fingerprint([clip_id for clip_id, _ in self.videos])
+
+  def names(self) -> list[str]:
+    return [clip_id for clip_id, _ in self.videos]
+
+  def only(self, keep: Sequence[int]) -> "VideoWindows":
+    return VideoWindows([self.videos[i] for i in keep], self.recipe, self.window, self.stride, self.fps,
+                        self.workers)
 
   def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
     from clipvip_jax.retrieval.windows import ordered_streams, video_windows
@@ -222,12 +239,22 @@ class ShardClips:
     for text, video_index in zip(collector.texts, self.data.text_video_index.tolist()):
       self.captions[video_index].append(text)
     self.workers = workers
+    self.order = list(range(self.data.num_videos))  # the records encoded, in order (only() narrows it)
 
   def __len__(self) -> int:
-    return self.data.num_videos
+    return len(self.order)
 
   def fingerprint(self) -> str:
-    return _fingerprint([clip_id or f"\0record {i}" for i, clip_id in enumerate(self.data.clip_ids)])
+    return _fingerprint([self.data.clip_ids[i] or f"\0record {i}" for i in self.order])
+
+  def names(self) -> list[str]:
+    return [self.data.clip_ids[i] or f"record {i}" for i in self.order]
+
+  def only(self, keep: Sequence[int]) -> "ShardClips":
+    import copy
+    narrowed = copy.copy(self)
+    narrowed.order = [self.order[i] for i in keep]
+    return narrowed
 
   def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
     import grain
@@ -236,7 +263,7 @@ class ShardClips:
     data = self.data
     rows: list[int] = []
     skipped: list[dict[str, str]] = []
-    videos = grain.MapDataset.source(sources.KeyedSource(data.source, range(start, stop))).map(
+    videos = grain.MapDataset.source(sources.KeyedSource(data.source, self.order[start:stop])).map(
         examples.EvalVideo(data.config.example_spec())).to_iter_dataset()
     if self.workers:
       pipeline.allow_grain_workers_outside_absl_app()
@@ -284,6 +311,12 @@ class Texts:
 
   def fingerprint(self) -> str:
     return _fingerprint(self.texts)
+
+  def names(self) -> list[str]:
+    return list(self.texts)
+
+  def only(self, keep: Sequence[int]) -> "Texts":
+    return Texts([self.texts[i] for i in keep], self.tokenize)
 
   def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
     texts = self.texts[start:stop]
@@ -437,7 +470,7 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
                 process_index: int | None = None, process_count: int | None = None,
                 after_part: Callable[[str], None] | None = None,
                 before_publish: Callable[[pathlib.Path], Any] | None = None,
-                command: str | None = None) -> pathlib.Path | None:
+                command: str | None = None, base: index_lib.EmbeddingIndex | None = None) -> pathlib.Path | None:
   """Encodes `inputs` into the index `out_dir` (module doc); returns its path, or None in a process that left the
   finishing step to process 0 (or, with simulated processes, while other processes' parts are still missing).
 
@@ -448,6 +481,8 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
   that publishes it (encode writes the thumbnails there: a kill during them leaves an unfinished encode, which a
   relaunch finishes). command: how to finish this encode, recorded for search/serve to print on an unfinished
   --out. Rows the model gives non-finite values for are skipped and listed, never written.
+  base: the index in out_dir that `inputs` are appended to (clipvip_jax.retrieval.growth; encode --append): the new
+  parts are numbered after its parts, which the new index shares (hard links), and it is published in one exchange.
   """
   import jax
   if dtype not in index_lib.DTYPES:
@@ -458,7 +493,7 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
     raise UsageError("there is nothing to encode")
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  out = index_lib.check_out_dir(out_dir, force, finished_ok=True)
+  out = index_lib.check_out_dir(out_dir, force, finished_ok=True) if base is None else pathlib.Path(out_dir)
   lock = encode_lock(out)
   from clipvip_jax.train.workdir_lock import WorkdirLockedError
   try:
@@ -469,23 +504,30 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
     return _build_locked(model, inputs, out_dir, meta=meta, batch_size=batch_size, part_size=part_size, dtype=dtype,
                          force=force, progress=progress, devices=devices, process_index=process_index,
                          process_count=process_count, after_part=after_part, before_publish=before_publish,
-                         command=command)
+                         command=command, base=base)
   finally:
     lock.release()
 
 
 def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype, force, progress, devices,
-                  process_index, process_count, after_part, before_publish, command) -> pathlib.Path | None:
+                  process_index, process_count, after_part, before_publish, command,
+                  base=None) -> pathlib.Path | None:
   """build_index's work, with the lock on --out held (by process 0 for the whole run)."""
   import jax
   from tqdm.auto import tqdm
 
   from clipvip_jax.retrieval.extraction import device_encoder, round_batch_size
   # Again: another encode may have published it while we waited.
-  out = index_lib.check_out_dir(out_dir, force, finished_ok=True)
+  out = index_lib.check_out_dir(out_dir, force, finished_ok=True) if base is None else pathlib.Path(out_dir)
   dims = model.embedding_dim()
   plan = _plan(model, inputs, meta, part_size, dtype, dims)
-  if not force and (out / index_lib.INDEX_FILE).is_file():
+  first_part = 0
+  if base is not None:
+    from clipvip_jax.retrieval import growth
+    growth.check_unchanged(base)  # another writer may have changed it while we waited for the lock
+    first_part = growth.next_part_number(base)
+    plan.update(append_to=growth.identity(base), first_part=first_part)
+  elif not force and (out / index_lib.INDEX_FILE).is_file():
     _check_finished(out, plan)  # the same encode, finished already (a job re-run): nothing to do
     return out
   staging = staging_dir(out)
@@ -494,12 +536,14 @@ def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype,
     _remove_leftovers(out, staging, everything=True)
   if command:
     plan.update(command=command, cwd=os.getcwd())
-  _prepare_staging(staging, plan, force, process_index == 0, barrier)
+  # An append's staging folder made for another state of the index (or other arguments) is only work to redo: the
+  # index itself is untouched until the publishing exchange, so it is started over rather than refused.
+  _prepare_staging(staging, plan, force or base is not None, process_index == 0, barrier)
   method = "encode_video" if inputs.modality == "video" else "encode_text"
   encode_fn = device_encoder(model.pretrained, method, devices)
   batch_size = round_batch_size(batch_size, len(encode_fn.devices))
   num_parts = math.ceil(len(inputs) / part_size)
-  names = [index_lib.part_name(k) for k in range(num_parts)]
+  names = [index_lib.part_name(first_part + k) for k in range(num_parts)]
   done = index_lib.finished_parts(staging)
   mine = [k for k in range(num_parts) if k % process_count == process_index and names[k] not in done]
   todo = sum(min(part_size, len(inputs) - k * part_size) for k in mine)
@@ -526,8 +570,13 @@ def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype,
             "encoded by other processes; the last to finish writes the index", file=sys.stderr)
       return None
     raise RuntimeError(f"parts {missing[:3]} are missing after encoding them")  # a bug, not an input error
-  full = index_lib.finish_index(staging, {**meta, "dims": dims, "dtype": dtype, "inputs": len(inputs),
-                                          "part_size": part_size}, names)
+  all_names, inputs_seen, extra = names, len(inputs), {}
+  if base is not None:
+    all_names = growth.link_parts(base, staging) + names
+    inputs_seen += int(base.meta.get("inputs", base.count))
+    extra = growth.carried_meta(base)
+  full = index_lib.finish_index(staging, {**meta, **extra, "dims": dims, "dtype": dtype, "inputs": inputs_seen,
+                                          "part_size": part_size}, all_names)
   if full["count"] == 0:
     skipped = _first_skipped(staging, names)
     index_lib.remove(staging)  # nothing to publish, and nothing left behind

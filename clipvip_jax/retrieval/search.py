@@ -208,14 +208,48 @@ def rank(model: RetrievalModel, index: EmbeddingIndex, queries: Sequence[str], t
   return [[(index.id(r), s) for r, s in h] for h in hits]
 
 
+class Snapshot(NamedTuple):
+  """One state of the index, opened whole (every file mapped): what a query is answered from, start to end."""
+  index: EmbeddingIndex
+  approx: approximate.ApproximateIndex | None
+  stamp: tuple[int, int, int] | None  # index.json's (inode, mtime ns, size) when it was opened
+
+
+def index_stamp(index_dir: str | pathlib.Path) -> tuple[int, int, int] | None:
+  """What changes when an index is replaced, appended to or has rows deleted (a new index.json: a new inode)."""
+  try:
+    st = (pathlib.Path(index_dir) / "index.json").stat()
+  except OSError:
+    return None
+  return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def open_snapshot(index_dir: str | pathlib.Path, backend: str, tries: int = 3) -> Snapshot:
+  """The index as one state: opened again when index.json changed while its parts were being opened (an append,
+  a deletion or a --force encode published then), so no snapshot mixes two states."""
+  for attempt in range(tries):
+    before = index_stamp(index_dir)
+    index = read_index(index_dir)
+    uses_approx = backend == "approximate" or (backend == "auto" and index.count >= APPROXIMATE_ABOVE)
+    approx = approximate.load(index) if uses_approx else None
+    if index_stamp(index_dir) == before or attempt == tries - 1:
+      return Snapshot(index, approx, before)
+  raise AssertionError("unreachable")
+
+
 class Searcher:
-  """An index opened and its model loaded once, for any number of `search` calls (a server, a notebook)."""
+  """An index opened and its model loaded once, for any number of `search` calls (a server, a notebook).
+
+  reload_if_changed() opens the index again when it was replaced since (encode --append, index delete, encode
+  --force): the next queries are answered from the new state, a query already running finishes on the one it
+  started with (`snapshot` is swapped whole, and every file of an opened index stays mapped)."""
 
   def __init__(self, index_dir: str | pathlib.Path, checkpoint: str | None = None, config: str | None = None,
                step: str | int | None = None, *, model: RetrievalModel | None = None, backend: str = "auto",
                warn: bool = True, model_dir: str | pathlib.Path | None = None):
     self.backend = check_backend(backend)
-    self.index = read_index(index_dir)
+    self.index_dir = pathlib.Path(index_dir)
+    self.snapshot = open_snapshot(index_dir, backend)
     if model_dir is not None:  # an exported model (python -m clipvip_jax.export)
       model = load_exported_index_model(self.index, model_dir)
     elif model is None:
@@ -223,34 +257,59 @@ class Searcher:
     else:
       check_compatible(self.index, model)
     self.model = model
-    # Loaded only where it may be used: FAISS's reader is the one reader here not written for hostile files.
-    uses_approx = backend == "approximate" or (backend == "auto" and self.index.count >= APPROXIMATE_ABOVE)
-    self.approx = approximate.load(self.index) if uses_approx else None
+    # The approximate index is loaded only where it may be used (open_snapshot): FAISS's reader is the one reader
+    # here not written for hostile files.
     if backend == "approximate" and self.approx is None:
       top_rows(self.index, np.zeros((0, self.index.dims), np.float32), 1, backend, None)  # raises the sentence
 
+  @property
+  def index(self) -> EmbeddingIndex:
+    return self.snapshot.index
+
+  @property
+  def approx(self) -> approximate.ApproximateIndex | None:
+    return self.snapshot.approx
+
+  def changed(self) -> bool:
+    return index_stamp(self.index_dir) != self.snapshot.stamp
+
+  def reload_if_changed(self) -> bool:
+    """Opens the index again if it changed on disk; True when the searcher now answers from a new state. A new
+    state that cannot be used (damaged, another model, no approximate index where one is required) raises
+    UsageError and leaves the searcher on the state it had."""
+    if not self.changed():
+      return False
+    snapshot = open_snapshot(self.index_dir, self.backend)
+    check_compatible(snapshot.index, self.model)
+    if self.backend == "approximate" and snapshot.approx is None:
+      top_rows(snapshot.index, np.zeros((0, snapshot.index.dims), np.float32), 1, self.backend, None)
+    self.snapshot = snapshot
+    return True
+
   def search(self, queries: str | Sequence[str], top_k: int = DEFAULT_TOP_K) -> list[Ranking]:
-    return rank(self.model, self.index, check_queries(queries), check_top_k(top_k), backend=self.backend,
-                approx=self.approx)
+    snap = self.snapshot
+    return rank(self.model, snap.index, check_queries(queries), check_top_k(top_k), backend=self.backend,
+                approx=snap.approx)
 
   def moments(self, queries: str | Sequence[str], top_k: int = DEFAULT_TOP_K,
               per_video: int = moments_lib.DEFAULT_PER_VIDEO) -> list[list[Moment]]:
     """Moments (video, start, end, score, row) best first for each query; distinct moments, at most per_video a
     video (a whole-clip index: its clips, start and end None)."""
-    queries, top_k = check_queries(queries), check_top_k(top_k)
-    hits = ranked_hits(self.index, encode_queries(self.model, queries), [top_k] * len(queries), self.backend,
-                       self.approx, per_video=check_per_video(per_video))
-    return [as_moments(self.index, h) for h in hits]
+    queries, top_k, snap = check_queries(queries), check_top_k(top_k), self.snapshot
+    hits = ranked_hits(snap.index, encode_queries(self.model, queries), [top_k] * len(queries), self.backend,
+                       snap.approx, per_video=check_per_video(per_video))
+    return [as_moments(snap.index, h) for h in hits]
 
   def more_like(self, row: int, top_k: int = DEFAULT_TOP_K,
                 per_video: int = moments_lib.DEFAULT_PER_VIDEO) -> list[Moment]:
     """The moments (or clips) most like row `row` of the index, the row itself (and, for a moment, the windows of
     its video that overlap it) left out."""
-    if not 0 <= int(row) < self.index.count:
-      raise UsageError(f"row {row} is outside the index's {self.index.count} rows")
-    hits = ranked_hits(self.index, self.index.rows([int(row)]), [check_top_k(top_k)], self.backend, self.approx,
+    snap = self.snapshot
+    if not 0 <= int(row) < snap.index.count:
+      raise UsageError(f"row {row} is outside the index's {snap.index.count} rows")
+    hits = ranked_hits(snap.index, snap.index.rows([int(row)]), [check_top_k(top_k)], self.backend, snap.approx,
                        per_video=check_per_video(per_video), excludes=[int(row)])
-    return as_moments(self.index, hits[0])
+    return as_moments(snap.index, hits[0])
 
 
 def check_per_video(per_video: int) -> int:

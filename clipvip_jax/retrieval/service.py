@@ -203,6 +203,7 @@ class IndexAnswer(_Strict):
   captions: bool
   thumbnails: bool
   moments: bool
+  generation: int
   backend: str
   limits: LimitsAnswer
   served: ServedAnswer
@@ -212,8 +213,8 @@ class ClipTable:
   """Row <-> clip id and what the page shows of a row; the id -> row map is built on first use (it reads every
   id once: a second for a million rows)."""
 
-  def __init__(self, searcher: Searcher, thumbnails: Thumbnails, videos: "VideoFiles | None" = None):
-    self.index, self.thumbnails, self.videos = searcher.index, thumbnails, videos
+  def __init__(self, index, thumbnails: Thumbnails, videos: "VideoFiles | None" = None):
+    self.index, self.thumbnails, self.videos = index, thumbnails, videos
     self._rows: dict[str, int] | None = None
     self._durations: dict[str, float] = {}
     self._lock = threading.Lock()
@@ -303,6 +304,56 @@ class VideoFiles:
       return self.resolve(row)
     except BadRequest:
       return None
+
+
+class View:
+  """What the service answers from: one state of the index (a search.Snapshot) with its thumbnails, clip table and
+  video files, built together, so a request is ranked and described from the same state."""
+
+  def __init__(self, snapshot, video_roots: Sequence[str | pathlib.Path]):
+    index = snapshot.index
+    self.snapshot = snapshot
+    self.thumbnails = Thumbnails(index.path, index.count)
+    self.videos = VideoFiles(index, video_roots) if video_roots else None
+    self.clips = ClipTable(index, self.thumbnails, self.videos)
+
+
+class Views:
+  """The current View, replaced when the index on disk changes (an append, a deletion, an encode --force): checked
+  with one stat of index.json at each request (the searcher's reload_if_changed). A request keeps the view it
+  started with to its answer, so none fails or mixes states during a change; a new state that cannot be opened
+  (damaged, another model) is logged and the old one kept serving."""
+
+  def __init__(self, searcher: Searcher, video_roots: Sequence[str | pathlib.Path]):
+    import logging
+    self.searcher, self.video_roots = searcher, video_roots
+    self.log = logging.getLogger("clipvip_jax.serve")
+    snapshot = getattr(searcher, "snapshot", None)
+    if snapshot is None:  # a stand-in searcher (the OpenAPI description is read without an index)
+      import types
+      snapshot = types.SimpleNamespace(index=searcher.index, approx=None)
+    self.view = View(snapshot, video_roots)
+    self.reloads = 0
+    self._lock = threading.Lock()
+    self._refused: Any = None
+
+  def current(self) -> View:
+    changed = getattr(self.searcher, "changed", None)
+    if changed is None or not changed():
+      return self.view
+    with self._lock:
+      if self.searcher.changed():
+        from clipvip_jax.runtime.cli_errors import UsageError
+        try:
+          if self.searcher.reload_if_changed():
+            self.view = View(self.searcher.snapshot, self.video_roots)
+            self.reloads += 1
+            self.log.warning("the index changed on disk: now serving %d rows", self.view.snapshot.index.count)
+        except (UsageError, OSError, ValueError) as e:
+          if str(e) != self._refused:
+            self._refused = str(e)
+            self.log.warning("the index changed on disk but cannot be served (%s); still serving the one before", e)
+    return self.view
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -474,9 +525,7 @@ def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str =
   "*": any, which gives up the DNS-rebinding guard). show_paths: /api/index shows the index's, checkpoint's and
   source's absolute paths instead of their names. video_roots: folders whose video files /video/ROW serves (none:
   the page shows frames only)."""
-  thumbnails = Thumbnails(searcher.index.path, searcher.index.count)
-  videos = VideoFiles(searcher.index, video_roots) if video_roots else None
-  clips = ClipTable(searcher, thumbnails, videos)
+  views = Views(searcher, video_roots)
   batcher = QueryBatcher(searcher) if max_batch is None else QueryBatcher(searcher, max_batch)
 
   @contextlib.asynccontextmanager
@@ -487,7 +536,7 @@ def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str =
 
   app = FastAPI(title=title, description="Text-to-video and video-to-video search over one clipvip_jax index.",
                 lifespan=lifespan, docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
-  app.state.batcher, app.state.clips = batcher, clips
+  app.state.batcher, app.state.views = batcher, views
   app.openapi = lambda: _openapi(app)
 
   @app.exception_handler(BadRequest)
@@ -520,12 +569,14 @@ def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str =
 
   @app.get("/api/index", summary="What the index holds", response_model=IndexAnswer)
   async def index_info() -> dict[str, Any]:
-    index, meta = searcher.index, searcher.index.meta
+    view = views.current()
+    index, meta = view.snapshot.index, view.snapshot.index.meta
     shown = (lambda value: None if value is None else str(value)) if show_paths else _name_only
     return {"path": shown(index.path), "rows": index.count, "dims": index.dims, "dtype": index.dtype,
             "kind": index.kind, "checkpoint": shown(searcher.model.checkpoint), "step": meta.get("step"),
             "source": shown(meta.get("source")), "captions": bool(meta.get("captions")),
-            "thumbnails": thumbnails.available, "moments": searcher.index.moments, "backend": searcher.backend,
+            "thumbnails": view.thumbnails.available, "moments": index.moments, "backend": searcher.backend,
+            "generation": int(meta.get("generation") or 0),
             "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_top_k": MAX_TOP_K},
             "served": {"queries": batcher.queries, "model_calls": batcher.model_calls}}
 
@@ -534,20 +585,23 @@ def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str =
                                                         "control characters but tab)"),
                         top_k: int = Query(DEFAULT_TOP_K, description=f"1..{MAX_TOP_K}")) -> dict[str, Any]:
     query, top_k = check_query(q), check_top_k(top_k)
-    hits = await batcher.rank(query, top_k)
-    return {"query": query, "top_k": top_k, "results": clips.results(hits)}
+    view = views.current()
+    hits = await batcher.rank(query, top_k, view.snapshot)
+    return {"query": query, "top_k": top_k, "results": view.clips.results(hits)}
 
   @app.get("/api/similar", summary="The clips most like a clip (video to video)", response_model=SimilarAnswer)
   async def similar(id: str | None = Query(None, description="a clip id of the index"),  # noqa: A002
                     row: int | None = Query(None, description="a row of the index (a moment), instead of id"),
                     top_k: int = Query(DEFAULT_TOP_K, description=f"1..{MAX_TOP_K}")) -> dict[str, Any]:
-    row, top_k = clips.row(id, row), check_top_k(top_k)
-    hits = await batcher.similar(row, top_k)
-    return {"clip": clips.describe(row), "top_k": top_k, "results": clips.results(hits)}
+    view = views.current()
+    row, top_k = view.clips.row(id, row), check_top_k(top_k)
+    hits = await batcher.similar(row, top_k, view.snapshot)
+    return {"clip": view.clips.describe(row), "top_k": top_k, "results": view.clips.results(hits)}
 
   @app.get("/api/clip", summary="One clip: captions and thumbnail", response_model=ClipAnswer)
   async def clip(id: str | None = Query(None, description="a clip id of the index"),  # noqa: A002
                  row: int | None = Query(None, description="a row of the index, instead of id")) -> dict[str, Any]:
+    clips = views.current().clips
     return clips.describe(clips.row(id, row))
 
   @app.get("/video/{row}", summary="A row's video file, inside the declared video roots", response_class=Response)
@@ -555,19 +609,20 @@ def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str =
     if not re.fullmatch(r"0|[1-9][0-9]{0,11}", row):
       raise BadRequest(f"video {row[:100]!r} is not a row number", 404)
     number = int(row)
-    if videos is None:
+    view = views.current()
+    if view.videos is None:
       raise BadRequest("this service serves no video files (serve --video-root DIR declares where they may come "
                        "from)", 403)
-    if number >= searcher.index.count:
+    if number >= view.snapshot.index.count:
       raise BadRequest(f"the index has no row {number}", 404)
-    return FileResponse(videos.resolve(number))
+    return FileResponse(view.videos.resolve(number))
 
   @app.get("/thumbnails/{name}", summary="A clip's thumbnail strip (JPEG)", response_class=Response)
   async def thumbnail(name: str) -> Response:
     check_name(name, "thumbnail name")
     if not _THUMBNAIL_NAME.fullmatch(name):
       raise BadRequest(f"thumbnail name {name!r} is not ROW.jpg", 404)
-    data = thumbnails.strip(int(name[:-4]))
+    data = views.current().thumbnails.strip(int(name[:-4]))
     if data is None:
       raise BadRequest(f"the index has no thumbnail {name!r}", 404)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})

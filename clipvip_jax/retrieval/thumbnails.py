@@ -85,29 +85,39 @@ def _video_frames(videos_dir: pathlib.Path, wanted: set[str]) -> Iterator[tuple[
   yield from ordered_map(decode, videos, min(8, os.cpu_count() or 1), window=32)
 
 
-def source_frames(index: index_lib.EmbeddingIndex) -> Iterable[tuple[str, list[bytes]]] | None:
-  """Where the index's clips can be read from (its recorded source), or None when it cannot (a text index, a
-  source that moved)."""
+def source_frames(index: index_lib.EmbeddingIndex,
+                  only: set[str] | None = None) -> Iterable[tuple[str, list[bytes]]] | None:
+  """Where the index's clips (or those of `only`) can be read from (its recorded source), or None when it cannot (a
+  text index, a source that moved)."""
   source = index.meta.get("source")
   if index.modality != "video" or not source or not pathlib.Path(source).is_dir():
     return None
   source = pathlib.Path(source)
   split = (index.meta.get("options") or {}).get("split")
   if (source / "manifest.json").is_file() and split:
-    return _shard_frames(source, split)
-  return _video_frames(source, set(index.ids))
+    frames = _shard_frames(source, split)
+    return frames if only is None else ((i, f) for i, f in frames if i in only)
+  return _video_frames(source, set(index.ids) if only is None else only)
 
 
-def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, list[bytes]]] | None = None) -> bool:
+def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, list[bytes]]] | None = None, *,
+                     first: list[bytes] | None = None) -> bool:
   """DIR/thumbnails for the index in `index_dir`, from `frames` ((clip id, frames) pairs, any order; default:
-  the index's recorded source). Returns False (writing nothing) when there is no source to read."""
+  the index's recorded source). Returns False (writing nothing) when there is no source to read. first: the strips
+  of the first len(first) rows, given (an append or a deletion carries them over; b"": none); `frames` then
+  serves only the rows after them (None: they get no strip)."""
   index = index_lib.read_index(index_dir)
-  frames = source_frames(index) if frames is None else frames
+  first = first or []
+  if first:
+    frames = frames or []
+  else:
+    frames = source_frames(index) if frames is None else frames
   if frames is None:
     return False
   rows: dict[str, list[int]] = {}
   for row, clip_id in enumerate(index.ids):
-    rows.setdefault(clip_id, []).append(row)
+    if row >= len(first):
+      rows.setdefault(clip_id, []).append(row)
   if not index.moments:  # one row a clip (a repeated id: its first row)
     rows = {clip_id: found[:1] for clip_id, found in rows.items()}
   root = index.path / FOLDER
@@ -119,6 +129,10 @@ def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, l
     lengths = np.zeros(index.count, np.int64)
     offset = 0
     with open(tmp / "strips.bin", "wb") as out:
+      for row, strip in enumerate(first):
+        out.write(strip)
+        starts[row], lengths[row] = offset, len(strip)
+        offset += len(strip)
       for clip_id, clip_frames in frames:
         for row in rows.get(clip_id, []):
           if lengths[row]:
