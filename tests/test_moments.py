@@ -301,3 +301,47 @@ def test_a_hostile_id_cannot_reach_a_file_outside_the_roots(checkpoint, videos, 
     for row in (0, 1):
       response = client.get(f"/video/{row}")
       assert response.status_code == 403 and b"not for you" not in response.content
+
+
+# ------------------------------------------------------------------------------------------------ untrusted fields
+
+
+def _small_moment_index(path: pathlib.Path) -> pathlib.Path:
+  from clipvip_jax.retrieval.index import write_index
+  return write_index(path, np.eye(3, 4, dtype=np.float32), ["a", "a", "b"],
+                     {"created_by": "tests", "kind": "clipvip", "checkpoint": "x", "modality": "video",
+                      "windows": {"window": 4.0, "stride": 2.0}},
+                     spans=np.array([[0, 4], [2, 6], [0, 1.5]]))
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("windows", {"window": 4, "stride": 8}, "field 'windows'"), ("windows", "8s", "field 'windows'"),
+    ("generation", -1, "field 'generation'"), ("deleted", "a", "field 'deleted'"), ("deleted", [1], "field 'deleted'"),
+])
+def test_new_index_fields_are_checked_as_untrusted_input(tmp_path, field, value, words):
+  from clipvip_jax.retrieval.index_checks import IndexDamaged
+  out = _small_moment_index(tmp_path / "idx")
+  meta = json.loads((out / "index.json").read_text())
+  meta[field] = value
+  (out / "index.json").write_text(json.dumps(meta))
+  with pytest.raises(IndexDamaged, match=words):
+    read_index(out)
+  assert any(words in p for p in verify.verify_index(out).problems)
+
+
+@pytest.mark.parametrize("spans, words", [
+    (np.array([[0, 4], [6, 2], [0, 1.5]]), "row 1 has the span"), (np.array([[0, 4], [2, np.nan], [0, 1]]), "row 1"),
+    (np.array([[-1.0, 4], [2, 6], [0, 1]]), "row 0"), (np.zeros((2, 2)), "3 rows"),
+    (np.zeros((3, 2), np.float32), "float64"),
+])
+def test_damaged_spans_are_refused_naming_the_file(tmp_path, spans, words):
+  from clipvip_jax.retrieval.index_checks import IndexDamaged
+  out = _small_moment_index(tmp_path / "idx")
+  np.save(out / "parts/part-00000/spans.npy", spans)
+  with pytest.raises(IndexDamaged, match=words) as exc:
+    read_index(out)
+  assert "spans.npy" in str(exc.value)
+  assert not verify.verify_index(out).ok
+  (out / "parts/part-00000/spans.npy").unlink()
+  with pytest.raises(IndexDamaged, match="spans.npy is missing"):
+    read_index(out)
