@@ -225,9 +225,7 @@ def _measure_and_write(index, ivf, described: dict[str, Any], refine: int, targe
   # 0.75 with 200 candidates, docs/performance.md).
   for tried_refine in (refine, 2 * refine, 4 * refine):
     approx.meta["refine"] = tried_refine
-    for nprobe in NPROBES:
-      if nprobe > nlist:
-        break
+    for nprobe in sorted({min(n, nlist) for n in NPROBES}):  # a small index has fewer lists than NPROBES[0]
       _, rows = search(approx, index, queries, 10, nprobe=nprobe)
       recalls[(nprobe, tried_refine)] = recall_at(rows, truth)
       log(f"nprobe {nprobe}, refine {tried_refine}: recall@10 {recalls[(nprobe, tried_refine)]:.3f}")
