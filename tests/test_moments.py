@@ -234,7 +234,7 @@ def test_ground_truth_moments_are_found_on_long_synthetic_videos(checkpoint, mod
   from data_pipelines import manifest, shard_writer, video_io
   truths = write_long_videos(shards, "train", tmp_path / "long", clips=(3, 5), seed=1, every=2)
   out = tmp_path / "idx"
-  # The model's default window (2/3 s a frame: 2.67 s for 4 frames) and stride.
+  # The model's default window (0.5 s a frame: 2 s for 4 frames) and stride.
   assert encode.main(["--checkpoint", str(checkpoint), "--videos", str(tmp_path / "long"), "--out", str(out),
                       "--window", "--quiet"]) == 0
   searcher = search.Searcher(out, model=model)

@@ -107,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                       "0 = every frame, CLIP-ViP's exact rule)")
   p.add_argument("--window", nargs="?", const="auto", metavar="SECONDS",
                  help="--videos: cut every video into windows of this many seconds, one row each (a moment index: "
-                      "search finds the moment, not just the file); alone: the model's default, 2/3 s per frame "
-                      "(8 s for 12 frames; clipvip_jax.retrieval.windows says why)")
+                      "search finds the moment, not just the file); alone: the model's default, 0.5 s per frame "
+                      "(6 s for 12 frames; clipvip_jax.retrieval.windows says why)")
   p.add_argument("--stride", type=float, metavar="SECONDS",
                  help="with --window: seconds between window starts (default: half the window)")
   p.add_argument("--workers", type=int, default=None,

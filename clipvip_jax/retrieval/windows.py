@@ -13,10 +13,13 @@ start <= t < end, the recipe's test-time rule picking T of them, resized and nor
 decoded once, in order (video_io.FrameStream): a window is cut from a buffer of the last W + S seconds of kept
 frames as soon as a frame past its end arrives, so memory does not grow with the video's length.
 
-Defaults: a window of 2/3 s per model frame (CLIP-ViP and CLIP2Video's 12 frames: 8 s; frames 0.67 s apart, about
-the spacing of their MSR-VTT fine-tuning, 12 frames over 10-20 s clips), and a stride of half the window: then any
-moment W long overlaps some window by at least 3W/4, an IoU of at least 0.6, so the 0.5 threshold of the
-moment-retrieval convention is within reach for every moment of the window's length.
+Defaults: a window of 0.5 s per model frame (CLIP-ViP and CLIP2Video's 12 frames: 6 s, the short end of the 6-12 s
+those 12 frames cover in their MSR-VTT fine-tuning; the demo's 4 frames: 2 s, exactly the span of the clips it was
+trained on), and a stride of half the window: then any moment W long overlaps some window by at least 3W/4, an IoU
+of at least 0.6, so the 0.5 threshold of the moment-retrieval convention is within reach for every moment of the
+window's length. Shorter is better for finding moments as long as the frames stay as far apart as the model was
+trained on: a window longer than the moment mixes in what surrounds it (docs/performance.md section 10: with
+2/3 s a frame the demo's CLIP-ViP found 17% of the moments at R@1, IoU >= 0.5; with 0.5 s, the figure there).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-SECONDS_PER_FRAME = 2 / 3
+SECONDS_PER_FRAME = 0.5
 _EPS = 1e-6  # seconds: timestamps are exact fractions turned into floats
 
 
