@@ -151,41 +151,47 @@ def append_rows(out: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[st
   one new part, published as encode --append publishes (module doc: linked old parts, one exchange, thumbnails
   carried over, the approximate index by its rule), under the encode lock. Returns the new index."""
   from clipvip_jax.retrieval import indexer
-  from clipvip_jax.train.workdir_lock import WorkdirLockedError
   out = pathlib.Path(out)
-  lock = indexer.encode_lock(out)
-  try:
-    lock.acquire(report=lambda line: log(f"clipvip_jax.index: {line}"))
-  except WorkdirLockedError as e:
-    raise UsageError(str(e)) from None
-  try:
+  with indexer.holding_encode_lock(out, lambda line: log(f"clipvip_jax.index: {line}")):
     base = open_base(out)
     if (spans is None) == base.moments:
       raise UsageError(f"{out} is {'a moment' if base.moments else 'a whole-clip'} index: rows appended to it "
                        f"{'need' if base.moments else 'take no'} spans")
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    index_lib.remove(staging)
-    staging.mkdir()
-    try:
-      names = link_parts(base, staging)
+    seen = int(base.meta.get("inputs", base.count))
+
+    def parts(staging: pathlib.Path) -> list[str]:
       name = index_lib.part_name(next_part_number(base))
       index_lib.write_part(staging, name, embeddings, list(ids), captions,
-                           {"first_input": int(base.meta.get("inputs", base.count)), "inputs": len(ids),
-                            "skipped": []}, base.dtype, spans)
-      meta = {k: v for k, v in base.meta.items() if k not in ("format_version", "count", "parts", "skipped",
-                                                             "captions", "_identity", "generation", "deleted")}
-      meta["inputs"] = int(base.meta.get("inputs", base.count)) + len(ids)
-      index_lib.finish_index(staging, meta | carried_meta(base), names + [name])
-      carry_thumbnails(staging, base)
-      refresh_approximate(staging, base, base.count, log=log)
-      check_unchanged(base)
-      index_lib.publish(staging, out)
-    except BaseException:
-      index_lib.remove(staging)
-      raise
-  finally:
-    lock.release()
+                           {"first_input": seen, "inputs": len(ids), "skipped": []}, base.dtype, spans)
+      return link_parts(base, staging) + [name]
+
+    _publish_next(out, base, parts, {"inputs": seen + len(ids), **carried_meta(base)}, range(base.count),
+                  base.count, log)
   return index_lib.read_index(out)
+
+
+# Fields of index.json that describe one state of the index (rewritten by finish_index, or carried_meta).
+_STATE_FIELDS = ("format_version", "count", "parts", "skipped", "captions", "_identity", "generation", "deleted")
+
+
+def _publish_next(out: pathlib.Path, base: index_lib.EmbeddingIndex, write_parts, meta: dict[str, Any],
+                  old_rows: Sequence[int], appended_from: int | None, log) -> None:
+  """The next state of the index built beside it (write_parts(staging) -> the part names in order; the base's
+  other fields, updated by `meta`; the strips of `old_rows` carried over; the approximate index by its rule) and
+  published by one exchange; nothing is left behind on failure."""
+  staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  index_lib.remove(staging)
+  staging.mkdir()
+  try:
+    names = write_parts(staging)
+    index_lib.finish_index(staging, {k: v for k, v in base.meta.items() if k not in _STATE_FIELDS} | meta, names)
+    carry_thumbnails(staging, base, old_rows=old_rows)
+    refresh_approximate(staging, base, appended_from, log=log)
+    check_unchanged(base)
+    index_lib.publish(staging, out)
+  except BaseException:
+    index_lib.remove(staging)
+    raise
 
 
 # ------------------------------------------------------------------------------------------------ after the rows
@@ -263,17 +269,9 @@ def delete(out: str | os.PathLike, ids: Sequence[str] = (), vanished: bool = Fal
   """Removes every row of `ids` (recorded as deleted) and of vanished files from the index in `out`, atomically
   (module doc), holding the encode lock. Returns (rows removed, rows left). Unknown ids are refused."""
   from clipvip_jax.retrieval import indexer
-  from clipvip_jax.train.workdir_lock import WorkdirLockedError
   out = pathlib.Path(out)
-  lock = indexer.encode_lock(out)
-  try:
-    lock.acquire(report=lambda line: log(f"clipvip_jax.index: {line}"))
-  except WorkdirLockedError as e:
-    raise UsageError(str(e)) from None
-  try:
+  with indexer.holding_encode_lock(out, lambda line: log(f"clipvip_jax.index: {line}")):
     return _delete_locked(out, list(ids), vanished, log)
-  finally:
-    lock.release()
 
 
 def _delete_locked(out: pathlib.Path, ids: list[str], vanished: bool, log) -> tuple[int, int]:
@@ -288,32 +286,20 @@ def _delete_locked(out: pathlib.Path, ids: list[str], vanished: bool, log) -> tu
   if not doomed:
     return 0, base.count
   keep = np.asarray([i not in doomed for i in all_ids])
-  staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-  index_lib.remove(staging)
-  staging.mkdir()
-  try:
+
+  def parts(staging: pathlib.Path) -> list[str]:
     affected = [p.name for p, start in zip(base.parts, base.row_starts[:-1]) if not keep[start:start + p.rows].all()]
-    names = link_parts(base, staging, skip=affected)
-    number = next_part_number(base)
-    ordered = []
+    link_parts(base, staging, skip=affected)
+    number, ordered = next_part_number(base), []
     for part, start in zip(base.parts, base.row_starts[:-1].tolist()):
       if part.name not in affected:
         ordered.append(part.name)
         continue
       ordered.append(_rewrite_part(base, staging, part, start, keep[start:start + part.rows], number, doomed))
       number += 1
-    del names
-    index_lib.finish_index(staging, {k: v for k, v in base.meta.items()
-                                     if k not in ("format_version", "count", "parts", "skipped", "captions",
-                                                  "_identity", "generation", "deleted")}
-                           | carried_meta(base, ids), ordered)
-    carry_thumbnails(staging, base, old_rows=np.flatnonzero(keep).tolist())
-    refresh_approximate(staging, base, None, log=log)
-    check_unchanged(base)
-    index_lib.publish(staging, out)
-  except BaseException:
-    index_lib.remove(staging)
-    raise
+    return ordered
+
+  _publish_next(out, base, parts, carried_meta(base, ids), np.flatnonzero(keep).tolist(), None, log)
   return int((~keep).sum()), int(keep.sum())
 
 

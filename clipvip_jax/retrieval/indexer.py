@@ -23,6 +23,7 @@ command that finishes it (recorded in the plan).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -148,7 +149,7 @@ class VideoFiles:
     return PartRows(embeddings, ids, None, skipped)
 
 
-class VideoWindows:
+class VideoWindows(VideoFiles):
   """Every video file of (id, path) cut into windows (clipvip_jax.retrieval.windows): one row per window, its id the
   video's, its span (start, end) in seconds. Each video is decoded once, in order, `workers` videos at a time; a
   video that fails part way is skipped whole (its windows already encoded are dropped) and listed."""
@@ -158,17 +159,8 @@ class VideoWindows:
                fps: float = 5.0, workers: int = 4):
     from clipvip_jax.retrieval.windows import check_window
     check_window(window, stride)
-    self.videos, self.recipe, self.fps, self.workers = list(videos), recipe, fps, workers
+    super().__init__(videos, recipe, fps, workers)
     self.window, self.stride = float(window), float(stride)
-
-  def __len__(self) -> int:
-    return len(self.videos)
-
-  def fingerprint(self) -> str:
-    return _fingerprint([clip_id for clip_id, _ in self.videos])
-
-  def names(self) -> list[str]:
-    return [clip_id for clip_id, _ in self.videos]
 
   def only(self, keep: Sequence[int]) -> "VideoWindows":
     return VideoWindows([self.videos[i] for i in keep], self.recipe, self.window, self.stride, self.fps,
@@ -348,6 +340,22 @@ def encode_lock(out: str | os.PathLike):
                      holder="the encode", option="--out")
 
 
+@contextlib.contextmanager
+def holding_encode_lock(out: str | os.PathLike, report: Callable[[str], None]):
+  """The encode lock on `out` held for the block (encode, append, delete: one writer of an index at a time); a live
+  holder is refused in one sentence naming it."""
+  from clipvip_jax.train.workdir_lock import WorkdirLockedError
+  lock = encode_lock(out)
+  try:
+    lock.acquire(report=report)
+  except WorkdirLockedError as e:
+    raise UsageError(str(e)) from None
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
 def unfinished_encode(out: str | os.PathLike) -> str | None:
   """One sentence when `out` is the --out of an encode that has not finished (its staging folder is there):
   still running (the lock's live holder) or interrupted, with the command that finishes it; None otherwise."""
@@ -494,19 +502,11 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   out = index_lib.check_out_dir(out_dir, force, finished_ok=True) if base is None else pathlib.Path(out_dir)
-  lock = encode_lock(out)
-  from clipvip_jax.train.workdir_lock import WorkdirLockedError
-  try:
-    lock.acquire(report=lambda line: print(f"clipvip_jax.encode: {line}", file=sys.stderr))
-  except WorkdirLockedError as e:
-    raise UsageError(str(e)) from None
-  try:
+  with holding_encode_lock(out, lambda line: print(f"clipvip_jax.encode: {line}", file=sys.stderr)):
     return _build_locked(model, inputs, out_dir, meta=meta, batch_size=batch_size, part_size=part_size, dtype=dtype,
                          force=force, progress=progress, devices=devices, process_index=process_index,
                          process_count=process_count, after_part=after_part, before_publish=before_publish,
                          command=command, base=base)
-  finally:
-    lock.release()
 
 
 def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype, force, progress, devices,
