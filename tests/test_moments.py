@@ -345,3 +345,43 @@ def test_damaged_spans_are_refused_naming_the_file(tmp_path, spans, words):
   (out / "parts/part-00000/spans.npy").unlink()
   with pytest.raises(IndexDamaged, match="spans.npy is missing"):
     read_index(out)
+
+
+@pytest.mark.slow
+def test_the_page_shows_moments_with_their_time_and_opens_the_video_there(moment_index, videos, tmp_path):
+  """The page on a moment index in headless Chromium: each result's time range, its place on the video's time line,
+  the link that opens the video at the moment (served: --video-root), and a moment opened from its row."""
+  import urllib.request
+
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.common.keys import Keys
+  from selenium.webdriver.support.ui import WebDriverWait
+  from test_serve import _chromium, _server
+  index = read_index(moment_index)
+  with _server(moment_index, "--video-root", str(videos)) as url:
+    browser = _chromium(tmp_path)
+    try:
+      wait = WebDriverWait(browser, 60)
+      browser.get(url + "/")
+      browser.find_element(By.ID, "query").send_keys("a red circle", Keys.ENTER)
+      wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results .card")) > 0)
+      card = browser.find_elements(By.CSS_SELECTOR, "#results .card")[0]
+      row = int(card.get_attribute("data-row"))
+      start, end = index.span(row)
+      duration = max(index.span(r)[1] for r in range(index.count) if index.id(r) == index.id(row))
+      assert card.find_element(By.CLASS_NAME, "time-range").text == f"0:{start:04.1f}-0:{end:04.1f}"
+      mark = card.find_element(By.CLASS_NAME, "timeline-mark")
+      assert float(mark.value_of_css_property("left")[:-2]) > 0 or start == 0
+      assert browser.execute_script("return arguments[0].style.left", mark) == f"{100 * start / duration:.2f}%"
+      link = card.find_element(By.CLASS_NAME, "open-video").get_attribute("href")
+      assert link.endswith(f"/video/{row}#t={start:g},{end:g}")
+      with urllib.request.urlopen(link.split("#")[0], timeout=10) as response:
+        assert response.read() == (videos / f"{index.id(row)}.mp4").read_bytes()
+      card.find_element(By.CLASS_NAME, "clip-id").click()
+      wait.until(lambda b: b.find_element(By.ID, "detail").is_displayed() and
+                 len(b.find_elements(By.CSS_SELECTOR, "#detail-moment .time-range")) > 0)
+      assert f"row={row}" in browser.current_url
+      assert browser.find_element(By.CSS_SELECTOR, "#detail-moment .time-range").text == \
+          f"0:{start:04.1f}-0:{end:04.1f}"
+    finally:
+      browser.quit()

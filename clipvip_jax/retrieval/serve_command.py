@@ -128,7 +128,8 @@ def _run(argv: Sequence[str] | None) -> int:
   timeout = service.REQUEST_TIMEOUT_S if args.request_timeout is None else args.request_timeout
   server = uvicorn.Server(service.server_config(app, args.host, args.port, request_timeout=timeout))
   host = f"[{args.host}]" if ":" in args.host else args.host
-  print(f"serving {searcher.index.count} clips of {searcher.index.path} on http://{host}:{args.port}/ "
+  what = "moments" if searcher.index.moments else "clips"
+  print(f"serving {searcher.index.count} {what} of {searcher.index.path} on http://{host}:{args.port}/ "
         "(API: /openapi.json; Ctrl-C stops)", flush=True)
   server.run()
   return 0
