@@ -239,3 +239,11 @@ def test_the_service_serves_a_changed_index_under_load_without_a_failed_request(
     info = client.get("/api/index").json()
   assert statuses and set(statuses) == {200}
   assert info["rows"] == read_index(out).count != first and info["generation"] == 2
+
+
+def test_the_growth_benchmark_runs_small(tmp_path):
+  from benchmarks import index_growth
+  result = index_growth.run_size(2000, tmp_path, repeats=1, windows_per_s=100.0, faiss=False)
+  assert result["appended"] == 20 and read_index(tmp_path / "grown-2000").count == 2020
+  assert result["rebuild_with_encode_s"] > 20 and all(t[0] > 0 for k, t in result.items() if k.endswith("_s")
+                                                        and isinstance(t, tuple))
