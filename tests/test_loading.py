@@ -172,6 +172,24 @@ def test_train_init_refuses_a_kind_that_cannot_start_it(sources, fixtures_dir):
     _init(config)
 
 
+@pytest.mark.slow
+def test_the_train_command_starts_from_a_training_workdir(sources, clip_params, tmp_path_factory, capsys):
+  """python -m clipvip_jax.train --config.init.checkpoint=WORKDIR: one step at a learning rate of ~0 keeps the
+  parameters the loader read (the workdir's latest step) in the new run's checkpoint."""
+  from conftest import synthetic_shards
+  shards = synthetic_shards(tmp_path_factory, num_clips=24, seed=2)
+  out = tmp_path_factory.mktemp("train") / "run"
+  assert cli.train_main(["--config", "configs/tiny_test.py:meanp", "--workdir", str(out),
+                         f"--config.init.checkpoint={sources / 'run'}", f"--config.data.shard_dir={shards}",
+                         "--config.total_steps=1", "--config.eval.split=", "--config.optim.lr=1e-12",
+                         "--config.optim.lr_floor=0.0"]) == 0, capsys.readouterr().err
+  trained = loading.load_checkpoint(out)
+  assert (trained.kind, trained.step) == ("meanp", 1)
+  want = _step_params(clip_params[1], 3)
+  for k, v in want.items():
+    np.testing.assert_allclose(trained.params[k], v, atol=1e-6, err_msg=k)
+
+
 # ---- the kind registry is the one source ----
 
 

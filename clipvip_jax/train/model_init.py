@@ -12,17 +12,17 @@ config.model:
               "elementwise" on CPU, "none" on GPU/TPU), attention implementation, and whether each transformer runs its
               blocks with jax.lax.scan (layers.Encoder; same parameters and names); applied in every case
 config.init:
-  checkpoint  None (random init) | a converted directory | an original checkpoint file (converted on the fly) |
-              a training workdir of this project (its latest checkpoint's params)
+  checkpoint  None (random init) | anything clipvip_jax.loading reads: a converted directory, a training workdir
+              of this project (its latest checkpoint's params), an HF directory or an original checkpoint file
   config      the original's config for converting a raw checkpoint (HF CLIPConfig dict or JSON path, CLIP2Video
               options), as clipvip_jax.load_pretrained takes it
   skip        parameter-name regexes NOT taken from the checkpoint (default: logit_scale when a CLIP-ViP model starts
               from a plain CLIP: the original overwrites CLIP's temperature with 4.6)
   logit_scale None, or a value that replaces logit_scale after loading, whatever the start (CLIP-ViP's
               overload_logit_scale option); the clamp of config.optim still applies at the first update
-Same kind: the checkpoint fixes the architecture and every parameter must be present. A plain CLIP ("clip")
-initialises the CLIP part of a clipvip / meanp / clip2video model; the new parameters start as the originals
-initialise them (clip2video copies text layers into its temporal modules: convert.clip2video.init_params_from_clip).
+Same parameters (the same kind, or clip and meanp): the checkpoint fixes the architecture and every parameter must
+be present. A plain CLIP ("clip") initialises the CLIP part of a clipvip / clip2video model; the new parameters
+start as the originals initialise them (the kind's registry entry, kinds.Kind: base_skip, from_base).
 """
 
 from __future__ import annotations
