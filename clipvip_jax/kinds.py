@@ -1,11 +1,12 @@
 """The one registry of model kinds: what each kind is, and everything that differs between kinds.
 
-  kind        model / config classes           trains  takes videos  starts from a plain CLIP             test-time recipe
-  clip        CLIP / CLIPConfig                no      as meanp      -                                    CLIP4Clip, T = 12
-  meanp       MeanPoolCLIP / CLIPConfig        yes     yes           every parameter (the same ones)      CLIP4Clip, T = 12
-  clipvip     CLIPViP / CLIPViPConfig          yes     yes           the CLIP part, logit_scale skipped   CLIP-ViP, T = temporal_size
-  clip2video  CLIP2Video / CLIP2VideoConfig    yes     yes           the CLIP part + copies of text       CLIP4Clip, T = num_frames
-                                                                     layers (init_params_from_clip)
+  kind        classes (model / config)       trains  videos   a plain CLIP starts          test-time recipe
+  clip        CLIP / CLIPConfig              no      as meanp -                            CLIP4Clip, T = 12
+  meanp       MeanPoolCLIP / CLIPConfig      yes     yes      every parameter (the same)   CLIP4Clip, T = 12
+  clipvip     CLIPViP / CLIPViPConfig        yes     yes      the CLIP part, not its       CLIP-ViP, T = temporal_size
+                                                              logit_scale
+  clip2video  CLIP2Video / CLIP2VideoConfig  yes     yes      the CLIP part + copies of    CLIP4Clip, T = num_frames
+                                                              text layers
 
 Checkpoints, converters, the trainer, retrieval, export and the demo name a model by its kind and ask this module
 what that kind means; no other module compares a kind with a name (tests/test_loading.py checks). Classes and the
@@ -21,8 +22,6 @@ from typing import Any, Mapping
 
 CLIP4CLIP_FPS = 5.0  # CLIP2Video / CLIP4Clip extract frames at 5 fps before sub-sampling
 CLIP4CLIP_FRAMES = 12
-
-
 COSINE = "dot product = cosine (both embeddings L2-normalised)"
 
 
@@ -69,7 +68,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          video=False, video_kind="meanp", dynamic_frames=("onnx", "stablehlo"),
          hf_export="clipvip_jax.convert.export_hf:clip_to_hf"),
     Kind("meanp", "meanP baseline", "clipvip_jax.models.meanp:MeanPoolCLIP", "clipvip_jax.models.clip:CLIPConfig",
-         _CLIP4CLIP, train_flops=f"{_FLOPS}:meanp_train", base="clip", dynamic_frames=("onnx", "stablehlo")),
+         _CLIP4CLIP, train_flops=f"{_FLOPS}:meanp_train", dynamic_frames=("onnx", "stablehlo")),
     Kind("clipvip", "CLIP-ViP", "clipvip_jax.models.clipvip:CLIPViP", "clipvip_jax.models.clipvip:CLIPViPConfig",
          Recipe("temporal_size", "clipvip", "squash"), train_flops=f"{_FLOPS}:clipvip_train", base="clip",
          # the original overwrites CLIP's temperature with its own logit_scale_init (4.6)
