@@ -32,6 +32,7 @@ class Recipe:
   sampling: str  # "clipvip" | "clip2video" (data_pipelines.sampling)
   resize_mode: str  # "squash" | "crop" (data_pipelines.transforms)
   target_fps: float | None = None  # clip2video sampling: thin stored frames to this rate first
+  max_frames: str | None = None  # the config field bounding T (a frame position table); None: any T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Kind:
 
 _FLOPS = "clipvip_jax.train.model_flops"
 _CLIP4CLIP = Recipe(CLIP4CLIP_FRAMES, "clip2video", "crop", CLIP4CLIP_FPS)
+_CLIP2VIDEO = Recipe("num_frames", "clip2video", "crop", CLIP4CLIP_FPS, max_frames="frame_positions")
 
 # CLIP-ViP's ONNX video graph has a fixed T: jax2onnx cannot convert an index array sized by a symbolic T (its
 # temporal-embedding resampling), which StableHLO runs in the graph (clipvip._resample_temporal_traced).
@@ -75,7 +77,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          base_skip=("^logit_scale$",), dynamic_frames=("stablehlo",),
          hf_export="clipvip_jax.convert.export_hf:clipvip_to_hf"),
     Kind("clip2video", "CLIP2Video", "clipvip_jax.models.clip2video:CLIP2Video",
-         "clipvip_jax.models.clip2video:CLIP2VideoConfig", Recipe("num_frames", "clip2video", "crop", CLIP4CLIP_FPS),
+         "clipvip_jax.models.clip2video:CLIP2VideoConfig", _CLIP2VIDEO,
          train_flops=f"{_FLOPS}:clip2video_train", base="clip",
          from_base="clipvip_jax.convert.clip2video:init_params_from_clip",
          score="dot product = the original's inference logits (CLIP2Video's dual-encoder form: "
@@ -148,6 +150,12 @@ def recipe_values(kind: str, cfg: Any) -> tuple[int, str, str, float | None]:
   r = get(kind).recipe
   frames = getattr(cfg, r.frames) if isinstance(r.frames, str) else r.frames
   return int(frames), r.sampling, r.resize_mode, r.target_fps
+
+
+def max_frames(kind: str, cfg: Any) -> int | None:
+  """The most frames a model of this kind and config takes (None: unbounded)."""
+  field = get(kind).recipe.max_frames
+  return None if field is None else int(getattr(cfg, field))
 
 
 def _abstract_model(kind: str, cfg: Any):

@@ -262,6 +262,7 @@ def test_kind_tables_derive_from_the_registry():
     flops[kind] = model_flops.train_step_flops("nce", kind, cfg, data)
     recipe = default_recipe(kind, cfg)
     assert (recipe.sampling, recipe.resize_mode) == kinds.recipe_values(kind, cfg)[1:3]
+    assert kinds.max_frames(kind, cfg) == getattr(cfg, "frame_positions", None)  # only clip2video has a table
   assert len(set(flops.values())) == 3 and all(f > 0 for f in flops.values())  # each kind its own count
   with pytest.raises(ValueError, match="not trained"):
     model_flops.train_step_flops("nce", "clip", None, data)

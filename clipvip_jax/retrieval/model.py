@@ -75,7 +75,7 @@ class RetrievalModel:
   @property
   def max_frames(self) -> int | None:
     """The most frames the model can take (clip2video's frame position table), None when unbounded."""
-    return getattr(self.pretrained.config, "frame_positions", None)
+    return kinds.max_frames(self.kind, self.pretrained.config)
 
   def encode_video(self, video, frame_mask) -> jax.Array:
     """video [B, T, S, S, 3] CLIP-normalised float32, frame_mask [B, T] -> [B, D]."""

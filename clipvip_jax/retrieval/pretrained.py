@@ -1,7 +1,7 @@
 """The public surface: `load_pretrained(path)` -> a `Pretrained` with jitted encoders and similarity.
 
     import clipvip_jax
-    model = clipvip_jax.load_pretrained("converted/clip-b32")   # or an HF CLIP dir, or a .pt/.bin file
+    model = clipvip_jax.load_pretrained("converted/clip-b32")   # or a workdir, an HF CLIP dir, a .pt/.bin file
     ids, mask = model.tokenize(["a dog playing fetch"])
     t = model.encode_text(ids, mask)                             # [1, D], L2-normalised
     v = model.encode_image(images)                               # images [B, H, W, 3], CLIP-normalised float
