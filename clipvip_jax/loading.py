@@ -113,6 +113,8 @@ SOURCES: tuple[Source, ...] = (
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
+  """The JSON object at `path`, or None when it is missing or unreadable: a step's run config only refines the
+  recipe (retrieval.model), whose defaults then apply."""
   try:
     data = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, ValueError):
