@@ -27,8 +27,11 @@ import sys
 import time
 from typing import Any, Sequence
 
+from clipvip_jax import kinds
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MODELS = (("clipvip", "CLIP-ViP"), ("meanp", "meanP baseline"))
+# The model and its baseline, with the names tables use (kinds.Kind.title).
+MODELS = tuple((kind, kinds.get(kind).title) for kind in ("clipvip", "meanp"))
 METRICS = ("R@1", "R@5", "R@10", "MdR", "MnR")
 DEFAULT_CLIPS = 3000
 DATA_SEED = 0

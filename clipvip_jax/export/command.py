@@ -12,7 +12,6 @@ search and serve take it as --model DIR.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 from typing import Sequence
 
@@ -60,7 +59,7 @@ def _declared_kind(checkpoint: pathlib.Path) -> str | None:
   from clipvip_jax import converted_checkpoint
   if not converted_checkpoint.is_converted_dir(checkpoint):
     return None
-  return json.loads((checkpoint / converted_checkpoint.CONFIG_FILE).read_text()).get("kind")
+  return converted_checkpoint.read_meta(checkpoint)["kind"]
 
 
 def _check_kind(kind: str | None, checkpoint) -> None:

@@ -61,6 +61,11 @@ class CLIPViPConfig:
     return cls(clip=sub if isinstance(sub, clip.CLIPConfig) else clip.CLIPConfig.from_dict(sub), **d)
 
   @classmethod
+  def for_clip(cls, clip_cfg: clip.CLIPConfig, **fields) -> "CLIPViPConfig":
+    """The config around a CLIP's; `fields` set the CLIP-ViP options (num_proxies, temporal_size, ...)."""
+    return cls.from_dict({**fields, "clip": clip_cfg})
+
+  @classmethod
   def from_hf(cls, hf: Mapping[str, Any]) -> "CLIPViPConfig":
     """The original's HF CLIPConfig dict with `vision_additional_config`, bare or under the key "clip_config"."""
     from clipvip_jax.convert import hf_clip  # convert/ depends on models/, not the other way round at import
