@@ -92,7 +92,8 @@ def evaluate(index_dir: pathlib.Path, truths: list[dict], model=None, top_k: int
 
 def _encode(checkpoint: pathlib.Path, videos: pathlib.Path, out: pathlib.Path, window: bool) -> float:
   from clipvip_jax import encode
-  argv = ["--checkpoint", str(checkpoint), "--step", "best", "--videos", str(videos), "--out", str(out), "--quiet", "--force"]
+  argv = ["--checkpoint", str(checkpoint), "--step", "best", "--videos", str(videos), "--out", str(out), "--quiet",
+          "--force"]
   begin = time.perf_counter()
   assert encode.main(argv + (["--window"] if window else [])) == 0
   return time.perf_counter() - begin

@@ -23,6 +23,7 @@ import shlex
 import sys
 from typing import Any, Sequence
 
+from clipvip_jax.runtime import cli_errors
 from clipvip_jax.runtime.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.retrieval import indexer
 from clipvip_jax.retrieval.model import RetrievalModel
@@ -49,24 +50,8 @@ def read_text_lines(path: str | os.PathLike) -> list[str]:
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-  return value
 
 
-def _non_negative_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not value >= 0:
-    raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-  return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,10 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                                      f"  {PROG} --checkpoint converted/clipvip-b32 --texts queries.txt --out q/")
   p.add_argument("--checkpoint", required=True,
                  help="converted directory, training workdir, or original checkpoint file / HF directory")
-  p.add_argument("--config", help="the original's config JSON, for an original checkpoint file only")
-  p.add_argument("--step", help="training workdir only: a step number, 'latest' (default) or 'best'")
-  p.add_argument("--trust-pickle", action="store_true",
-                 help="allow loading an original checkpoint holding Python objects besides tensors (trusted files)")
+  cli_errors.add_checkpoint_options(p)
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--videos", metavar="DIR", help="folder of video files and/or frame-image folders")
   source.add_argument("--shards", metavar="DIR",
@@ -95,14 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                  help="add the inputs the index in --out does not hold yet (new videos, new shard clips, new texts) "
                       "as new parts, without re-encoding the others; same model and options as the index "
                       "(clipvip_jax.retrieval.growth)")
-  p.add_argument("--num-frames", type=_positive_int, help="frames per video (default: the model's recipe)")
-  p.add_argument("--image-size", type=_positive_int,
+  p.add_argument("--num-frames", type=cli_errors.positive_int, help="frames per video (default: the model's recipe)")
+  p.add_argument("--image-size", type=cli_errors.positive_int,
                  help="frame size; must equal the model's input size (default: that size)")
-  p.add_argument("--max-text-len", type=_positive_int,
+  p.add_argument("--max-text-len", type=cli_errors.positive_int,
                  help="token length incl. start/end tokens (default: the model's recipe)")
-  p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+  p.add_argument("--batch-size", type=cli_errors.positive_int, default=DEFAULT_BATCH_SIZE,
                  help="inputs per batch (default %(default)s)")
-  p.add_argument("--fps", type=_non_negative_float, default=5.0,
+  p.add_argument("--fps", type=cli_errors.non_negative_float, default=5.0,
                  help="--videos: rate frames are read at before sampling (default %(default)s, as build_shards; "
                       "0 = every frame, CLIP-ViP's exact rule)")
   p.add_argument("--window", nargs="?", const="auto", metavar="SECONDS",
@@ -114,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workers", type=int, default=None,
                  help="decoding workers: threads for --videos (default min(8, CPUs)), Grain processes for "
                       "--shards (default 0 = in this process)")
-  p.add_argument("--part-size", type=_positive_int, default=indexer.DEFAULT_PART_SIZE,
+  p.add_argument("--part-size", type=cli_errors.positive_int, default=indexer.DEFAULT_PART_SIZE,
                  help="inputs per part: the unit of resuming and of sharing work between processes "
                       "(default %(default)s)")
   p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
@@ -244,7 +226,7 @@ def _appended(inputs, args: argparse.Namespace, meta: dict[str, Any]):
 
 
 def _start_processes() -> None:
-  """Joins the other JAX processes of a multi-process launch (clipvip_jax.runtime.distributed; no-op for one process)."""
+  """Joins the other JAX processes of a multi-process launch (runtime/distributed.py; no-op for one process)."""
   from clipvip_jax.runtime import distributed
   distributed.initialize("encode")
 
