@@ -20,7 +20,8 @@ Numerics: features are cast to (at least) float32 and the matmuls use full preci
 bf16 activations round neither the logits (|logit| reaches 100) nor the log-sum-exp.
 """
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,23 @@ def _replicated(x: Array) -> Array:
   return jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
 
 
+_LOGITS_CONSTRAINT: list[Callable[[Array], Array] | None] = [None]
+
+
+@contextlib.contextmanager
+def logits_constraint(constrain: Callable[[Array], Array] | None) -> Iterator[None]:
+  """While active, every [B, B] logits matrix passes through `constrain` when it is made. The trainer gives its
+  rows the batch's sharding: each device computes its own rows against the gathered columns, and the column-wise
+  cross entropies reduce [B] partial sums across devices. Left replicated, every device would compute the whole
+  B x B matrix of every term (at 1,024 chips and batch 16,384, ~2.5 TFLOP and ~14 GiB per chip per step:
+  docs/performance.md section 4)."""
+  previous, _LOGITS_CONSTRAINT[0] = _LOGITS_CONSTRAINT[0], constrain
+  try:
+    yield
+  finally:
+    _LOGITS_CONSTRAINT[0] = previous
+
+
 def _at_least_float32(x: Array) -> Array:
   """bf16/fp16 -> float32; float32 and float64 (x64 gradient checks) stay as they are."""
   x = jnp.asarray(x)
@@ -54,6 +72,8 @@ def _scaled_cosine(queries: Array, keys: Array, logit_scale: Array) -> Array:
   queries, keys = _replicated(queries), _replicated(keys)
   cosine = jnp.matmul(_at_least_float32(queries), _at_least_float32(keys).T,
                       precision=jax.lax.Precision.HIGHEST)
+  if _LOGITS_CONSTRAINT[0] is not None:
+    cosine = _LOGITS_CONSTRAINT[0](cosine)
   return jnp.exp(_at_least_float32(logit_scale)) * cosine
 
 

@@ -336,8 +336,9 @@ def _plan(config, slice_, *, search, min_headroom, hbm_bytes, with_eval, report)
     except PlanError as e:
       report(f"{' '.join(variant.flags)}: {e}")
       continue
-    tried.append({"flags": list(variant.flags), "fits": _fits(alt, min_headroom), "hbm_peak_bytes":
-                  alt["hbm_peak_bytes"], "headroom": alt["headroom"], "step_seconds": alt["step_seconds"],
+    tried.append({"flags": list(variant.flags), "fits": _fits(alt, min_headroom), "hbm": alt["hbm"],
+                  "hbm_peak_bytes": alt["hbm_peak_bytes"], "headroom": alt["headroom"],
+                  "step_seconds": alt["step_seconds"],
                   "global_batch": alt["global_batch"], "mfu": alt.get("mfu")})
     report(f"{' '.join(variant.flags)}: HBM {alt['hbm_peak_bytes'] / targets.GIB:.1f} GiB, step "
            + (f"{alt['step_seconds'] * 1e3:.0f} ms" if alt["step_seconds"] else "(no estimate)"))

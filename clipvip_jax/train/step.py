@@ -164,10 +164,11 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
   frozen = optim.frozen_mask(rules)
-  micro_spec = gathered = None
+  micro_spec = gathered = row_sharded = None
   if batch_sharding is not None:
     micro_spec = NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
     gathered = NamedSharding(batch_sharding.mesh, P())
+    row_sharded = NamedSharding(batch_sharding.mesh, P(batch_sharding.spec[0], None))
 
   def stop_frozen(params):
     return jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, params, frozen)
@@ -182,7 +183,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
       # of f32[128,512] in its MSR-VTT step on 8 chips: docs/performance.md section 4).
       features = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, gathered), features)
       valid = None if valid is None else jax.lax.with_sharding_constraint(valid, gathered)
-    return objective.loss(nnx.merge(graphdef, stop_frozen(params), rest), features, valid)
+    rows = None if row_sharded is None else (lambda x: jax.lax.with_sharding_constraint(x, row_sharded))
+    with losses.logits_constraint(rows):  # each device its own rows of every B x B logits matrix
+      return objective.loss(nnx.merge(graphdef, stop_frozen(params), rest), features, valid)
 
   def gradients(params, batch):
     batch = dict(batch)
