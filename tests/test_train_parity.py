@@ -180,7 +180,7 @@ def run_updates(fx: Fixture, mesh_shape=(1, 1, 1), grad_accum: int = 1, batches=
   """The fixture's updates (or `batches(k)`'s) through trainer.setup_training on a mesh of `mesh_shape`."""
   config, total = recipe_config(fx)
   config.grad_accum = grad_accum
-  mesh = trainer.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape)
   rules = _rules(config)
   setup = trainer.setup_training(config, mesh, rules, total)
   params, opt_state = setup.model.params, setup.opt_state
