@@ -6,7 +6,8 @@
 A recipe (configs/*.py) states only the keys it sets; `complete` refuses a key the schema does not declare, in one
 sentence that names it and the closest declared key (`config.optim.warmup_fractoin is not a config key; did you
 mean config.optim.warmup_fraction?`), checks each value's type, fills in every default and returns a locked
-ConfigDict, so a command-line override (`--config.a.b=v`) can only change a key that exists. The data section is
+ConfigDict, so a command-line override (`--config.a.b=v`) can only change a key that exists (the mappings passed
+on whole stay open to code, their readers check them). The data section is
 data_pipelines.pipeline.DataConfig (its fields are the declaration); `eval.data` holds data keys that override
 config.data for evaluation. `model.clip`, `model.config` and `init.config` are passed on whole: the model's
 config dataclasses (models/*.py) refuse their unknown fields, and init.config is the original's own config.
@@ -174,16 +175,25 @@ def suggestion(name: str, keys: Mapping[str, Key] | list[str]) -> str:
   return spellings[difflib.get_close_matches(name, list(spellings), n=1, cutoff=0.0)[0]]
 
 
+# Other spellings of the section names, for the suggestion only.
+SECTION_ALSO = {"optim": ("optimizer", "optimiser"), "checkpoint": ("ckpt", "checkpoints"), "data": ("dataset",),
+                "eval": ("evaluation",), "init": ("initialization", "initialisation")}
+
+
+def _top_level() -> dict[str, Key]:
+  """The top-level keys and the section names, as the candidates of a top-level suggestion."""
+  return {**TOP, **{s: Key({}, "a section", also=SECTION_ALSO.get(s, ())) for s in sections() if s}}
+
+
 def unknown_key_message(dotted: str, available: list[str] | None = None) -> str:
   """'config.a.b is not a config key; did you mean config.a.c?' for a dotted key the config lacks. Inside a
   mapping the schema passes on whole (model.clip, model.config), `available` lists the keys that mapping has."""
   parent, _, leaf = dotted.rpartition(".")
   all_sections = sections()
-  if parent and parent.split(".")[0] not in all_sections:
-    head = parent.split(".")[0]
-    close = suggestion(head, [s for s in all_sections if s] + list(TOP))
-    return f"config.{dotted} is not a config key (no section {head!r}); did you mean config.{close}?"
-  keys = all_sections["data"] if parent == "eval.data" else all_sections.get(parent)
+  head = parent.split(".")[0]
+  if parent and head not in all_sections:
+    return f"config.{dotted} is not a config key (no section {head!r}); did you mean config.{suggestion(head, _top_level())}?"
+  keys = all_sections["data"] if parent == "eval.data" else _top_level() if not parent else all_sections.get(parent)
   if keys is None:
     if not available:
       return f"config.{dotted} is not a config key (config.{parent} has no keys)"
@@ -203,7 +213,7 @@ def _check_section(name: str, given: Mapping[str, Any], keys: Mapping[str, Key],
       raise SchemaError(unknown_key_message(f"{dotted}{key}"))
     declared = keys[key]
     if not declared.accepts(value):
-      raise SchemaError(f"config.{dotted}{key} = {value!r} is a {type(value).__name__}, not "
+      raise SchemaError(f"config.{dotted}{key} = {value!r} has type {type(value).__name__}; the schema declares "
                         f"{' or '.join(t.__name__ for t in (declared.types or _types_of(declared.default)))}")
   if not partial:
     missing = [k for k, key in keys.items() if key.default is REQUIRED and given.get(k) is None]
@@ -228,6 +238,9 @@ def complete(config: Any, source: str = "the config") -> ml_collections.ConfigDi
 def _complete(given: dict[str, Any]) -> ml_collections.ConfigDict:
   all_sections = sections()
   top = {k: v for k, v in given.items() if k not in all_sections}
+  for k, v in top.items():
+    if k not in TOP and isinstance(v, Mapping) and v:  # a misspelt section: name its first key
+      raise SchemaError(unknown_key_message(f"{k}.{next(iter(v))}"))
   _check_section("", top, TOP)
   out: dict[str, Any] = {k: (top[k] if k in top else key.default) for k, key in TOP.items()}
   for name, keys in all_sections.items():
@@ -244,6 +257,10 @@ def _complete(given: dict[str, Any]) -> ml_collections.ConfigDict:
   _check_section("eval.data", eval_data, all_sections["data"], partial=True)
   config = ml_collections.ConfigDict(out)
   config.lock()
+  for name, keys in all_sections.items():  # a mapping passed on whole is checked by its reader: code may add to it
+    for key in (k for k, declared in keys.items() if declared.free and name):
+      if isinstance(config[name][key], ml_collections.ConfigDict):
+        config[name][key].unlock()
   return config
 
 
