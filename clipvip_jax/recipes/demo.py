@@ -33,11 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 max_text_len=MAX_TEXT_LEN, batch_size=32, seed=0, worker_count=0, read_threads=0, dtype="uint8",
                 sampling="clipvip", resize_mode="squash", group_size=2)
 
-  # Model: 4-layer towers of width 64 on 32 x 32 frames (16 patches of 8 x 8), 8 video proxies. Width 64 learns
-  # motion as well as 96 did (val t2v R@1 62 vs 60 after 1,000 steps of 64) at 1.4x less time per step; for the
-  # same compute, 2,000 steps of batch 32 learn it sooner than 1,000 of 64 (seed 1: val 67.7 vs 59.3); and 8
-  # proxies instead of 4 (2% more time per step) sooner still (seed 2: val 52.7 vs 33.3 at step 1,000, 72.7 vs
-  # 59.0 at 2,000).
+  # Model: 4-layer towers of width 64 on 32 x 32 frames (16 patches of 8 x 8), 8 video proxies: width, batch and
+  # step count, and the proxy count were each chosen on measured validation R@1 and step time
+  # (docs/performance.md section 10).
   tower = dict(width=64, layers=4, heads=4, mlp_dim=128)
   # Position (and CLIP-ViP's temporal) embeddings start at std 1.0, the scale of the patch embeddings: trained
   # from scratch with the usual 0.02 the towers barely see where and when a shape is, and motion goes unlearned.
