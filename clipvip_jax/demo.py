@@ -3,8 +3,9 @@
   python -m clipvip_jax.demo [--out demo_out] [--steps N] [--clips N] [--seed S] [--force]
 
 1. Generates the synthetic video-text set (data_pipelines.synthetic) into OUT/data when it is missing.
-2. Trains a small CLIP-ViP from scratch (clipvip_jax/recipes/demo.py, also configs/demo.py:clipvip) and the
-   same-size meanP baseline (configs/demo.py:meanp: frame mean pooling, no temporal modelling) with the same data, optimiser and steps.
+2. Trains a small CLIP-ViP from scratch (the recipe clipvip_jax/recipes/demo.py, also configs/demo.py:clipvip) and
+   the same-size meanP baseline (configs/demo.py:meanp: frame mean pooling, no temporal modelling) with the same
+   data, optimiser and steps.
    Each keeps its best checkpoint by validation t2v R@1.
 3. Evaluates both best checkpoints on the held-out test split and prints the table (t2v and v2t R@1/5/10, MdR,
    MnR), writes OUT/results.json, TensorBoard logs (OUT/<model>/tensorboard) and OUT/training_curves.png.

@@ -104,6 +104,7 @@ def test_runtime_and_fixed_keys_are_declared_once():
   assert model_init.RUNTIME_KEYS is config_schema.MODEL_RUNTIME_KEYS
   assert set(config_schema.MODEL_RUNTIME_KEYS) == {"dtype", "remat", "attention", "scan_layers"}
   for key in config_schema.MODEL:
-    assert run_config._fixed(f"model.{key}") != (key in config_schema.MODEL_RUNTIME_KEYS)  # pylint: disable=protected-access
+    fixed = run_config._fixed(f"model.{key}")  # pylint: disable=protected-access
+    assert fixed != (key in config_schema.MODEL_RUNTIME_KEYS), key
   assert run_config._fixed("optim.frozen") and not run_config._fixed("optim.lr")  # pylint: disable=protected-access
   assert "attention_impl" not in config_schema.describe()

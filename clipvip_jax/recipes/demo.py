@@ -42,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = dict(kind=kind, dtype="float32", remat="auto", attention="xla",
                  clip=dict(vision=dict(**tower, patch_size=8, image_size=IMAGE_SIZE, position_init_std=1.0),
                            text=dict(**tower, max_len=MAX_TEXT_LEN), projection_dim=64),
-                 config=dict(num_proxies=8, temporal_size=NUM_FRAMES, temporal_init_std=1.0) if kind == "clipvip" else {})
+                 config=(dict(num_proxies=8, temporal_size=NUM_FRAMES, temporal_init_std=1.0) if kind == "clipvip"
+                         else {}))
   c.init = dict(checkpoint="", config="", skip=())
 
   c.optim = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05, grad_clip_norm=1.0,

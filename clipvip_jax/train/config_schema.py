@@ -192,7 +192,8 @@ def unknown_key_message(dotted: str, available: list[str] | None = None) -> str:
   all_sections = sections()
   head = parent.split(".")[0]
   if parent and head not in all_sections:
-    return f"config.{dotted} is not a config key (no section {head!r}); did you mean config.{suggestion(head, _top_level())}?"
+    close = suggestion(head, _top_level())
+    return f"config.{dotted} is not a config key (no section {head!r}); did you mean config.{close}?"
   keys = all_sections["data"] if parent == "eval.data" else _top_level() if not parent else all_sections.get(parent)
   if keys is None:
     if not available:

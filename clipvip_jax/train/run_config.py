@@ -7,8 +7,8 @@
 The reference is the `config` item of the workdir's newest checkpoint (what the checkpoints were trained with),
 not WORKDIR/config.json, which a run writes when it starts. Settings that shape the parameters or the optimiser
 state (declared `fixed` in train/config_schema.py: the model's architecture, the optimiser's kind, the frozen
-parameters) cannot change on resume; everything else (batch size, learning rate, total steps, data paths, compute dtype, remat, ...) can, and each difference is
-stated so that a resumed run never changes silently.
+parameters) cannot change on resume; everything else (batch size, learning rate, total steps, data paths, compute
+dtype, remat, scan_layers, ...) can, and each difference is stated so that a resumed run never changes silently.
 """
 
 from __future__ import annotations
