@@ -12,6 +12,7 @@ import importlib.metadata as md
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -86,8 +87,16 @@ def fresh(tmp_path_factory):
   (site / "pip").symlink_to(pathlib.Path(md.distribution("pip").locate_file("pip")))
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
   env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", JAX_PLATFORMS="cpu")
+  # A copy of what the package is built from: setuptools builds in the source tree (build/, *.egg-info), and a
+  # stale build/ in the checkout could ship files the tree no longer has.
+  source = tmp / "source"
+  source.mkdir()
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy2(REPO / name, source / name)
+  for name in TOP_LEVEL:
+    shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
   build = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--no-cache-dir", str(REPO)], capture_output=True, text=True, env=env, cwd=tmp,
+                          "--no-cache-dir", str(source)], capture_output=True, text=True, env=env, cwd=tmp,
                          timeout=300)
   assert build.returncode == 0, build.stderr[-3000:]
   return python, site, env, tmp

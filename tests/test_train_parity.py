@@ -41,8 +41,9 @@ LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
 # Gradient norms: the originals' float32 weight gradients (sums over every token of the batch) are themselves off
 # a float64 evaluation of the same model by up to 6e-5 per tensor and 1.5e-5 on the global norm (CLIP2Video's
 # mlp and in_proj weights, measured); ours agree with float64 to 2e-5 per tensor. Hence 1e-4 on the global norm
-# and 1e-3 per tensor, plus 1e-5 of the global norm for gradients that are zero but for rounding (key-projection
-# biases). A wrong rule (a clamp moment, a frozen or undecayed tensor) moves them by far more.
+# and 1e-3 per tensor. A tensor whose gradient is exactly zero but for rounding (a key bias of its own, see
+# SHIFT_INVARIANT) has no relative precision: both norms must only be rounding-sized, within 1e-5 of the global
+# norm. A wrong rule (a clamp moment, a frozen or undecayed tensor) moves them by far more.
 NORM_RTOL, TENSOR_NORM_RTOL, TENSOR_NORM_ATOL = 1e-4, 1e-3, 1e-5
 # Attention key biases: a key bias b adds q.b to every logit of query q, and a softmax over the keys does not
 # change when all of a query's logits shift together, so these parameters change no output and their gradient is
@@ -344,8 +345,10 @@ def test_pre_clip_gradient_norm_of_every_tensor_at_every_update(fx, run):
         assert np.isnan(expected), f"{original} is frozen here, not in the original"
         continue
       norm = math.sqrt(sum(float(np.sum(g[n] ** 2)) for n in ours))
-      np.testing.assert_allclose(norm, expected, rtol=TENSOR_NORM_RTOL, atol=TENSOR_NORM_ATOL * a["grad_norm"][k],
-                                 err_msg=f"update {k + 1}: {original}")
+      if all(SHIFT_INVARIANT.search(n) for n in ours):  # rounding noise on both sides
+        assert max(norm, float(expected)) <= TENSOR_NORM_ATOL * a["grad_norm"][k], f"update {k + 1}: {original}"
+        continue
+      np.testing.assert_allclose(norm, expected, rtol=TENSOR_NORM_RTOL, err_msg=f"update {k + 1}: {original}")
 
 
 def test_logit_scale_seen_by_each_forward_and_after_the_clamp(fx, run):
