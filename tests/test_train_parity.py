@@ -427,10 +427,12 @@ def test_key_biases_change_no_output(fx, run):
   batch = fixture_batch(fx, 0)
 
   @jax.jit
-  def outputs(params):
+  def loss_and_features(params, batch):
     model = nnx.merge(ms.graphdef, params, ms.rest)
     features = objective.features(model, batch)
     return objective.loss(model, features)[0], features
+
+  outputs = lambda params: loss_and_features(params, batch)
 
   def replaced(pattern):
     rng = np.random.default_rng(0)
