@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install allocator browser tpu demo test test-fast clean
+.PHONY: install allocator browser tpu gpu-plan demo test test-fast clean
 
 install: $(STAMP) allocator
 
@@ -58,6 +58,18 @@ $(VENV)/libtpu/.installed: | $(STAMP)
 	  echo "make: libtpu $$v for jax $$jaxv in $(VENV)/libtpu (the planner's only)"
 	touch $@
 
+# The JAX CUDA plugin, for planning NVIDIA GPUs without one (python -m clipvip_jax.plan --topology h100:8): the
+# plugin and PJRT wheels of the installed jax's version (~480 MB, no CUDA libraries: compiling needs none) into
+# .venv/cuda-plan, which only the planner puts on sys.path (clipvip_jax/train/targets.py). Optional; not in `make test`.
+gpu-plan: $(VENV)/cuda-plan/.installed
+
+$(VENV)/cuda-plan/.installed: | $(STAMP)
+	@jaxv=$$($(BIN)/python -c 'import jax; print(jax.__version__)'); \
+	  rm -rf $(VENV)/cuda-plan && $(BIN)/python -m pip install -q --no-deps --target $(VENV)/cuda-plan \
+	    "jax-cuda12-plugin==$$jaxv" "jax-cuda12-pjrt==$$jaxv" 2>&1 | $(QUIET); \
+	  echo "make: the JAX CUDA plugin $$jaxv in $(VENV)/cuda-plan (the planner's only)"
+	touch $@
+
 demo: install
 	$(BIN)/python -m clipvip_jax.demo
 
@@ -69,11 +81,11 @@ PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CAC
   $(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 # The whole suite, slow tests included (CI runs exactly this).
-test: install browser tpu
+test: install browser tpu gpu-plan
 	$(PYTEST) tests
 
 # Everything but the tests marked slow.
-test-fast: install browser tpu
+test-fast: install browser tpu gpu-plan
 	$(PYTEST) -m "not slow" tests
 
 clean:

@@ -170,6 +170,7 @@ def test_the_command_plans_a_v4_slice(libtpu, tmp_path):
     (("--topology", "v5e:2x2", "--config.data.batch_size=6"), "the global batch 6 does not divide over the 4"),
     (("--topology", "v5e:2x2", "--config.mesh=(8,1,1)"), "config.mesh (8, 1, 1) does not match the slice's 4 chips"),
     (("--topology", "v5e:2x2", "--config.model.lerning_rate=1"), "config.model.lerning_rate is not a config key"),
+    (("--topology", "h100:0"), "GPUs are named h100:N (one host of N) or h100:HxN"),
 ])
 def test_bad_arguments_are_one_sentence(libtpu, args, sentence):
   r = _run("--config", str(REPO / "configs/tiny_test.py"), "--no-eval", "--no-search", *args)
@@ -177,6 +178,31 @@ def test_bad_arguments_are_one_sentence(libtpu, args, sentence):
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert lines[-1].startswith("python -m clipvip_jax.plan: error: ") and sentence in lines[-1], r.stderr
   assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def cuda_plugin():
+  if targets.cuda_plugin_dir() is None:
+    if CI:
+      pytest.fail("the JAX CUDA plugin is not installed: `make gpu-plan` must run before the planner's tests")
+    pytest.skip("the JAX CUDA plugin is not installed (make gpu-plan)")
+
+
+def test_the_command_plans_gpus_without_one(cuda_plugin, tmp_path):
+  """Two H100s described by the JAX CUDA plugin, compiled by XLA's GPU compiler on this CPU host: memory and
+  collectives from the compiled program; no time estimate (the GPU compiler gives no cost analysis)."""
+  out = tmp_path / "h100.json"
+  r = _run("--config", str(REPO / "configs/tiny_test.py"), "--topology", "h100:2", "--no-search", "--no-eval",
+           "--json", str(out), *_flags())
+  assert r.returncode == 0, r.stderr
+  p = json.loads(out.read_text())
+  assert (p["platform"], p["chip"], p["num_chips"], p["device_kind"]) == ("gpu", "h100", 2, "NVIDIA H100 80GB HBM3")
+  assert p["hbm_capacity_bytes"] == targets.GPUS["h100"].chip.hbm_bytes and 0 < p["hbm_peak_bytes"] < 1024**3
+  assert p["hbm"]["arguments"] > 0 and p["hbm"]["temporaries"] > 0 and p["fits"]
+  assert p["remat"] == "none"  # "auto" resolved for the GPU target
+  assert p["step_seconds"] is None and p["step_seconds_source"] == "none" and p["model_flops"] > 0
+  assert p["collectives"]["all-reduce"]["bytes"] > 0  # the gradients summed over the two GPUs
+  assert "no estimate" in r.stdout and p["compiler"].startswith("jax-cuda12-plugin")
 
 
 def test_missing_libtpu_names_the_install_line(tmp_path):
@@ -208,8 +234,18 @@ ENTRY %main.1 (p0: f32[16,32], p1: bf16[8,4]) -> f32[64,32] {
   %collective-permute-start.1 = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%c), channel_id=4
   %all-to-all.2 = f32[4,1,512]{2,1,0} all-to-all(%d), channel_id=5, dimensions={0}
 }
+%fused_consumer.1 (param_0.1: f32[2,64]) -> f32[8,2,64] {
+  %all-gather.7 = f32[8,2,64]{2,1,0:T(2,128)S(1)} all-gather(%param_0.1), channel_id=6, dimensions={0}
+}
+%fused_consumer.2 (param_0.2: f32[2,64]) -> f32[8,2,64] {
+  %all-gather.8 = f32[8,2,64]{2,1,0:T(2,128)S(1)} all-gather(%param_0.2), channel_id=6, dimensions={0}
+}
 """
+  # The last two: one gather the TPU compiler copied into two consumers (same channel_id): 2 ops, 1 distinct.
+  gathered = 8 * 2 * 64 * 4
   assert planner.collectives(hlo) == {
-      "reduce-scatter": {"count": 1, "bytes": 64 * 32 * 4}, "all-gather": {"count": 1, "bytes": 32 * 4 * 2},
-      "all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 20}, "collective-permute": {"count": 1, "bytes": 16},
-      "all-to-all": {"count": 1, "bytes": 4 * 512 * 4}}
+      "reduce-scatter": {"count": 1, "bytes": 64 * 32 * 4, "distinct": 1},
+      "all-gather": {"count": 3, "bytes": 32 * 4 * 2 + 2 * gathered, "distinct": 2},
+      "all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 20, "distinct": 1},
+      "collective-permute": {"count": 1, "bytes": 16, "distinct": 1},
+      "all-to-all": {"count": 1, "bytes": 4 * 512 * 4, "distinct": 1}}

@@ -50,6 +50,7 @@ def _shape_bytes(text: str) -> list[int]:
   return out
 
 
+_CHANNEL = re.compile(r"\bchannel_id=([0-9]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
 
 
@@ -57,9 +58,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count", "bytes"}} of the collectives in an optimised HLO module's text (bytes: each op's result,
   per device; an async op counted at its start, a loop body once). The TPU compiler writes a reduce-scatter as
   an all-reduce inside a fusion computation named all-reduce-scatter.N: counted as a reduce-scatter (bytes: the
-  unscattered size)."""
+  unscattered size). "distinct": the program's collectives before the compiler copied them: the TPU compiler fuses a
+  small all-gather into each consumer (the copies share the op's channel_id and run once per consumer), e.g. one
+  logical gather of CLIP2Video's normalised features appears 54 times."""
   out: dict[str, dict[str, int]] = {}
-  computation = ""
+  computation, channels = "", set()
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
     if head:
@@ -76,9 +79,14 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
       sizes = sizes[1:2]  # (operand, result, contexts...)
     elif start and kind in ("all-gather", "reduce-scatter", "all-to-all") and len(sizes) > 1:
       sizes = sizes[len(sizes) // 2:]  # (operands..., results...)
-    entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+    entry = out.setdefault(kind, {"count": 0, "bytes": 0, "distinct": 0})
     entry["count"] += 1
     entry["bytes"] += int(sum(sizes))
+    channel = _CHANNEL.search(line)
+    if channel is None or (kind, channel.group(1)) not in channels:
+      entry["distinct"] += 1
+      if channel is not None:
+        channels.add((kind, channel.group(1)))
   return out
 
 
@@ -115,8 +123,10 @@ def analyse(compiled: Any, chip: targets.Chip, model_flops_per_chip: float | Non
   estimate = c.get("optimal_seconds")
   if estimate is not None and estimate > 0:
     step_s, source = estimate, "compiler"
-  else:
+  elif flops > 0:
     step_s, source = max(roofline.values()), "roofline"
+  else:  # no cost analysis at all (XLA's GPU compiler): no time, rather than one from FLOPs alone
+    step_s, source, roofline = None, "none", None
   facts = {"hbm": mem, "hbm_peak_bytes": mem["peak"], "hbm_capacity_bytes": chip.hbm_bytes,
            "headroom": 1.0 - mem["peak"] / chip.hbm_bytes, "fits": mem["peak"] <= chip.hbm_bytes,
            "compiler_flops": flops, "bytes_accessed": accessed, "compiler_seconds": estimate,
@@ -124,7 +134,7 @@ def analyse(compiled: Any, chip: targets.Chip, model_flops_per_chip: float | Non
            "collectives": comms, "collective_bytes": comm_bytes if comms is not None else None}
   if model_flops_per_chip:
     facts["model_flops"] = model_flops_per_chip
-    facts["mfu"] = model_flops_per_chip / (step_s * chip.peak_flops) if step_s > 0 else None
+    facts["mfu"] = model_flops_per_chip / (step_s * chip.peak_flops) if step_s else None
   return facts
 
 
@@ -231,9 +241,9 @@ def _fits(facts: dict[str, Any], min_headroom: float) -> bool:
   return facts["fits"] and facts["headroom"] >= min_headroom
 
 
-def _wastes(config, facts: dict[str, Any]) -> bool:
+def _wastes(config, facts: dict[str, Any], platform: str) -> bool:
   """Recomputation paid for memory the chip does not need: a whole-block remat policy under half the HBM."""
-  return layers.resolve_remat(config.model.get("remat", "auto"), "tpu") in layers.BLOCK_REMAT and \
+  return layers.resolve_remat(config.model.get("remat", "auto"), platform) in layers.BLOCK_REMAT and \
       facts["headroom"] > 0.5
 
 
@@ -244,13 +254,13 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
                   report: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
   """Compiles the run's training step (and, with `with_eval`, its evaluation encoders) for the slice."""
   mesh = make_mesh(config, slice_.devices)
-  target = layers.Target("tpu", slice_.device_kind)
+  target = layers.Target(slice_.platform, slice_.device_kind)
   t0 = time.time()
   setup, lowered = lower_train_step(config, mesh, target)
   compiled = lowered.compile()
   facts = analyse(compiled, slice_.chip, train_flops_per_chip(config, setup, slice_.num_chips))
   facts["compile_seconds"] = time.time() - t0
-  facts["remat"] = layers.resolve_remat(config.model.get("remat", "auto"), "tpu", slice_.device_kind)
+  facts["remat"] = layers.resolve_remat(config.model.get("remat", "auto"), slice_.platform, slice_.device_kind)
   facts["mesh"] = dict(mesh.shape)
   facts["per_chip_batch"] = int(config.data.batch_size) / trainer.batch_devices(mesh, config.sharding_rules)
   report(f"compiled the training step in {facts['compile_seconds']:.0f}s")
@@ -269,7 +279,6 @@ def plan(config: Any, topology: str, *, search: bool = True, min_headroom: float
   wastes the chip), the best alternative that fits with `min_headroom` of the HBM free. `hbm_bytes` plans
   against a smaller memory than the chip's (another job's share, a safety margin)."""
   config = trainer.as_config_dict(config)
-  libtpu_version = targets.ensure_libtpu()
   slice_ = targets.describe(topology)
   # A program compiled for devices this process cannot run on cannot be stored in (or read back from) JAX's
   # persistent compilation cache: it is left out of it while planning.
@@ -278,27 +287,28 @@ def plan(config: Any, topology: str, *, search: bool = True, min_headroom: float
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()  # JAX decides on the cache once per process: make it decide again, now and after
   try:
-    return _plan(config, slice_, libtpu_version, search=search, min_headroom=min_headroom, hbm_bytes=hbm_bytes,
+    return _plan(config, slice_, search=search, min_headroom=min_headroom, hbm_bytes=hbm_bytes,
                  with_eval=with_eval, report=report)
   finally:
     jax.config.update("jax_enable_compilation_cache", cache_was)
     compilation_cache.reset_cache()
 
 
-def _plan(config, slice_, libtpu_version, *, search, min_headroom, hbm_bytes, with_eval, report):
+def _plan(config, slice_, *, search, min_headroom, hbm_bytes, with_eval, report):
   topology = slice_.name
   if hbm_bytes:
     slice_ = dataclasses.replace(slice_, chip=dataclasses.replace(slice_.chip, hbm_bytes=int(hbm_bytes)))
   facts = compile_facts(config, slice_, with_eval=with_eval, report=report)
   result = {"topology": topology, "chip": slice_.chip.name, "device_kind": slice_.device_kind,
-            "num_chips": slice_.num_chips, "num_hosts": slice_.num_hosts, "libtpu": libtpu_version,
+            "num_chips": slice_.num_chips, "num_hosts": slice_.num_hosts, "platform": slice_.platform,
+            "compiler": slice_.compiler,
             "jax": jax.__version__, "global_batch": int(config.data.batch_size), **facts}
   if not search:
     return result
   candidates: list[Variant] = []
   if not _fits(facts, min_headroom):
     candidates = _memory_variants(config, slice_.num_chips)
-  elif _wastes(config, facts) or int(config.get("grad_accum", 1)) > 1:
+  elif _wastes(config, facts, slice_.platform) or int(config.get("grad_accum", 1)) > 1:
     candidates = _remat_variants(config)
     if int(config.get("grad_accum", 1)) > 1:
       candidates.append(Variant(("--config.grad_accum=1",)))
@@ -312,13 +322,15 @@ def _plan(config, slice_, libtpu_version, *, search, min_headroom, hbm_bytes, wi
     tried.append({"flags": list(variant.flags), "fits": _fits(alt, min_headroom), "hbm_peak_bytes":
                   alt["hbm_peak_bytes"], "headroom": alt["headroom"], "step_seconds": alt["step_seconds"],
                   "mfu": alt.get("mfu")})
-    report(f"{' '.join(variant.flags)}: HBM {alt['hbm_peak_bytes'] / targets.GIB:.1f} GiB, "
-           f"step {alt['step_seconds'] * 1e3:.0f} ms")
+    report(f"{' '.join(variant.flags)}: HBM {alt['hbm_peak_bytes'] / targets.GIB:.1f} GiB, step "
+           + (f"{alt['step_seconds'] * 1e3:.0f} ms" if alt["step_seconds"] else "(no estimate)"))
     if not _fits(facts, min_headroom) and _fits(alt, min_headroom):
       break  # memory variants come cheapest first: the first that fits is the suggestion
   result["alternatives"] = tried
   fitting = [t for t in tried if t["fits"]]
-  if fitting:
+  if fitting and facts["step_seconds"] is None:  # no time estimate (GPU): the first that fits, least recompute first
+    result["suggestion"] = fitting[0]["flags"]
+  elif fitting:
     best = min(fitting, key=lambda t: t["step_seconds"])
     if not _fits(facts, min_headroom) or best["step_seconds"] < facts["step_seconds"] * 0.98:
       result["suggestion"] = best["flags"]
