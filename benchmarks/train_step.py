@@ -13,7 +13,7 @@ same number of threads (torch.set_num_threads = the cores XLA's CPU client uses,
 steps are interleaved (ours, ours+scan_layers, peer, ours, ...) so that the load of a shared machine falls on all
 alike; the figure is the median over `--repeats` steps after `--warmup` steps. Each variant (B/32, B/16) runs in
 its own child process, and so does any run whose host allocator is not this process's: `--malloc auto` (the
-default) is what the repository's commands run with (clipvip_jax/runtime/host_allocator.py: tcmalloc where installed, for
+default) is what the repository's commands run with (runtime/host_allocator.py: tcmalloc where installed, for
 both sides), `system` glibc's malloc as the process started, `keep` glibc with common.MALLOC_KEEP. tcmalloc keeps
 every freed block, and the models of a process take turns: on a 24 GiB machine a B/16 process fits one row of ours
 and one peer under `auto` (two rows and the peer were killed for memory); run more rows as separate commands, or
@@ -24,7 +24,7 @@ the process's peak resident memory above what it held when the step started, in 
 after the timed ones, with glibc returning freed blocks to the OS (common.memory_mode): activations, gradients and
 temporaries (parameters and optimiser state were resident before; n/a under tcmalloc, which keeps freed
 memory); XLA temp = the compiled step's temporary buffers (memory_analysis); FLOPs/clip: "XLA" = the compiled
-step's cost_analysis / batch, "model" = the analytic count of clipvip_jax/train/model_flops.py (3 x forward matmuls), for
+step's cost_analysis / batch, "model" = the analytic count of train/model_flops.py (3 x forward matmuls), for
 each side its own architecture.
 """
 

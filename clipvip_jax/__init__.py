@@ -1,7 +1,8 @@
 """clipvip_jax: CLIP-ViP and CLIP2Video in JAX/Flax NNX.
 
     import clipvip_jax
-    model = clipvip_jax.load_pretrained(path)       # converted dir, HF CLIP dir or PyTorch checkpoint
+    model = clipvip_jax.load_pretrained(path)       # converted dir, training workdir, HF CLIP dir or PyTorch file
+    ckpt = clipvip_jax.load_checkpoint(path)        # the same, unbuilt: kind, config, flat float32 params
     ids, mask = clipvip_jax.tokenize(["a cat"])     # CLIP BPE, [N, 77] int32
     clipvip_jax.Searcher("idx/").search(["a cat"])   # an index from python -m clipvip_jax.encode, model loaded once
 
@@ -16,6 +17,7 @@ from typing import Any
 # public name -> module that defines it
 _EXPORTS = {
     "load_pretrained": "clipvip_jax.retrieval.pretrained",
+    "load_checkpoint": "clipvip_jax.loading",
     "Pretrained": "clipvip_jax.retrieval.pretrained",
     "tokenize": "clipvip_jax.tokenizer",
     "extract_embeddings": "clipvip_jax.retrieval.extraction",

@@ -27,7 +27,10 @@ import sys
 import time
 from typing import Any, Sequence
 
-MODELS = (("clipvip", "CLIP-ViP"), ("meanp", "meanP baseline"))
+from clipvip_jax import kinds
+
+# The model and its baseline, with the names tables use (kinds.Kind.title).
+MODELS = tuple((kind, kinds.get(kind).title) for kind in ("clipvip", "meanp"))
 METRICS = ("R@1", "R@5", "R@10", "MdR", "MnR")
 DEFAULT_CLIPS = 3000
 DATA_SEED = 0

@@ -336,3 +336,57 @@ def _check_not_truncated(container, stream, last_t, end_f, max_missing_seconds):
   if covered + Fraction(max_missing_seconds).limit_denominator(1000) < needed:
     raise VideoReadError(
         f"truncated: decoded frames end at {float(covered):.2f}s but the file declares {float(declared):.2f}s")
+
+
+class FrameStream:
+  """The kept frames of one video file as (seconds, stored bytes), decoded once, in order, without holding the
+  clip: what a windowed encode reads (clipvip_jax.retrieval.windows). The same frames as read_clip(path, options)
+  keeps; after the iteration, `end` is where the video's time line ends (the last decoded frame's time plus one
+  source frame), and a truncated file has raised VideoReadError as read_clip would."""
+
+  def __init__(self, path: str, options: FrameOptions):
+    self.path, self.options = str(path), options
+    self.end: float | None = None
+
+  def __iter__(self) -> Iterator[tuple[float, bytes]]:
+    if os.path.isdir(self.path):
+      raise VideoReadError("a frame folder has no time line (windows need a video file)")
+    container = _open_container(self.path)
+    try:
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"
+      selector, last_t = RateSelector(self.options.fps), None
+      try:
+        for t, frame in _iter_timed_frames(container, stream, None):
+          last_t = t
+          if selector.keep(t):
+            yield float(t), encode_jpeg(self.options.shape(frame.to_image()), self.options.jpeg_quality)
+      except VideoReadError:
+        raise
+      except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+        raise VideoReadError(f"decode failed ({type(e).__name__}: {e})") from e
+      if last_t is None:
+        raise VideoReadError("no decodable frame in the file")
+      _check_not_truncated(container, stream, last_t, None, self.options.max_missing_seconds)
+      rate = stream.average_rate or stream.guessed_rate
+      self.end = float(last_t + (1 / Fraction(rate) if rate else 0))
+    finally:
+      container.close()
+
+
+def declared_seconds(path: str) -> float | None:
+  """A video file's duration as its container declares it (headers only, nothing decoded); None for a frame
+  folder, an unreadable file, or one that declares none."""
+  if os.path.isdir(path):
+    return None
+  try:
+    container = _open_container(path)
+  except VideoReadError:
+    return None
+  try:
+    declared = _declared_duration(container, container.streams.video[0])
+  except (av.FFmpegError, ValueError):
+    declared = None
+  finally:
+    container.close()
+  return None if declared is None else float(declared)

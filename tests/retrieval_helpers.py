@@ -106,3 +106,26 @@ def write_caption_index(model, checkpoint: pathlib.Path, shards: pathlib.Path, o
               captions=[r.captions for r in records], part_rows=part_rows)
   assert thumbnails.write_thumbnails(out)
   return out
+
+
+# The service tests' fixtures (test_serve.py, test_serve_security.py): the caption index above, a Searcher over it
+# with the module's model, and a TestClient of the app around it (lifespan run: the query batcher started).
+
+
+@pytest.fixture(scope="module")
+def index_dir(checkpoint, model, shards, tmp_path_factory) -> pathlib.Path:  # pylint: disable=redefined-outer-name
+  return write_caption_index(model, checkpoint, shards, tmp_path_factory.mktemp("indexes") / "train")
+
+
+@pytest.fixture(scope="module")
+def searcher(index_dir, model):  # pylint: disable=redefined-outer-name
+  from clipvip_jax.retrieval import search
+  return search.Searcher(index_dir, model=model)
+
+
+@pytest.fixture(scope="module")
+def client(searcher):  # pylint: disable=redefined-outer-name
+  from fastapi.testclient import TestClient
+  from clipvip_jax.retrieval import service
+  with TestClient(service.create_app(searcher), raise_server_exceptions=False) as c:
+    yield c

@@ -44,8 +44,10 @@ def models(fixtures_dir, tmp_path_factory) -> dict[str, model_lib.RetrievalModel
   from clipvip_jax.convert.common import Converted
   clip_dir = converted_checkpoint.save_converted(Converted("clip", cfg, params, source="random"),
                                                  tmp_path_factory.mktemp("clip") / "clip")
-  meanp = model_lib.RetrievalModel(model_lib._build("meanp", cfg, params, "random"),  # pylint: disable=protected-access
-                                   "meanp", model_lib.default_recipe("meanp", cfg))
+  from clipvip_jax.loading import Loaded
+  from clipvip_jax.retrieval.pretrained import from_loaded
+  meanp = model_lib.RetrievalModel(from_loaded(Loaded("meanp", cfg, params, path="random")), "meanp",
+                                   model_lib.default_recipe("meanp", cfg))
   return {"clip": model_lib.load_model(clip_dir), "meanp": meanp,
           "clipvip": _fixture_model(fixtures_dir, "clipvip"), "clip2video": _fixture_model(fixtures_dir, "clip2video")}
 

@@ -152,6 +152,23 @@ def test_a_recipe_that_does_not_fit_gets_a_suggestion_that_does(libtpu, v5e_plan
   assert again["fits"]
 
 
+def test_idle_memory_gets_a_larger_per_chip_batch_offered(libtpu):
+  """4 clips per chip leave a v5e's HBM almost empty: the search compiles the global batch x2 and x4 and offers the
+  fastest per clip, saying that it changes the optimisation."""
+  p = planner.plan(_config(), "v5e:2x2", search=True, with_eval=False)
+  assert p["headroom"] > 0.5
+  tried = {tuple(t["flags"]): t for t in p["alternatives"]}
+  assert set(tried) == {("--config.data.batch_size=32",), ("--config.data.batch_size=64",)}
+  assert [tried[k]["global_batch"] for k in sorted(tried)] == [32, 64]
+  assert all(t["fits"] and t["hbm_peak_bytes"] > p["hbm_peak_bytes"] for t in tried.values())
+  per_clip = {k: t["step_seconds"] / t["global_batch"] for k, t in tried.items()}
+  best = min(per_clip, key=per_clip.get)
+  if per_clip[best] < 0.98 * p["step_seconds"] / p["global_batch"]:
+    assert tuple(p["suggestion"]) == best and "changes the optimisation" in p["suggestion_note"]
+  else:
+    assert "suggestion" not in p
+
+
 def test_the_command_plans_a_v4_slice(libtpu, tmp_path):
   out = tmp_path / "v4.json"
   r = _run("--config", str(REPO / "configs/tiny_test.py"), "--topology", "v4:2x2x1", "--no-search", "--no-eval",

@@ -23,30 +23,13 @@ import numpy as np
 import pytest
 
 import retrieval_helpers as rh
-from retrieval_helpers import checkpoint, model, shards  # noqa: F401 (pytest fixtures)
+from retrieval_helpers import checkpoint, client, index_dir, model, searcher, shards  # noqa: F401 (pytest fixtures)
 from clipvip_jax.retrieval import search, service, thumbnails
 from clipvip_jax.retrieval.index import read_index
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "images" / "serve.png"
 WRITE_SCREENSHOT_ENV = "CLIPVIP_WRITE_SCREENSHOT"
-
-
-@pytest.fixture(scope="module")
-def index_dir(checkpoint, model, shards, tmp_path_factory) -> pathlib.Path:
-  return rh.write_caption_index(model, checkpoint, shards, tmp_path_factory.mktemp("indexes") / "train")
-
-
-@pytest.fixture(scope="module")
-def searcher(index_dir, model):
-  return search.Searcher(index_dir, model=model)
-
-
-@pytest.fixture(scope="module")
-def client(searcher):
-  from fastapi.testclient import TestClient
-  with TestClient(service.create_app(searcher), raise_server_exceptions=False) as c:
-    yield c
 
 
 def test_search_ranks_as_the_library(client, searcher):

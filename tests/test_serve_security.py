@@ -19,27 +19,10 @@ import pytest
 import schemathesis
 
 import retrieval_helpers as rh
-from retrieval_helpers import checkpoint, model, shards  # noqa: F401 (pytest fixtures)
+from retrieval_helpers import checkpoint, client, index_dir, model, searcher, shards  # noqa: F401 (pytest fixtures)
 from clipvip_jax.retrieval import search, service
 
 EXAMPLES = 100  # per operation: the contract test adds about ten seconds on 2 cores
-
-
-@pytest.fixture(scope="module")
-def index_dir(checkpoint, model, shards, tmp_path_factory) -> pathlib.Path:
-  return rh.write_caption_index(model, checkpoint, shards, tmp_path_factory.mktemp("indexes") / "train")
-
-
-@pytest.fixture(scope="module")
-def searcher(index_dir, model):
-  return search.Searcher(index_dir, model=model)
-
-
-@pytest.fixture(scope="module")
-def client(searcher):
-  from fastapi.testclient import TestClient
-  with TestClient(service.create_app(searcher), raise_server_exceptions=False) as c:
-    yield c
 
 
 # ------------------------------------------------------------------------------------------------ the contract

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from clipvip_jax import kinds
 from clipvip_jax.convert import hf_clip
 from clipvip_jax.convert.common import ConversionError, Converted
 
-EXPORTABLE_KINDS = ("clip", "clipvip")
+EXPORTABLE_KINDS = kinds.HF_EXPORTABLE_KINDS
 CLIPVIP_PREFIX = "clipmodel."
 _CLIPVIP_EXTRA = {"vision/added_cls": "vision_model.embeddings.added_cls",
                   "vision/temporal_embedding": "vision_model.embeddings.temporal_embedding"}
@@ -38,29 +39,38 @@ def _clipvip_config_to_hf(cfg: Any) -> dict[str, Any]:
   return hf
 
 
+def clip_to_hf(converted: Converted) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  return hf_clip.from_params(converted.params, converted.config), hf_clip.config_to_hf(converted.config)
+
+
+def clipvip_to_hf(converted: Converted) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  cfg = converted.config
+  clip_part = {k: v for k, v in converted.params.items() if k not in _CLIPVIP_EXTRA}
+  sd = {CLIPVIP_PREFIX + k: v for k, v in hf_clip.from_params(clip_part, cfg.clip).items()}
+  for ours, theirs in _CLIPVIP_EXTRA.items():
+    if ours in converted.params:  # temporal_embedding is absent when use_temporal_embed is off
+      sd[CLIPVIP_PREFIX + theirs] = np.array(converted.params[ours], np.float32, order="C")
+  return sd, _clipvip_config_to_hf(cfg)
+
+
 def to_hf(converted: Converted) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """(PyTorch-layout state dict as float32 numpy, HF config dict) of a converted checkpoint."""
-  if converted.kind == "clip":
-    return hf_clip.from_params(converted.params, converted.config), hf_clip.config_to_hf(converted.config)
-  if converted.kind == "clipvip":
-    cfg = converted.config
-    clip_part = {k: v for k, v in converted.params.items() if k not in _CLIPVIP_EXTRA}
-    sd = {CLIPVIP_PREFIX + k: v for k, v in hf_clip.from_params(clip_part, cfg.clip).items()}
-    for ours, theirs in _CLIPVIP_EXTRA.items():
-      if ours in converted.params:  # temporal_embedding is absent when use_temporal_embed is off
-        sd[CLIPVIP_PREFIX + theirs] = np.array(converted.params[ours], np.float32, order="C")
-    return sd, _clipvip_config_to_hf(cfg)
-  raise ConversionError(f"export to the HF/PyTorch layout supports kinds {', '.join(EXPORTABLE_KINDS)}, "
-                        f"not {converted.kind!r}")
+  """(PyTorch-layout state dict as float32 numpy, HF config dict) of a converted checkpoint: the writer the
+  kind's registry entry names (kinds.Kind.hf_export)."""
+  writer = kinds.get(converted.kind).hf_export
+  if writer is None:
+    raise ConversionError(f"export to the HF/PyTorch layout supports kinds {', '.join(EXPORTABLE_KINDS)}, "
+                          f"not {converted.kind!r}")
+  return kinds.resolve(writer)(converted)
 
 
 def export_hf(converted: Converted | str | os.PathLike, out_dir: str | os.PathLike, *,
               force: bool = False) -> pathlib.Path:
-  """Writes DIR/model.safetensors + DIR/config.json for a Converted or a converted directory, atomically."""
+  """Writes DIR/model.safetensors + DIR/config.json for a Converted or any checkpoint
+  `clipvip_jax.loading.load_checkpoint` reads (a converted directory, a training workdir, ...), atomically."""
   from safetensors.numpy import save_file
-  from clipvip_jax.converted_checkpoint import load_converted
+  from clipvip_jax.loading import load_checkpoint
   if not isinstance(converted, Converted):
-    converted = load_converted(converted)
+    converted = load_checkpoint(converted)
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not force:
     raise ConversionError(f"output directory {out_dir} already exists (use --force to replace it)")

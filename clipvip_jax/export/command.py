@@ -12,24 +12,16 @@ search and serve take it as --model DIR.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 from typing import Sequence
 
+from clipvip_jax.runtime import cli_errors
 from clipvip_jax.runtime.cli_errors import ArgumentParser, UsageError, quiet_library_logs, run_cli
 from clipvip_jax.export import routes, spec
 
 PROG = "python -m clipvip_jax.export"
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-  return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,11 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="converted dir, training workdir, original checkpoint file or HF CLIP dir")
   p.add_argument("--format", required=True, choices=sorted(routes.WRITERS), help="graph format")
   p.add_argument("--out", required=True, metavar="DIR", help="export folder (an earlier export there is replaced)")
-  p.add_argument("--config", help="the original's config JSON, for an original checkpoint file only")
-  p.add_argument("--step", help="training workdir only: a step number, 'latest' (default) or 'best'")
-  p.add_argument("--trust-pickle", action="store_true",
-                 help="allow a PyTorch checkpoint that needs full unpickling (only for files you trust)")
-  p.add_argument("--frames", type=_positive_int,
+  cli_errors.add_checkpoint_options(p)
+  p.add_argument("--frames", type=cli_errors.positive_int,
                  help="frame count of the video graph where it is fixed (default: the model's recipe)")
   p.add_argument("--platforms", default=",".join(routes.PLATFORMS),
                  help="stablehlo only: platforms to lower for, comma-separated (default %(default)s)")
@@ -60,7 +49,7 @@ def _declared_kind(checkpoint: pathlib.Path) -> str | None:
   from clipvip_jax import converted_checkpoint
   if not converted_checkpoint.is_converted_dir(checkpoint):
     return None
-  return json.loads((checkpoint / converted_checkpoint.CONFIG_FILE).read_text()).get("kind")
+  return converted_checkpoint.read_meta(checkpoint)["kind"]
 
 
 def _check_kind(kind: str | None, checkpoint) -> None:

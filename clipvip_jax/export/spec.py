@@ -1,4 +1,5 @@
-"""What an export folder holds, read and written by the exporter and the runtime alike (json, hashlib, numpy only).
+"""What an export folder holds, read and written by the exporter and the runtime alike (json, hashlib, numpy and
+the JAX-free kind registry only).
 
   DIR/manifest.json        kind, runtime, graphs with their inputs and outputs, dims, versions, sha256 of every file
   DIR/preprocess.json      how a video becomes the video graph's input and a text the text graph's (the spec below)
@@ -19,6 +20,8 @@ import json
 import pathlib
 from typing import Any
 
+from clipvip_jax import kinds  # the registry itself imports no JAX
+
 FORMAT = "clipvip_jax.export"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -26,7 +29,7 @@ PREPROCESS = "preprocess.json"
 TOKENIZER_DIR = "tokenizer"
 GRAPH_FILES = {"onnx": ("text_encoder.onnx", "video_encoder.onnx"),
                "stablehlo": ("text_encoder.stablehlo", "video_encoder.stablehlo")}
-EXPORTABLE_KINDS = ("clip", "meanp", "clipvip", "clip2video")
+EXPORTABLE_KINDS = tuple(kinds.KINDS)  # every kind: a plain CLIP exports its frame-mean-pooling video encoder
 
 # CLIP's pixel statistics (data_pipelines/transforms.py, where training uses them); copied here so the runtime
 # needs no data pipeline. tests/test_export.py checks that the two agree.

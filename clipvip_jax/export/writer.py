@@ -34,10 +34,8 @@ from clipvip_jax.runtime.cli_errors import UsageError
 from clipvip_jax.export import routes, spec
 from clipvip_jax.retrieval.model import RetrievalModel
 
-# Kinds whose video graph takes any frame count, per format. CLIP-ViP resamples its temporal embedding to T; in
-# StableHLO that arithmetic runs in the graph (clipvip._resample_temporal_traced), while jax2onnx 0.17.1 cannot
-# convert an index array sized by a symbolic T, so its ONNX graph has a fixed T.
-DYNAMIC_FRAME_KINDS = {"onnx": ("clip", "meanp"), "stablehlo": ("clip", "meanp", "clipvip")}
+# Kinds whose video graph takes any frame count, per format (kinds.Kind.dynamic_frames says why).
+DYNAMIC_FRAME_KINDS = {fmt: kinds.dynamic_frame_kinds(fmt) for fmt in spec.GRAPH_FILES}
 # Largest difference from the JAX model the export accepts in its own check (float32 compute; see README there).
 CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
 CHECK_BATCH = 2
@@ -204,9 +202,7 @@ def _write(model: RetrievalModel, folder: pathlib.Path, fmt: str, frames: int, d
       "format": spec.FORMAT, "format_version": spec.FORMAT_VERSION, "runtime": fmt, "kind": model.kind,
       "source": {"checkpoint": model.checkpoint, "step": model.step, "config": model.config_path},
       "embedding_dim": dims,
-      "similarity": ("dot product = the original's inference logits (CLIP2Video's dual-encoder form: "
-                     "[sqrt(w e^s) global, sqrt((1 - w) e^s) TAB]), not normalised" if model.kind == "clip2video"
-                     else "dot product = cosine (both embeddings L2-normalised)"),
+      "similarity": kinds.get(model.kind).score,
       "graphs": {
           "text": {"file": text_file, "inputs": _describe(text_args, TEXT_INPUTS), "outputs": out_desc, **text_info},
           "video": {"file": video_file, "inputs": _describe(video_args, VIDEO_INPUTS), "outputs": out_desc,

@@ -36,7 +36,7 @@ class CLIPViPConfig:
   # zeros make a clip and its time reverse encode identically, a saddle that plain SGD leaves only slowly; a small
   # random init breaks that symmetry. The demo uses 1.0, the scale of the patch embeddings, with
   # vision.position_init_std 1.0: at 0.02 a from-scratch tower barely sees when or where things are, and CLIP-ViP
-  # did not learn motion direction in the demo's budget (docs/performance.md section 10).
+  # did not learn motion direction in the demo's budget (docs/performance.md section 11).
   temporal_init_std: float = 0.0
 
   def __post_init__(self):
@@ -59,6 +59,11 @@ class CLIPViPConfig:
       raise ValueError(f"unknown CLIP-ViP config key(s) {sorted(unknown)}; known: {sorted(known)}")
     sub = d.pop("clip", {})
     return cls(clip=sub if isinstance(sub, clip.CLIPConfig) else clip.CLIPConfig.from_dict(sub), **d)
+
+  @classmethod
+  def for_clip(cls, clip_cfg: clip.CLIPConfig, **fields) -> "CLIPViPConfig":
+    """The config around a CLIP's; `fields` set the CLIP-ViP options (num_proxies, temporal_size, ...)."""
+    return cls.from_dict({**fields, "clip": clip_cfg})
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any]) -> "CLIPViPConfig":

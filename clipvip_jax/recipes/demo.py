@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model: 4-layer towers of width 64 on 32 x 32 frames (16 patches of 8 x 8), 8 video proxies: width, batch and
   # step count, and the proxy count were each chosen on measured validation R@1 and step time
-  # (docs/performance.md section 10).
+  # (docs/performance.md section 11).
   tower = dict(width=64, layers=4, heads=4, mlp_dim=128)
   # Position (and CLIP-ViP's temporal) embeddings start at std 1.0, the scale of the patch embeddings: trained
   # from scratch with the usual 0.02 the towers barely see where and when a shape is, and motion goes unlearned.

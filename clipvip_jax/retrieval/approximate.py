@@ -161,9 +161,6 @@ def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int =
   """Trains and fills the IVF index for `index`, measures recall@10 per nprobe, writes DIR/approximate/
   atomically; returns approximate.json's content."""
   import faiss
-
-  from clipvip_jax.retrieval import exact
-  from clipvip_jax.files import remove, replace_dir, write_json_atomic
   if index.count < 2:
     raise UsageError(f"{index.path} holds {index.count} row(s); an approximate index needs more")
   d = index.dims
@@ -186,6 +183,38 @@ def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int =
   for start, chunk in index.chunks(add_rows):
     ivf.add(_zero_non_finite(np.array(chunk, np.float32)))  # NaN/Inf rows: stored as zeros, masked when re-scored
   log(f"added {index.count} rows in {time.perf_counter() - t0:.0f} s")
+  return _measure_and_write(index, ivf, {"factory": factory, "nlist": nlist, "codes": codes,
+                                         "trained_count": index.count}, refine, target_recall, seed, log)
+
+
+def update(index, old: ApproximateIndex, first_new_row: int, trained_count: int, *, seed: int = 0,
+           log=print) -> dict[str, Any]:
+  """The approximate index of `index` from `old`, built for its first `first_new_row` rows: the rows after them
+  added to the trained IVF lists (no retraining; clipvip_jax.retrieval.growth says when), recall measured again and
+  nprobe chosen again, written to DIR/approximate atomically."""
+  import faiss
+  if old.faiss_index.ntotal != first_new_row:
+    raise ValueError(f"the approximate index holds {old.faiss_index.ntotal} rows, not {first_new_row}")
+  ivf = faiss.clone_index(old.faiss_index)
+  t0 = time.perf_counter()
+  rows = np.arange(first_new_row, index.count)
+  for start in range(0, len(rows), 262144):
+    ivf.add(_zero_non_finite(index.rows(rows[start:start + 262144])))
+  log(f"added {len(rows)} rows to the trained {old.meta['factory']} in {time.perf_counter() - t0:.1f} s")
+  keep = {k: old.meta[k] for k in ("factory", "nlist", "codes") if k in old.meta}
+  return _measure_and_write(index, ivf, {**keep, "trained_count": trained_count},
+                            DEFAULT_REFINE, float(old.meta.get("target_recall", DEFAULT_TARGET_RECALL)), seed, log)
+
+
+def _measure_and_write(index, ivf, described: dict[str, Any], refine: int, target_recall: float, seed: int,
+                       log) -> dict[str, Any]:
+  """Recall@10 per (nprobe, refine) against exact search, the smallest nprobe reaching the target; then
+  DIR/approximate written atomically. Returns approximate.json's content."""
+  import faiss
+
+  from clipvip_jax.retrieval import exact
+  from clipvip_jax.files import remove, replace_dir, write_json_atomic
+  factory, nlist, codes, d = described["factory"], described["nlist"], described["codes"], index.dims
   queries = recall_queries(index, seed=seed)
   _, truth = exact.top_k(index, queries, 10)
   approx = ApproximateIndex(ivf, {"refine": refine, "factory": factory})
@@ -196,9 +225,7 @@ def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int =
   # 0.75 with 200 candidates, docs/performance.md).
   for tried_refine in (refine, 2 * refine, 4 * refine):
     approx.meta["refine"] = tried_refine
-    for nprobe in NPROBES:
-      if nprobe > nlist:
-        break
+    for nprobe in sorted({min(n, nlist) for n in NPROBES}):  # a small index has fewer lists than NPROBES[0]
       _, rows = search(approx, index, queries, 10, nprobe=nprobe)
       recalls[(nprobe, tried_refine)] = recall_at(rows, truth)
       log(f"nprobe {nprobe}, refine {tried_refine}: recall@10 {recalls[(nprobe, tried_refine)]:.3f}")
@@ -213,7 +240,8 @@ def build(index, *, nlist: int | None = None, codes: str = "auto", refine: int =
           "count": index.count, "dims": d, "nlist": nlist, "codes": codes, "nprobe": chosen[0], "refine": chosen[1],
           "recall_at_10": round(recalls[chosen], 4),
           "recall_by_nprobe_refine": {f"{n},{r}": round(v, 4) for (n, r), v in recalls.items()},
-          "recall_queries": "index rows + Gaussian noise (0.5 x norm), renormalised", "target_recall": target_recall}
+          "recall_queries": "index rows + Gaussian noise (0.5 x norm), renormalised", "target_recall": target_recall,
+          "trained_count": described["trained_count"]}
   folder = approximate_dir(index.path)
   tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
   remove(tmp)

@@ -4,6 +4,8 @@
     DIR/parts/part-00000/embeddings.npy    [rows, D] float32 or float16, row order = input order
                         /ids.utf8 + ids.offsets.npy             row names (clip ids, video paths, text lines)
                         /captions.utf8 + captions.offsets.npy   shard sets: each clip's captions as a JSON list
+                        /spans.npy         moment indexes (encode --window): float64 [rows, 2], each row's
+                                           (start, end) seconds in its video; the ids are the videos' ids
                         /part.json         {"first_input", "inputs", "rows", "skipped": [{"id", "reason"}]}
     DIR/approximate/                       optional approximate-search index (clipvip_jax.retrieval.approximate)
 
@@ -12,7 +14,8 @@ index.json (format_version 2):
    "trust_pickle", "modality": "video" | "text", "source", "options": {recipe, fps, split, batch_size},
    "dims": D, "dtype": "float32" | "float16", "count": N, "inputs": inputs seen (encoded + skipped),
    "part_size": inputs per part, "parts": [{"name": "part-00000", "rows": n}], "skipped": count,
-   "captions": true | false}
+   "captions": true | false, "windows": {"window": W, "stride": S} (moment indexes only; absent: one row a clip),
+   "generation": appends and deletions since the first encode, "deleted": [ids deleted with index delete --id]}
 
 A part covers a fixed range of inputs (part_size of them), so which inputs a part holds depends only on the input
 list and part_size, never on how many processes or devices encoded it: that is what makes an interrupted encode
@@ -46,6 +49,7 @@ INDEX_FILE = "index.json"
 PARTS_DIR = "parts"
 PART_FILE = "part.json"
 EMBEDDINGS_FILE = "embeddings.npy"
+SPANS_FILE = "spans.npy"
 MODALITIES = ("video", "text")
 DTYPES = ("float32", "float16")
 REQUIRED = ("kind", "checkpoint", "modality", "count", "dims")
@@ -63,6 +67,7 @@ class Part:
   embeddings: np.ndarray  # [rows, D], np.memmap for format 2
   ids: StringTable | list[str]
   captions: StringTable | list[list[str]] | None
+  spans: np.ndarray | None = None  # [rows, 2] float64 (start, end) seconds, moment indexes only
 
   @property
   def rows(self) -> int:
@@ -102,6 +107,30 @@ class EmbeddingIndex:
   @property
   def format_version(self) -> int:
     return int(self.meta["format_version"])
+
+  @property
+  def moments(self) -> bool:
+    """Whether the rows are windows of videos (encode --window): each row's id is its video, span() its time."""
+    return isinstance(self.meta.get("windows"), dict)
+
+  def span(self, row: int) -> tuple[float, float] | None:
+    """(start, end) seconds of a moment row in its video; None in a whole-clip index."""
+    part, local = self._locate(int(row))
+    if part.spans is None:
+      return None
+    start, end = (float(v) for v in part.spans[local])
+    return start, end
+
+  def spans(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """float64 [len(rows), 2] (start, end) of the given rows; NaN for rows of a part without spans."""
+    rows = np.asarray(rows, np.int64)
+    out = np.full((len(rows), 2), np.nan)
+    parts = np.searchsorted(self.row_starts, rows, side="right") - 1
+    for p in np.unique(parts):
+      if self.parts[p].spans is not None:
+        sel = parts == p
+        out[sel] = self.parts[p].spans[rows[sel] - self.row_starts[p]]
+    return out
 
   def _locate(self, row: int) -> tuple[Part, int]:
     if not 0 <= row < self.count:
@@ -184,13 +213,16 @@ def read_part_info(root: pathlib.Path, name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def check_out_dir(out_dir: str | os.PathLike, force: bool) -> pathlib.Path:
+def check_out_dir(out_dir: str | os.PathLike, force: bool, finished_ok: bool = False) -> pathlib.Path:
   """Refuses (UsageError) an output that exists, unless `force` and it is an index or an empty folder: --force
-  must never delete a folder that holds something else."""
+  must never delete a folder that holds something else. finished_ok: an index there is let through (encode then
+  compares it with what it was asked to write: the same is a finished encode, exit 0)."""
   out = pathlib.Path(out_dir)
   if out.exists():
     if not out.is_dir():
       raise UsageError(f"--out {out} exists and is not a directory")
+    if finished_ok and not force and (out / INDEX_FILE).is_file():
+      return out
     if not force:
       raise UsageError(f"--out {out} already exists (pass --force to replace the index in it)")
     if any(out.iterdir()) and not (out / INDEX_FILE).is_file():
@@ -201,7 +233,8 @@ def check_out_dir(out_dir: str | os.PathLike, force: bool) -> pathlib.Path:
 
 
 def write_part(root: pathlib.Path, name: str, embeddings: np.ndarray, ids: Sequence[str],
-               captions: Sequence[Sequence[str]] | None, info: Mapping[str, Any], dtype: str) -> pathlib.Path:
+               captions: Sequence[Sequence[str]] | None, info: Mapping[str, Any], dtype: str,
+               spans: np.ndarray | None = None) -> pathlib.Path:
   """root/parts/<name>/, written under a temporary name and renamed: a part is there whole or not at all."""
   if dtype not in DTYPES:
     raise UsageError(f"index dtype {dtype!r} is not one of {DTYPES}")
@@ -223,6 +256,8 @@ def write_part(root: pathlib.Path, name: str, embeddings: np.ndarray, ids: Seque
     write_strings(tmp, "ids", ids)
     if captions is not None:
       write_strings(tmp, "captions", [json.dumps(list(c), ensure_ascii=False) for c in captions])
+    if spans is not None:
+      np.save(tmp / SPANS_FILE, np.asarray(spans, np.float64).reshape(len(ids), 2))
     (tmp / PART_FILE).write_text(json.dumps({**info, "rows": len(ids)}, ensure_ascii=False) + "\n",
                                  encoding="utf-8")
     remove(final)
@@ -268,8 +303,9 @@ def publish(staging: pathlib.Path, out: pathlib.Path) -> None:
 
 def write_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[str], meta: Mapping[str, Any], *,
                 captions: Sequence[Sequence[str]] | None = None, dtype: str = "float32", part_rows: int = 1 << 20,
-                force: bool = False) -> pathlib.Path:
-  """An index from in-memory rows (tests, benchmarks, small sets), parts of `part_rows`; written atomically."""
+                force: bool = False, spans: np.ndarray | None = None) -> pathlib.Path:
+  """An index from in-memory rows (tests, benchmarks, small sets), parts of `part_rows`; written atomically.
+  spans: [rows, 2] (start, end) seconds: a moment index (meta must then hold "windows")."""
   out = check_out_dir(out_dir, force)
   staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
   remove(staging)
@@ -281,7 +317,8 @@ def write_index(out_dir: str | os.PathLike, embeddings: np.ndarray, ids: Sequenc
       names.append(part_name(number))
       write_part(staging, names[-1], embeddings[start:stop], ids[start:stop],
                  None if captions is None else captions[start:stop],
-                 {"first_input": start, "inputs": stop - start, "skipped": []}, dtype)
+                 {"first_input": start, "inputs": stop - start, "skipped": []}, dtype,
+                 None if spans is None else spans[start:stop])
     finish_index(staging, {**meta, "dims": int(np.shape(embeddings)[1]), "dtype": dtype, "inputs": len(ids),
                            "part_size": part_rows}, names)
     publish(staging, out)
@@ -332,6 +369,28 @@ def _open_embeddings(root: pathlib.Path, names: Sequence[str], rows: int, dims: 
   return emb
 
 
+def _open_spans(root: pathlib.Path, name: str, rows: int) -> np.ndarray:
+  """parts/NAME/spans.npy of a moment index, checked whole (16 bytes a row: read at open, never trusted): float64
+  [rows, 2], every row finite with 0 <= start < end."""
+  path = root / PARTS_DIR / name / SPANS_FILE
+  if not exists_inside(root, PARTS_DIR, name, SPANS_FILE):
+    raise IndexDamaged(f"{path} is missing (a moment index holds each row's time span; rebuild it with python -m "
+                       "clipvip_jax.encode)")
+  inside(root, PARTS_DIR, name, SPANS_FILE)
+  try:
+    spans = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise IndexDamaged(f"{path} is not a readable .npy array ({e}); rebuild the index") from None
+  if spans.dtype != np.float64 or spans.shape != (rows, 2):
+    raise IndexDamaged(f"{path} holds {spans.dtype} {tuple(spans.shape)} but the part has {rows} rows: float64 "
+                       f"({rows}, 2) expected")
+  bad = np.flatnonzero(~(np.isfinite(spans).all(axis=1) & (spans[:, 0] >= 0) & (spans[:, 0] < spans[:, 1])))
+  if len(bad):
+    raise IndexDamaged(f"{path}: row {int(bad[0])} has the span {spans[bad[0]].tolist()}, not 0 <= start < end in "
+                       "seconds")
+  return spans
+
+
 def _read_legacy(root: pathlib.Path, meta: dict[str, Any]) -> EmbeddingIndex:
   """Format 1: one embeddings.npy and the ids as a JSON list; opened as a single part (fields checked already)."""
   count, dims = meta["count"], meta["dims"]
@@ -349,6 +408,7 @@ def read_index(index_dir: str | os.PathLike) -> EmbeddingIndex:
   if meta["format_version"] == LEGACY_VERSION:
     return _read_legacy(root, meta)
   dims, dtype = meta["dims"], str(meta.get("dtype", "float32"))
+  windows = isinstance(meta.get("windows"), dict)
   parts = []
   for entry in meta["parts"]:
     name = check_part_name(entry["name"], f"{root / INDEX_FILE}: a part's name")
@@ -361,7 +421,8 @@ def read_index(index_dir: str | os.PathLike) -> EmbeddingIndex:
     emb = _open_embeddings(root, [PARTS_DIR, name, EMBEDDINGS_FILE], rows, dims, dtype)
     ids = StringTable(folder, "ids", rows, root)
     captions = StringTable(folder, "captions", rows, root) if has_strings(folder, "captions") else None
-    parts.append(Part(name, folder, emb, ids, captions))
+    spans = _open_spans(root, name, rows) if windows else None
+    parts.append(Part(name, folder, emb, ids, captions, spans))
   index = EmbeddingIndex(root, meta, parts)
   if index.count != meta["count"]:
     raise IndexDamaged(f"{root / INDEX_FILE} says {meta['count']} rows but its parts hold {index.count}")
@@ -381,6 +442,13 @@ def describe(index: EmbeddingIndex) -> str:
            f"model       {m['kind']} {m['checkpoint']}" + (f" (step {m['step']})" if m.get("step") is not None
                                                            else ""),
            f"source      {m.get('source', '?')}"]
+  if index.moments:
+    lines.append(f"moments     each row a window of {m['windows']['window']:g} s every {m['windows']['stride']:g} s "
+                 "of a video (id: the video)")
+  if m.get("generation"):
+    deleted = len(m.get("deleted") or [])
+    lines.append(f"grown       generation {m['generation']} (appends and deletions since the first encode)"
+                 + (f"; {deleted} id(s) deleted for good" if deleted else ""))
   skipped = m.get("skipped")
   skipped = len(skipped) if isinstance(skipped, list) else skipped
   if skipped:

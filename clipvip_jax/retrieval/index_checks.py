@@ -13,6 +13,7 @@ A damaged file raises IndexDamaged (a UsageError: the commands print its sentenc
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -95,6 +96,15 @@ _OBJECT_OR_NULL = ("an object or null", lambda v: v is None or isinstance(v, dic
 _NUMBER_OR_NULL = ("a number or null", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
 
 
+def _positive_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+_WINDOWS = ('{"window": seconds > 0, "stride": seconds > 0 and <= window}, or null',
+            lambda v: v is None or (isinstance(v, dict) and _positive_number(v.get("window"))
+                                    and _positive_number(v.get("stride")) and v["stride"] <= v["window"]))
+
+
 def _one_of(values: tuple[str, ...]) -> tuple[str, Callable[[Any], bool]]:
   return f"one of {list(values)}", lambda v: v in values
 
@@ -139,7 +149,10 @@ def meta_problems(meta: Any, path: pathlib.Path, *, modalities: tuple[str, ...],
   else:
     fields.update({"parts": (True, ("a list of {\"name\", \"rows\"} objects", lambda v: isinstance(v, list))),
                    "dtype": (False, _one_of(dtypes)), "skipped": (False, _int_at_least(0)),
-                   "captions": (False, _BOOL)})
+                   "captions": (False, _BOOL), "windows": (False, _WINDOWS),
+                   "generation": (False, _int_at_least(0)),
+                   "deleted": (False, _list_of("strings (ids deleted with index delete --id)",
+                                               lambda v: isinstance(v, str)))})
   problems = []
   for name, (required, (expected, test)) in fields.items():
     if name not in meta:

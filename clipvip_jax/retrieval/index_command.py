@@ -1,5 +1,5 @@
-"""python -m clipvip_jax.index (info | verify | thumbnails | build-approximate) DIR: what an index holds, whether
-it can be trusted, its thumbnails and its approximate-search index.
+"""python -m clipvip_jax.index (info | verify | thumbnails | build-approximate | delete) DIR: what an index holds,
+whether it can be trusted, its thumbnails, its approximate-search index, and removing rows.
 
   info DIR                 the format version, rows, dims, dtype, parts, model, source, skipped inputs, options
                            and the approximate index (with its measured recall@10), if any
@@ -10,6 +10,9 @@ it can be trusted, its thumbnails and its approximate-search index.
   build-approximate DIR    trains and fills a FAISS IVF index in DIR/approximate/, measures recall@10 against
                            exact search and picks nprobe (clipvip_jax.retrieval.approximate); search uses it from
                            clipvip_jax.retrieval.search.APPROXIMATE_ABOVE rows, or with --backend approximate
+  delete DIR --id ID...    removes every row of these ids (a moment index: every window of the video), or with
+         DIR --vanished    --vanished those whose video file is gone from the source folder; published in one
+                           atomic exchange, readers see the old or the new index (clipvip_jax.retrieval.growth)
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
   build.add_argument("--refine", type=int, default=200, help="candidates re-scored exactly (default %(default)s)")
   build.add_argument("--target-recall", type=float, default=0.95,
                      help="smallest nprobe reaching this recall@10 is chosen (default %(default)s)")
+  delete = commands.add_parser("delete", help="remove rows by id, or those of vanished video files")
+  delete.add_argument("index", metavar="DIR")
+  delete.add_argument("--id", action="append", default=[], dest="ids", metavar="ID",
+                      help="a row id to remove (repeatable); it is recorded so that --append does not add it again")
+  delete.add_argument("--vanished", action="store_true",
+                      help="remove the rows of videos whose file is no longer in the source folder")
   return p
 
 
@@ -55,6 +64,15 @@ def _run(argv: Sequence[str] | None) -> int:
     report = verify_index(args.index)
     print(describe_report(report))
     return 0 if report.ok else 1
+  if args.command == "delete":
+    from clipvip_jax.retrieval import growth
+    if not args.ids and not args.vanished:
+      raise UsageError("delete needs --id ID (repeatable) or --vanished")
+    removed, left = growth.delete(args.index, args.ids, args.vanished,
+                                  log=lambda line: print(line, file=sys.stderr))
+    print(f"removed {removed} row(s) from {args.index}; {left} left" if removed else
+          f"{args.index} holds no row to remove; unchanged ({left} rows)")
+    return 0
   index = read_index(args.index)
   if args.command == "thumbnails":
     from clipvip_jax.retrieval import thumbnails

@@ -23,6 +23,7 @@ command that finishes it (recorded in the plan).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -53,8 +54,9 @@ class PartRows:
   """What a part's inputs became: rows that encoded and the inputs that did not."""
 
   def __init__(self, embeddings: np.ndarray, ids: list[str], captions: list[list[str]] | None,
-               skipped: list[dict[str, str]]):
+               skipped: list[dict[str, str]], spans: np.ndarray | None = None):
     self.embeddings, self.ids, self.captions, self.skipped = embeddings, ids, captions, skipped
+    self.spans = spans  # [rows, 2] (start, end) seconds of moment rows (VideoWindows), else None
 
 
 class Inputs(Protocol):
@@ -65,6 +67,10 @@ class Inputs(Protocol):
   def __len__(self) -> int: ...
 
   def fingerprint(self) -> str: ...
+
+  def names(self) -> list[str]: ...  # the row id each input would get, in order
+
+  def only(self, keep: Sequence[int]) -> "Inputs": ...  # the inputs at these positions, in this order
 
   def encode(self, encode_fn: Callable[..., Any], start: int, stop: int, batch_size: int, dims: int,
              bar: Any) -> PartRows: ...
@@ -109,6 +115,12 @@ class VideoFiles:
   def fingerprint(self) -> str:
     return _fingerprint([clip_id for clip_id, _ in self.videos])
 
+  def names(self) -> list[str]:
+    return [clip_id for clip_id, _ in self.videos]
+
+  def only(self, keep: Sequence[int]) -> "VideoFiles":
+    return VideoFiles([self.videos[i] for i in keep], self.recipe, self.fps, self.workers)
+
   def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
     from clipvip_jax.retrieval.video_files import load_video, ordered_map
     from data_pipelines.video_io import VideoReadError
@@ -135,6 +147,57 @@ class VideoFiles:
 
     embeddings = _run(encode_fn, _video_batches(readable(), batch_size), batch_size, dims)
     return PartRows(embeddings, ids, None, skipped)
+
+
+class VideoWindows(VideoFiles):
+  """Every video file of (id, path) cut into windows (clipvip_jax.retrieval.windows): one row per window, its id the
+  video's, its span (start, end) in seconds. Each video is decoded once, in order, `workers` videos at a time; a
+  video that fails part way is skipped whole (its windows already encoded are dropped) and listed."""
+  modality, unit = "video", "video"
+
+  def __init__(self, videos: Sequence[tuple[str, pathlib.Path]], recipe, window: float, stride: float,
+               fps: float = 5.0, workers: int = 4):
+    from clipvip_jax.retrieval.windows import check_window
+    check_window(window, stride)
+    super().__init__(videos, recipe, fps, workers)
+    self.window, self.stride = float(window), float(stride)
+
+  def only(self, keep: Sequence[int]) -> "VideoWindows":
+    return VideoWindows([self.videos[i] for i in keep], self.recipe, self.window, self.stride, self.fps,
+                        self.workers)
+
+  def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
+    from clipvip_jax.retrieval.windows import ordered_streams, video_windows
+    from data_pipelines.video_io import VideoReadError
+    videos = self.videos[start:stop]
+    owners: list[int] = []  # the video (number in `videos`) of every window sent to the model, in order
+    spans: list[tuple[float, float]] = []
+    failed: dict[int, str] = {}
+
+    def windows_of(item):
+      return video_windows(item[1], self.recipe, self.fps, self.window, self.stride)
+
+    def readable():
+      for number, window, error in ordered_streams(windows_of, videos, self.workers, buffer=2 * batch_size):
+        if window is not None:
+          owners.append(number)
+          spans.append(window[:2])
+          yield window[2], window[3]
+          continue
+        bar.update(1)  # the video is done
+        if error is not None:
+          if not isinstance(error, (VideoReadError, ValueError, OSError)):
+            raise error
+          failed[number] = str(error) or type(error).__name__
+          bar.set_postfix(skipped=bar.skipped + len(failed))
+
+    embeddings = _run(encode_fn, _video_batches(readable(), batch_size), batch_size, dims)
+    keep = [i for i, owner in enumerate(owners) if owner not in failed]
+    rows_of = {n for n in (owners[i] for i in keep)}
+    skipped = [{"id": videos[n][0], "reason": failed.get(n, "no window of it holds a decodable frame")}
+               for n in range(len(videos)) if n not in rows_of]
+    return PartRows(embeddings[keep], [videos[owners[i]][0] for i in keep], None, skipped,
+                    np.asarray([spans[i] for i in keep], np.float64).reshape(-1, 2))
 
 
 class _CaptionCollector:
@@ -168,12 +231,22 @@ class ShardClips:
     for text, video_index in zip(collector.texts, self.data.text_video_index.tolist()):
       self.captions[video_index].append(text)
     self.workers = workers
+    self.order = list(range(self.data.num_videos))  # the records encoded, in order (only() narrows it)
 
   def __len__(self) -> int:
-    return self.data.num_videos
+    return len(self.order)
 
   def fingerprint(self) -> str:
-    return _fingerprint([clip_id or f"\0record {i}" for i, clip_id in enumerate(self.data.clip_ids)])
+    return _fingerprint([self.data.clip_ids[i] or f"\0record {i}" for i in self.order])
+
+  def names(self) -> list[str]:
+    return [self.data.clip_ids[i] or f"record {i}" for i in self.order]
+
+  def only(self, keep: Sequence[int]) -> "ShardClips":
+    import copy
+    narrowed = copy.copy(self)
+    narrowed.order = [self.order[i] for i in keep]
+    return narrowed
 
   def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
     import grain
@@ -182,7 +255,7 @@ class ShardClips:
     data = self.data
     rows: list[int] = []
     skipped: list[dict[str, str]] = []
-    videos = grain.MapDataset.source(sources.KeyedSource(data.source, range(start, stop))).map(
+    videos = grain.MapDataset.source(sources.KeyedSource(data.source, self.order[start:stop])).map(
         examples.EvalVideo(data.config.example_spec())).to_iter_dataset()
     if self.workers:
       pipeline.allow_grain_workers_outside_absl_app()
@@ -231,6 +304,12 @@ class Texts:
   def fingerprint(self) -> str:
     return _fingerprint(self.texts)
 
+  def names(self) -> list[str]:
+    return list(self.texts)
+
+  def only(self, keep: Sequence[int]) -> "Texts":
+    return Texts([self.texts[i] for i in keep], self.tokenize)
+
   def encode(self, encode_fn, start, stop, batch_size, dims, bar) -> PartRows:
     texts = self.texts[start:stop]
 
@@ -259,6 +338,22 @@ def encode_lock(out: str | os.PathLike):
   out = out if out.name else out.resolve()
   return WorkdirLock(out.absolute().parent, lock_name=f".{out.name}{LOCK_SUFFIX}", label=f"--out {out}",
                      holder="the encode", option="--out")
+
+
+@contextlib.contextmanager
+def holding_encode_lock(out: str | os.PathLike, report: Callable[[str], None]):
+  """The encode lock on `out` held for the block (encode, append, delete: one writer of an index at a time); a live
+  holder is refused in one sentence naming it."""
+  from clipvip_jax.train.workdir_lock import WorkdirLockedError
+  lock = encode_lock(out)
+  try:
+    lock.acquire(report=report)
+  except WorkdirLockedError as e:
+    raise UsageError(str(e)) from None
+  try:
+    yield lock
+  finally:
+    lock.release()
 
 
 def unfinished_encode(out: str | os.PathLike) -> str | None:
@@ -327,7 +422,8 @@ def _finite_only(rows: PartRows) -> PartRows:
   keep = np.setdiff1d(np.arange(len(rows.ids)), bad)
   skipped = rows.skipped + [{"id": rows.ids[i], "reason": NON_FINITE_REASON} for i in bad.tolist()]
   return PartRows(np.asarray(rows.embeddings)[keep], [rows.ids[i] for i in keep.tolist()],
-                  None if rows.captions is None else [rows.captions[i] for i in keep.tolist()], skipped)
+                  None if rows.captions is None else [rows.captions[i] for i in keep.tolist()], skipped,
+                  None if rows.spans is None else rows.spans[keep])
 
 
 def _plan(model: RetrievalModel, inputs: Inputs, meta: Mapping[str, Any], part_size: int, dtype: str,
@@ -355,9 +451,7 @@ def _prepare_staging(staging: pathlib.Path, plan: dict[str, Any], force: bool, i
       plan = {k: v for k, v in plan.items() if k not in _HOW_TO_FINISH}
       if previous != plan:
         if not force:
-          differ = sorted(k for k in set(plan) | set(previous or {})
-                          if (previous or {}).get(k) != plan.get(k))
-          raise UsageError(f"{staging} holds an unfinished encode with other arguments ({', '.join(differ)} "
+          raise UsageError(f"{staging} holds an unfinished encode with other arguments ({_differences(previous, plan)} "
                            "differ); re-run it as it was, or pass --force to start over")
         index_lib.remove(staging)
     elif staging.exists():
@@ -384,7 +478,7 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
                 process_index: int | None = None, process_count: int | None = None,
                 after_part: Callable[[str], None] | None = None,
                 before_publish: Callable[[pathlib.Path], Any] | None = None,
-                command: str | None = None) -> pathlib.Path | None:
+                command: str | None = None, base: index_lib.EmbeddingIndex | None = None) -> pathlib.Path | None:
   """Encodes `inputs` into the index `out_dir` (module doc); returns its path, or None in a process that left the
   finishing step to process 0 (or, with simulated processes, while other processes' parts are still missing).
 
@@ -395,6 +489,8 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
   that publishes it (encode writes the thumbnails there: a kill during them leaves an unfinished encode, which a
   relaunch finishes). command: how to finish this encode, recorded for search/serve to print on an unfinished
   --out. Rows the model gives non-finite values for are skipped and listed, never written.
+  base: the index in out_dir that `inputs` are appended to (clipvip_jax.retrieval.growth; encode --append): the new
+  parts are numbered after its parts, which the new index shares (hard links), and it is published in one exchange.
   """
   import jax
   if dtype not in index_lib.DTYPES:
@@ -405,44 +501,49 @@ def build_index(model: RetrievalModel, inputs: Inputs, out_dir: str | os.PathLik
     raise UsageError("there is nothing to encode")
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  out = index_lib.check_out_dir(out_dir, force)
-  lock = encode_lock(out)
-  from clipvip_jax.train.workdir_lock import WorkdirLockedError
-  try:
-    lock.acquire(report=lambda line: print(f"clipvip_jax.encode: {line}", file=sys.stderr))
-  except WorkdirLockedError as e:
-    raise UsageError(str(e)) from None
-  try:
+  out = index_lib.check_out_dir(out_dir, force, finished_ok=True) if base is None else pathlib.Path(out_dir)
+  with holding_encode_lock(out, lambda line: print(f"clipvip_jax.encode: {line}", file=sys.stderr)):
     return _build_locked(model, inputs, out_dir, meta=meta, batch_size=batch_size, part_size=part_size, dtype=dtype,
                          force=force, progress=progress, devices=devices, process_index=process_index,
                          process_count=process_count, after_part=after_part, before_publish=before_publish,
-                         command=command)
-  finally:
-    lock.release()
+                         command=command, base=base)
 
 
 def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype, force, progress, devices,
-                  process_index, process_count, after_part, before_publish, command) -> pathlib.Path | None:
+                  process_index, process_count, after_part, before_publish, command,
+                  base=None) -> pathlib.Path | None:
   """build_index's work, with the lock on --out held (by process 0 for the whole run)."""
   import jax
   from tqdm.auto import tqdm
 
   from clipvip_jax.retrieval.extraction import device_encoder, round_batch_size
-  out = index_lib.check_out_dir(out_dir, force)  # again: another encode may have published it while we waited
-  staging = staging_dir(out)
+  # Again: another encode may have published it while we waited.
+  out = index_lib.check_out_dir(out_dir, force, finished_ok=True) if base is None else pathlib.Path(out_dir)
   dims = model.embedding_dim()
+  plan = _plan(model, inputs, meta, part_size, dtype, dims)
+  first_part = 0
+  if base is not None:
+    from clipvip_jax.retrieval import growth
+    growth.check_unchanged(base)  # another writer may have changed it while we waited for the lock
+    first_part = growth.next_part_number(base)
+    plan.update(append_to=growth.identity(base), first_part=first_part)
+  elif not force and (out / index_lib.INDEX_FILE).is_file():
+    _check_finished(out, plan)  # the same encode, finished already (a job re-run): nothing to do
+    return out
+  staging = staging_dir(out)
   barrier = _barrier(process_count)
   if process_index == 0:  # before the plan barrier: no process of this run writes yet
     _remove_leftovers(out, staging, everything=True)
-  plan = _plan(model, inputs, meta, part_size, dtype, dims)
   if command:
     plan.update(command=command, cwd=os.getcwd())
-  _prepare_staging(staging, plan, force, process_index == 0, barrier)
+  # An append's staging folder made for another state of the index (or other arguments) is only work to redo: the
+  # index itself is untouched until the publishing exchange, so it is started over rather than refused.
+  _prepare_staging(staging, plan, force or base is not None, process_index == 0, barrier)
   method = "encode_video" if inputs.modality == "video" else "encode_text"
   encode_fn = device_encoder(model.pretrained, method, devices)
   batch_size = round_batch_size(batch_size, len(encode_fn.devices))
   num_parts = math.ceil(len(inputs) / part_size)
-  names = [index_lib.part_name(k) for k in range(num_parts)]
+  names = [index_lib.part_name(first_part + k) for k in range(num_parts)]
   done = index_lib.finished_parts(staging)
   mine = [k for k in range(num_parts) if k % process_count == process_index and names[k] not in done]
   todo = sum(min(part_size, len(inputs) - k * part_size) for k in mine)
@@ -454,7 +555,8 @@ def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype,
       rows = _finite_only(inputs.encode(encode_fn, start, stop, batch_size, dims, bar))
       bar.skipped += len(rows.skipped)
       index_lib.write_part(staging, names[k], rows.embeddings, rows.ids, rows.captions,
-                           {"first_input": start, "inputs": stop - start, "skipped": rows.skipped}, dtype)
+                           {"first_input": start, "inputs": stop - start, "skipped": rows.skipped}, dtype,
+                           rows.spans)
       if after_part is not None:
         after_part(names[k])
   barrier("clipvip_jax.encode: parts")
@@ -468,8 +570,13 @@ def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype,
             "encoded by other processes; the last to finish writes the index", file=sys.stderr)
       return None
     raise RuntimeError(f"parts {missing[:3]} are missing after encoding them")  # a bug, not an input error
-  full = index_lib.finish_index(staging, {**meta, "dims": dims, "dtype": dtype, "inputs": len(inputs),
-                                          "part_size": part_size}, names)
+  all_names, inputs_seen, extra = names, len(inputs), {}
+  if base is not None:
+    all_names = growth.link_parts(base, staging) + names
+    inputs_seen += int(base.meta.get("inputs", base.count))
+    extra = growth.carried_meta(base)
+  full = index_lib.finish_index(staging, {**meta, **extra, "dims": dims, "dtype": dtype, "inputs": inputs_seen,
+                                          "part_size": part_size}, all_names)
   if full["count"] == 0:
     skipped = _first_skipped(staging, names)
     index_lib.remove(staging)  # nothing to publish, and nothing left behind
@@ -478,11 +585,40 @@ def _build_locked(model, inputs, out_dir, *, meta, batch_size, part_size, dtype,
   if before_publish is not None:
     before_publish(staging)
   _remove_leftovers(out, staging, everything=True)  # every part is there: any temporary left is garbage
+  # The plan stays in the index, without the command (a path and cwd of no use there): a relaunch of the same
+  # encode compares with it and exits 0 (_check_finished). A kill before the rename leaves a resumable encode.
+  index_lib.write_json_atomic(staging / PLAN_FILE, {k: v for k, v in plan.items() if k not in _HOW_TO_FINISH})
   index_lib.publish(staging, out)
-  (out / PLAN_FILE).unlink(missing_ok=True)  # after the rename: a kill before it leaves a resumable encode
   if process_count > 1 and jax.process_count() > 1:
     barrier("clipvip_jax.encode: published")
   return out
+
+
+def _check_finished(out: pathlib.Path, plan: Mapping[str, Any]) -> None:
+  """Returns when `out` holds the index this very plan writes (the encode finished before); UsageError otherwise,
+  naming what differs: an existing index is replaced only with --force."""
+  plan = {k: v for k, v in plan.items() if k not in _HOW_TO_FINISH}
+  try:
+    previous = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    previous = None
+  if previous == plan:
+    return
+  differ = f" ({_differences(previous, plan)} differ)" if isinstance(previous, dict) else ""
+  raise UsageError(f"--out {out} already exists and holds another index{differ} (pass --force to replace it)")
+
+
+def _differences(previous: Any, plan: Mapping[str, Any], prefix: str = "") -> str:
+  """The plan's fields that differ, dotted into meta and options ("meta.options.window, checkpoint")."""
+  previous = previous if isinstance(previous, dict) else {}
+  names = []
+  for k in sorted(set(plan) | set(previous)):
+    a, b = previous.get(k), plan.get(k)
+    if a == b:
+      continue
+    names.append(_differences(a, b, f"{prefix}{k}.") if isinstance(a, dict) and isinstance(b, dict)
+                 else f"{prefix}{k}")
+  return ", ".join(names)
 
 
 def _first_skipped(staging: pathlib.Path, names: Sequence[str]) -> dict[str, str]:

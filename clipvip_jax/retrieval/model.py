@@ -18,7 +18,6 @@ A training workdir's own data settings (frames, size, sampling, resize, text len
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any, Mapping
@@ -28,10 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipvip_jax import kinds
-from clipvip_jax.runtime.cli_errors import DEBUG_ENV, UsageError
-
-CLIP4CLIP_FPS = 5.0  # CLIP2Video / CLIP4Clip extract frames at 5 fps before sub-sampling
-CLIP4CLIP_FRAMES = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +75,7 @@ class RetrievalModel:
   @property
   def max_frames(self) -> int | None:
     """The most frames the model can take (clip2video's frame position table), None when unbounded."""
-    return getattr(self.pretrained.config, "frame_positions", None)
+    return kinds.max_frames(self.kind, self.pretrained.config)
 
   def encode_video(self, video, frame_mask) -> jax.Array:
     """video [B, T, S, S, 3] CLIP-normalised float32, frame_mask [B, T] -> [B, D]."""
@@ -106,28 +101,20 @@ class RetrievalModel:
 
 
 def default_recipe(kind: str, config: Any) -> VideoRecipe:
-  """The test-time recipe of the model's original (module docstring)."""
+  """The test-time recipe of the model's original (module docstring; the kind's registry entry)."""
   image_size = kinds.find_in_config(config, "VisionConfig").image_size
   text_len = kinds.find_in_config(config, "TextConfig").max_len
-  if kind == "clipvip":
-    return VideoRecipe(config.temporal_size, image_size, "clipvip", "squash", None, text_len)
-  if kind == "clip2video":
-    return VideoRecipe(config.num_frames, image_size, "clip2video", "crop", CLIP4CLIP_FPS, text_len)
-  return VideoRecipe(CLIP4CLIP_FRAMES, image_size, "clip2video", "crop", CLIP4CLIP_FPS, text_len)
+  frames, sampling, resize_mode, target_fps = kinds.recipe_values(kind, config)
+  return VideoRecipe(frames, image_size, sampling, resize_mode, target_fps, text_len)
 
 
-def _run_data_config(step_dir: pathlib.Path) -> dict[str, Any]:
+def _run_data_config(run_config: Mapping[str, Any] | None) -> dict[str, Any]:
   """The data settings a training run evaluated with: config.data updated by config.eval.data (as the trainer's
   evaluator builds them); {} when the checkpoint carries no run config."""
-  path = step_dir / "config" / "metadata"
-  if not path.is_file():
+  if not run_config:
     return {}
-  try:
-    config = json.loads(path.read_text())
-  except json.JSONDecodeError:
-    return {}
-  data = dict(config.get("data") or {})
-  data.update((config.get("eval") or {}).get("data") or {})
+  data = dict(run_config.get("data") or {})
+  data.update((run_config.get("eval") or {}).get("data") or {})
   return data
 
 
@@ -136,50 +123,13 @@ def recipe_from_run(recipe: VideoRecipe, data: Mapping[str, Any]) -> VideoRecipe
   return dataclasses.replace(recipe, **{k: v for k, v in data.items() if k in fields})
 
 
-def _build(kind: str, cfg: Any, params: Mapping[str, np.ndarray], source: str):
-  """A Pretrained of `kind`; clip and meanp become the frame-mean-pooling model (same parameters as CLIP)."""
-  from clipvip_jax.retrieval.pretrained import Pretrained
-  if kind in ("clip", "meanp"):
-    from flax import nnx
-
-    from clipvip_jax.models.meanp import MeanPoolCLIP
-    from clipvip_jax.params import assign_params
-    model = assign_params(nnx.eval_shape(lambda: MeanPoolCLIP(cfg, rngs=nnx.Rngs(0))), params, source=source)
-  else:
-    model = kinds.build_model(kind, cfg, params, source=source)
-  return Pretrained(model, kind, cfg, source=source)
-
-
-def _is_workdir(path: pathlib.Path) -> bool:
-  from clipvip_jax.train.checkpoint import is_workdir
-  return is_workdir(path)
-
-
 def _load(path: pathlib.Path, config, step, trust_pickle: bool) -> tuple[Any, VideoRecipe, int | None]:
-  from clipvip_jax import converted_checkpoint
-  from clipvip_jax.params import flat_params
-  if converted_checkpoint.is_converted_dir(path) or _is_workdir(path):
-    if config is not None:
-      raise UsageError(f"--config applies to original checkpoint files; {path} already carries its model config")
-  if step is not None and not _is_workdir(path):
-    raise UsageError(f"--step applies to training workdirs; {path} is not one (no checkpoints/<step>/ folder)")
-  if _is_workdir(path):
-    from clipvip_jax.train import checkpoint as train_checkpoint
-    step_dir = train_checkpoint.resolve_step(path, step)
-    kind, cfg, params = train_checkpoint.load_workdir_params(path, step)
-    pretrained = _build(kind, cfg, params, str(path))
-    recipe = recipe_from_run(default_recipe(kind, cfg), _run_data_config(step_dir))
-    return pretrained, recipe, int(step_dir.name)
-  if path.is_dir() and (path / "checkpoints").is_dir():
-    raise UsageError(f"{path} is a training workdir without a finished checkpoint yet")
-  if path.is_dir() and not converted_checkpoint.is_converted_dir(path) and not (path / "config.json").is_file():
-    raise UsageError(f"{path} is neither a converted checkpoint (config.json + params/), a training workdir "
-                     "(checkpoints/<step>/) nor an HF model directory")
-  from clipvip_jax.retrieval.pretrained import load_pretrained
-  pretrained = load_pretrained(path, config, trust_pickle=trust_pickle)
-  if pretrained.kind == "clip":  # an image CLIP indexes videos by mean pooling its frame embeddings
-    pretrained = _build("clip", pretrained.config, flat_params(pretrained.model), str(path))
-  return pretrained, default_recipe(pretrained.kind, pretrained.config), None
+  from clipvip_jax.loading import load_checkpoint
+  from clipvip_jax.retrieval.pretrained import from_loaded
+  loaded = load_checkpoint(path, config, step=step, trust_pickle=trust_pickle)
+  pretrained = from_loaded(loaded, video=True)  # an image CLIP indexes videos by mean pooling its frames
+  recipe = recipe_from_run(default_recipe(loaded.kind, loaded.config), _run_data_config(loaded.run_config))
+  return pretrained, recipe, loaded.step
 
 
 def load_model(checkpoint: str | os.PathLike, config: str | os.PathLike | Mapping[str, Any] | None = None, *,
@@ -188,21 +138,9 @@ def load_model(checkpoint: str | os.PathLike, config: str | os.PathLike | Mappin
 
   config: the original's config (JSON path or dict) for an original checkpoint file; refused for converted dirs
   and workdirs, which carry theirs. step: for a workdir, a step number, "latest" (default) or "best".
-  Raises UsageError (one sentence) for a missing or unreadable checkpoint.
+  A missing or unreadable checkpoint raises a ValueError of one sentence (clipvip_jax.loading).
   """
   path = pathlib.Path(checkpoint).expanduser()
-  if not path.exists():
-    raise UsageError(f"checkpoint {path} does not exist")
-  if isinstance(config, (str, os.PathLike)) and not pathlib.Path(config).is_file():
-    raise UsageError(f"config file {config} does not exist")
-  try:
-    pretrained, recipe, resolved_step = _load(path, config, step, trust_pickle)
-  except (ValueError, OSError):
-    raise  # already one clear sentence (ConversionError, ParamMismatchError, FileNotFoundError, UsageError)
-  except Exception as e:  # noqa: BLE001 — an unreadable checkpoint of any kind is an input error here
-    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-      raise
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    raise UsageError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {first_line})") from e
+  pretrained, recipe, resolved_step = _load(path, config, step, trust_pickle)
   config_path = str(pathlib.Path(config).absolute()) if isinstance(config, (str, os.PathLike)) else None
   return RetrievalModel(pretrained, str(path.absolute()), recipe, resolved_step, config_path)

@@ -1,7 +1,7 @@
 """The public surface: `load_pretrained(path)` -> a `Pretrained` with jitted encoders and similarity.
 
     import clipvip_jax
-    model = clipvip_jax.load_pretrained("converted/clip-b32")   # or an HF CLIP dir, or a .pt/.bin file
+    model = clipvip_jax.load_pretrained("converted/clip-b32")   # or a workdir, an HF CLIP dir, a .pt/.bin file
     ids, mask = model.tokenize(["a dog playing fetch"])
     t = model.encode_text(ids, mask)                             # [1, D], L2-normalised
     v = model.encode_image(images)                               # images [B, H, W, 3], CLIP-normalised float
@@ -19,8 +19,6 @@ measured on an H100); `jax.config.update("jax_default_matmul_precision", "highes
 from __future__ import annotations
 
 import os
-import pathlib
-import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -178,40 +176,31 @@ def check_compute_options(cfg: Any) -> None:
                          f"tower has {tower.width} / {tower.heads} heads = {head_dim}")
 
 
-def _tokenizer_dir(path: pathlib.Path) -> pathlib.Path | None:
-  """An HF directory's own tokenizer files, when it ships them."""
-  if path.is_dir() and (((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
-                        or (path / "tokenizer.json").is_file()):
-    return path
-  return None
+def from_loaded(loaded: Any, *, dtype: str = "float32", attention: str | None = None,
+                video: bool = False) -> Pretrained:
+  """A Pretrained of a `clipvip_jax.loading.Loaded`; `video`: with the model that encodes videos from these
+  parameters (a plain CLIP: meanP's frame mean pooling, kinds.video_kind), keeping the checkpoint's kind."""
+  overrides = {"dtype": dtype} | ({"attention": attention} if attention is not None else {})
+  cfg = kinds.replace_in_config(loaded.config, **overrides)
+  check_compute_options(cfg)
+  model_kind = kinds.video_kind(loaded.kind) if video else loaded.kind
+  model = kinds.build_model(model_kind, cfg, loaded.params, source=loaded.path)
+  return Pretrained(model, loaded.kind, cfg, source=loaded.path, tokenizer_dir=loaded.tokenizer_dir)
 
 
 def load_pretrained(path: PathLike, config: Mapping[str, Any] | PathLike | None = None, *,
-                    dtype: str = "float32", attention: str | None = None, format: str | None = None,
-                    trust_pickle: bool = False) -> Pretrained:
-  """A ready-to-use model from a converted directory, an HF CLIP directory or a PyTorch checkpoint file.
+                    step: int | str | None = None, dtype: str = "float32", attention: str | None = None,
+                    format: str | None = None, trust_pickle: bool = False) -> Pretrained:
+  """A ready-to-use model from any checkpoint `clipvip_jax.loading.load_checkpoint` reads: a converted directory,
+  a training workdir (`step`: a number, "latest" or "best"), an HF CLIP directory or a PyTorch checkpoint file.
 
   Everything the weights determine (widths, layers, patch and image size, proxies, ...) comes from them;
   `config` (a dict or a JSON path, in the original's own format: an HF CLIPConfig dict, possibly under
-  "clip_config", or CLIP2Video's options) supplies the rest, such as head counts. An HF directory's own
-  config.json is used when `config` is None. `dtype` is the compute dtype ("float32" or "bfloat16"; parameters
-  stay float32), `attention` the jax.nn.dot_product_attention implementation ("xla", "cudnn"; None keeps the
-  config's), `format` forces a checkpoint layout (see clipvip_jax.convert.formats.FORMATS).
+  "clip_config", or CLIP2Video's options) supplies the rest of an original's, such as head counts. An HF
+  directory's own config.json is used when `config` is None. `dtype` is the compute dtype ("float32" or
+  "bfloat16"; parameters stay float32), `attention` the jax.nn.dot_product_attention implementation ("xla",
+  "cudnn"; None keeps the config's), `format` forces a checkpoint layout (see clipvip_jax.convert.formats.FORMATS).
   """
-  from clipvip_jax import converted_checkpoint
-  path = pathlib.Path(path)
-  if converted_checkpoint.is_converted_dir(path):
-    if config is not None:
-      warnings.warn(f"{path} is a converted checkpoint carrying its own config; the config argument is ignored",
-                    stacklevel=2)
-    converted = converted_checkpoint.load_converted(path)
-  else:
-    from clipvip_jax.convert.common import load_state_dict, source_config
-    from clipvip_jax.convert.formats import convert
-    sd = load_state_dict(path, trust_pickle=trust_pickle)
-    converted = convert(sd, source_config(path, config), source=str(path), format=format)
-  overrides = {"dtype": dtype} | ({"attention": attention} if attention is not None else {})
-  cfg = kinds.replace_in_config(converted.config, **overrides)
-  check_compute_options(cfg)
-  model = kinds.build_model(converted.kind, cfg, converted.params, source=str(path))
-  return Pretrained(model, converted.kind, cfg, source=str(path), tokenizer_dir=_tokenizer_dir(path))
+  from clipvip_jax.loading import load_checkpoint
+  loaded = load_checkpoint(path, config, step=step, format=format, trust_pickle=trust_pickle)
+  return from_loaded(loaded, dtype=dtype, attention=attention)

@@ -29,13 +29,14 @@ class _Request:
   row: int | None
   top_k: int
   future: asyncio.Future
+  snapshot: search.Snapshot | None = None  # the index state the request is answered from (None: the current one)
 
 
 class QueryBatcher:
   """Batches text queries (and clip-to-clip queries) from concurrent requests; counts calls for /api/index."""
 
-  def __init__(self, searcher: search.Searcher, max_batch: int = search.QUERY_BATCH):
-    self.searcher, self.max_batch = searcher, max_batch
+  def __init__(self, searcher: search.Searcher, max_batch: int = search.QUERY_BATCH, per_video: int = 3):
+    self.searcher, self.max_batch, self.per_video = searcher, max_batch, per_video
     self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clipvip-search")
     self.queue: asyncio.Queue[_Request] | None = None
     self.worker: asyncio.Task | None = None
@@ -57,13 +58,14 @@ class QueryBatcher:
         pass
     self.executor.shutdown(wait=False, cancel_futures=True)
 
-  async def rank(self, query: str, top_k: int) -> Hits:
-    """The top_k rows for one checked, non-empty query (callers validate: the model sees only valid queries)."""
-    return await self._submit(_Request(query, None, top_k, asyncio.get_running_loop().create_future()))
+  async def rank(self, query: str, top_k: int, snapshot: search.Snapshot | None = None) -> Hits:
+    """The top_k rows for one checked, non-empty query (callers validate: the model sees only valid queries), from
+    `snapshot` (the state of the index the caller describes the rows with; default: the searcher's current one)."""
+    return await self._submit(_Request(query, None, top_k, asyncio.get_running_loop().create_future(), snapshot))
 
-  async def similar(self, row: int, top_k: int) -> Hits:
+  async def similar(self, row: int, top_k: int, snapshot: search.Snapshot | None = None) -> Hits:
     """The top_k rows most similar to row `row` (itself left out)."""
-    return await self._submit(_Request(None, row, top_k, asyncio.get_running_loop().create_future()))
+    return await self._submit(_Request(None, row, top_k, asyncio.get_running_loop().create_future(), snapshot))
 
   async def _submit(self, request: _Request) -> Hits:
     if self.queue is None:
@@ -92,8 +94,22 @@ class QueryBatcher:
           r.future.set_result(hits)
 
   def _run(self, batch: list[_Request]) -> list[Hits]:
-    """In the worker thread: one text-tower call for every text query, one top-k pass for all of them."""
-    index = self.searcher.index
+    """In the worker thread: one text-tower call for every text query, one top-k pass for all of them (a pass per
+    state of the index, when an index change came between the requests of a batch)."""
+    current = self.searcher.snapshot
+    groups: dict[int, list[_Request]] = {}
+    snapshots: dict[int, search.Snapshot] = {}
+    for r in batch:
+      snap = r.snapshot or current
+      groups.setdefault(id(snap), []).append(r)
+      snapshots[id(snap)] = snap
+    answers: dict[int, Hits] = {}
+    for key, requests in groups.items():
+      answers.update(zip(map(id, requests), self._run_on(snapshots[key], requests)))
+    return [answers[id(r)] for r in batch]
+
+  def _run_on(self, snap: search.Snapshot, batch: list[_Request]) -> list[Hits]:
+    index = snap.index
     texts = [r for r in batch if r.query is not None]
     clips = [r for r in batch if r.query is None]
     vectors = []
@@ -104,15 +120,10 @@ class QueryBatcher:
     if clips:
       vectors.append(index.rows([r.row for r in clips]))
     ordered = texts + clips
-    # One more row than asked for a clip query: the clip itself comes back first and is dropped.
-    top_k = min(max(r.top_k + (r.query is None) for r in ordered), index.count)
-    scores, rows, _ = search.top_rows(index, np.concatenate(vectors), top_k, self.searcher.backend,
-                                      self.searcher.approx)
-    answers: dict[int, Hits] = {}
-    for r, srow, rrow in zip(ordered, scores, rows):
-      hits = [(int(row), float(score)) for score, row in zip(srow, rrow) if row >= 0]
-      if r.query is None:
-        hits = [h for h in hits if h[0] != r.row]
-      answers[id(r)] = hits[:r.top_k]
+    # A clip query leaves itself out (and, for a moment, the windows of its video that overlap it); a moment index
+    # merges its windows into moments (search.ranked_hits).
+    hits = search.ranked_hits(index, np.concatenate(vectors), [r.top_k for r in ordered], self.searcher.backend,
+                              snap.approx, per_video=self.per_video, excludes=[r.row for r in ordered])
+    answers = {id(r): h for r, h in zip(ordered, hits)}
     return [answers[id(r)] for r in batch]
 

@@ -16,6 +16,7 @@ captions and scores only (python -m clipvip_jax.index thumbnails DIR writes them
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 from typing import Sequence
 
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                       "always answered")
   p.add_argument("--show-paths", action="store_true",
                  help="/api/index shows the absolute paths of the index, checkpoint and source (default: names)")
+  p.add_argument("--video-root", action="append", default=[], metavar="DIR",
+                 help="serve the video files under DIR (repeatable), so the page opens a result at its moment; a "
+                      "file outside every --video-root is never served (default: none, the page shows frames)")
   p.add_argument("--request-timeout", type=float, default=None, metavar="S",
                  help="seconds a request's line, headers and body may take to arrive (default "
                       "clipvip_jax.retrieval.service.REQUEST_TIMEOUT_S)")
@@ -92,6 +96,9 @@ def _run(argv: Sequence[str] | None) -> int:
     raise UsageError(f"--max-batch must be in 1..{search.QUERY_BATCH}, got {args.max_batch}")
   if args.request_timeout is not None and not 0 < args.request_timeout <= 3600:
     raise UsageError(f"--request-timeout must be in (0, 3600] seconds, got {args.request_timeout}")
+  for root in args.video_root:
+    if not pathlib.Path(root).is_dir():
+      raise UsageError(f"--video-root {root} is not a folder")
   _check_address(args.host, args.port)  # before the model load: a taken port fails in a second, not a minute
   import uvicorn
 
@@ -116,11 +123,13 @@ def _run(argv: Sequence[str] | None) -> int:
       break
     size *= 2
   allowed = service.default_allowed_hosts(args.host) + list(args.allow_host)
-  app = service.create_app(searcher, max_batch=args.max_batch, allowed_hosts=allowed, show_paths=args.show_paths)
+  app = service.create_app(searcher, max_batch=args.max_batch, allowed_hosts=allowed, show_paths=args.show_paths,
+                           video_roots=args.video_root)
   timeout = service.REQUEST_TIMEOUT_S if args.request_timeout is None else args.request_timeout
   server = uvicorn.Server(service.server_config(app, args.host, args.port, request_timeout=timeout))
   host = f"[{args.host}]" if ":" in args.host else args.host
-  print(f"serving {searcher.index.count} clips of {searcher.index.path} on http://{host}:{args.port}/ "
+  what = "moments" if searcher.index.moments else "clips"
+  print(f"serving {searcher.index.count} {what} of {searcher.index.path} on http://{host}:{args.port}/ "
         "(API: /openapi.json; Ctrl-C stops)", flush=True)
   server.run()
   return 0

@@ -5,8 +5,13 @@
   GET /                          the page (clipvip_jax/retrieval/static: plain HTML, CSS and JS, no build step)
   GET /api/search?q=TEXT&top_k=K text -> clips: {"query", "top_k", "results": [{"rank", "id", "row", "captions",
                                  "thumbnail", "score"}]}, best first, as search.Searcher.search ranks them
-  GET /api/similar?id=ID&top_k=K the clips most like clip ID (video to video), the clip itself left out
-  GET /api/clip?id=ID            one clip: id, row, captions, thumbnail
+  GET /api/similar?id=ID&top_k=K the clips most like clip ID (video to video), the clip itself left out; row=R
+                                 instead of id names a row (a moment: the windows of its video overlapping it are
+                                 left out too)
+  GET /api/clip?id=ID            one clip: id, row, captions, thumbnail (or row=R)
+  GET /video/ROW                 the video file of a row, when it lies inside a root the operator declared
+                                 (create_app(video_roots=...) / serve --video-root); the page opens it at the
+                                 moment's start (ROW#t=START,END, a media fragment)
   GET /api/health                {"status": "ok"}
   GET /api/index                 what the index holds and how the service is doing (batches, queries); file names
                                  only, no absolute paths (create_app(show_paths=True) / serve --show-paths)
@@ -24,7 +29,9 @@ no-referrer on every answer. Then every parameter is checked (query length and c
 runs; a bad request gets a 4xx and {"error": one sentence}, never a traceback, and never reaches the model. Names
 (clip ids, thumbnail and static file names) are looked up in tables (the index's id table, row numbers, a fixed
 list of page files), never joined into a path: any id the index holds is served, whatever characters it has, and
-nothing outside the index folder and the page's own files can be. Under uvicorn (server_config), a request must
+nothing outside the index folder and the page's own files can be, but for the videos of /video/ROW: a row's file
+is found from the index's recorded source and its id, resolved (links followed), and served only when it lies
+inside one of the declared video roots (none by default); anything else is a 403 sentence. Under uvicorn (server_config), a request must
 arrive whole within REQUEST_TIMEOUT_S (else 408 and the connection closes), its line and headers within
 MAX_REQUEST_HEAD_BYTES (else 431), and malformed HTTP gets the same JSON sentence (400), not uvicorn's text.
 """
@@ -139,6 +146,10 @@ class ClipAnswer(_Strict):
   row: int
   captions: list[str]
   thumbnail: str | None
+  start: float | None  # a moment's seconds in its video (moment indexes; null for a whole clip)
+  end: float | None
+  duration: float | None  # where the video's time line ends (the end of its last window)
+  video: str | None  # the address of the video file at the moment (/video/ROW#t=START,END), when it is served
 
 
 class HitAnswer(_Strict):
@@ -147,6 +158,10 @@ class HitAnswer(_Strict):
   row: int
   captions: list[str]
   thumbnail: str | None
+  start: float | None
+  end: float | None
+  duration: float | None
+  video: str | None
   score: float
 
 
@@ -187,6 +202,8 @@ class IndexAnswer(_Strict):
   source: str | None
   captions: bool
   thumbnails: bool
+  moments: bool
+  generation: int
   backend: str
   limits: LimitsAnswer
   served: ServedAnswer
@@ -196,29 +213,147 @@ class ClipTable:
   """Row <-> clip id and what the page shows of a row; the id -> row map is built on first use (it reads every
   id once: a second for a million rows)."""
 
-  def __init__(self, searcher: Searcher, thumbnails: Thumbnails):
-    self.index, self.thumbnails = searcher.index, thumbnails
+  def __init__(self, index, thumbnails: Thumbnails, videos: "VideoFiles | None" = None):
+    self.index, self.thumbnails, self.videos = index, thumbnails, videos
     self._rows: dict[str, int] | None = None
+    self._durations: dict[str, float] = {}
     self._lock = threading.Lock()
 
-  def row(self, clip_id: str) -> int:
+  def _tables(self) -> None:
+    """id -> first row, and (moment indexes) video -> end of its last window, read once."""
     with self._lock:
       if self._rows is None:
-        self._rows = {self.index.id(r): r for r in range(self.index.count)}
-    row = self._rows.get(clip_id)
-    if row is None:
+        rows: dict[str, int] = {}
+        for r in range(self.index.count):
+          clip_id = self.index.id(r)
+          rows.setdefault(clip_id, r)
+          if self.index.moments:
+            self._durations[clip_id] = max(self._durations.get(clip_id, 0.0), self.index.span(r)[1])
+        self._rows = rows
+
+  def row(self, clip_id: str | None, row: int | None = None) -> int:
+    """The row named by `row` (which wins when both are given) or by the clip id; 404 when there is none."""
+    if row is not None:
+      if not 0 <= row < self.index.count:
+        raise BadRequest(f"the index has no row {row} (it has {self.index.count})", 404)
+      return row
+    if clip_id is None:
+      raise BadRequest("the request names no clip: give id (a clip id of the index) or row", 404)
+    self._tables()
+    found = self._rows.get(clip_id)
+    if found is None:
       raise BadRequest(f"the index has no clip {clip_id[:200]!r}", 404)
-    return row
+    return found
 
   def describe(self, row: int, score: float | None = None, rank: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": self.index.id(row), "row": row, "captions": self.index.captions(row),
-                           "thumbnail": f"/thumbnails/{row}.jpg" if self.thumbnails.has(row) else None}
+    clip_id, span = self.index.id(row), self.index.span(row)
+    duration = None
+    if span is not None:
+      self._tables()
+      duration = self._durations.get(clip_id)
+    video = None
+    if self.videos is not None and self.videos.path(row) is not None:
+      video = f"/video/{row}" + (f"#t={span[0]:g},{span[1]:g}" if span is not None else "")
+    out: dict[str, Any] = {"id": clip_id, "row": row, "captions": self.index.captions(row),
+                           "thumbnail": f"/thumbnails/{row}.jpg" if self.thumbnails.has(row) else None,
+                           "start": None if span is None else span[0], "end": None if span is None else span[1],
+                           "duration": duration, "video": video}
     if score is not None:
       out = {"rank": rank, **out, "score": round(score, 6)}
     return out
 
   def results(self, hits: Hits) -> list[dict[str, Any]]:
     return [self.describe(row, score, rank) for rank, (row, score) in enumerate(hits, 1)]
+
+
+class VideoFiles:
+  """Row -> its source video file, served only inside the declared roots. The file is found from the index's
+  recorded source folder and the row's id (the id is the path under it, without or with its extension: as
+  video_files.find_videos names clips), resolved with links followed; it must be a regular file inside one of
+  `roots` (themselves resolved). An index is untrusted: an id such as "../../etc/passwd" resolves outside and is
+  refused like any other file outside the roots."""
+
+  def __init__(self, index, roots: Sequence[str | pathlib.Path]):
+    self.index = index
+    self.roots = [pathlib.Path(r).resolve() for r in roots]
+    source = index.meta.get("source")
+    self.source = pathlib.Path(source) if isinstance(source, str) and source else None
+
+  def resolve(self, row: int) -> pathlib.Path:
+    """The file of `row`, or BadRequest: 404 when there is none, 403 when it lies outside every root."""
+    from data_pipelines.video_io import VIDEO_EXTENSIONS
+    if self.source is None or self.index.modality != "video":
+      raise BadRequest("the index records no folder of video files", 404)
+    clip_id = self.index.id(row)
+    if "\x00" in clip_id:
+      raise BadRequest("the row's video name holds a NUL character", 404)
+    candidates = [self.source / clip_id] + [self.source / (clip_id + ext) for ext in VIDEO_EXTENSIONS]
+    for candidate in candidates:
+      if candidate.suffix.lower() not in VIDEO_EXTENSIONS:
+        continue
+      real = candidate.resolve()
+      if not any(real == root or real.is_relative_to(root) for root in self.roots):
+        raise BadRequest(f"the video of row {row} lies outside the folders this service serves videos from "
+                         "(serve --video-root)", 403)
+      if real.is_file():
+        return real
+    raise BadRequest(f"the video file of row {row} is not there", 404)
+
+  def path(self, row: int) -> pathlib.Path | None:
+    try:
+      return self.resolve(row)
+    except BadRequest:
+      return None
+
+
+class View:
+  """What the service answers from: one state of the index (a search.Snapshot) with its thumbnails, clip table and
+  video files, built together, so a request is ranked and described from the same state."""
+
+  def __init__(self, snapshot, video_roots: Sequence[str | pathlib.Path]):
+    index = snapshot.index
+    self.snapshot = snapshot
+    self.thumbnails = Thumbnails(index.path, index.count)
+    self.videos = VideoFiles(index, video_roots) if video_roots else None
+    self.clips = ClipTable(index, self.thumbnails, self.videos)
+
+
+class Views:
+  """The current View, replaced when the index on disk changes (an append, a deletion, an encode --force): checked
+  with one stat of index.json at each request (the searcher's reload_if_changed). A request keeps the view it
+  started with to its answer, so none fails or mixes states during a change; a new state that cannot be opened
+  (damaged, another model) is logged and the old one kept serving."""
+
+  def __init__(self, searcher: Searcher, video_roots: Sequence[str | pathlib.Path]):
+    import logging
+    self.searcher, self.video_roots = searcher, video_roots
+    self.log = logging.getLogger("clipvip_jax.serve")
+    snapshot = getattr(searcher, "snapshot", None)
+    if snapshot is None:  # a stand-in searcher (the OpenAPI description is read without an index)
+      import types
+      snapshot = types.SimpleNamespace(index=searcher.index, approx=None)
+    self.view = View(snapshot, video_roots)
+    self.reloads = 0
+    self._lock = threading.Lock()
+    self._refused: Any = None
+
+  def current(self) -> View:
+    changed = getattr(self.searcher, "changed", None)
+    if changed is None or not changed():
+      return self.view
+    with self._lock:
+      if self.searcher.changed():
+        from clipvip_jax.runtime.cli_errors import UsageError
+        try:
+          if self.searcher.reload_if_changed():
+            self.view = View(self.searcher.snapshot, self.video_roots)
+            self.reloads += 1
+            self.log.warning("the index changed on disk: now serving %d rows", self.view.snapshot.index.count)
+        except (UsageError, OSError, ValueError) as e:
+          if str(e) != self._refused:
+            self._refused = str(e)
+            self.log.warning("the index changed on disk but cannot be served (%s); still serving the one before", e)
+    return self.view
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -331,7 +466,8 @@ _ERRORS = {"400": "a bad request: a parameter out of its bounds, or a refused ad
            "431": f"a request line and headers over {MAX_REQUEST_HEAD_BYTES} bytes",
            "500": "the service failed (its log says why)"}
 _NOT_FOUND = {"/api/similar": "the index has no such clip", "/api/clip": "the index has no such clip",
-              "/thumbnails/{name}": "the index has no thumbnail of that name"}
+              "/thumbnails/{name}": "the index has no thumbnail of that name",
+              "/video/{row}": "the row has no video file"}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -350,6 +486,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
   bounds = {"q": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS, "pattern": QUERY_PATTERN},
             "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K},
             "id": {"type": "string"},
+            "row": {"type": "integer", "minimum": 0},
             "name": {"type": "string", "pattern": THUMBNAIL_PATTERN}}
   for path, operations in schema.get("paths", {}).items():
     for operation in operations.values():
@@ -362,6 +499,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         responses[status] = {"description": text, "content": _ERROR_CONTENT}
       if path in _NOT_FOUND:
         responses["404"] = {"description": _NOT_FOUND[path], "content": _ERROR_CONTENT}
+  video = schema["paths"]["/video/{row}"]["get"]["responses"]
+  video["200"] = {"description": "the video file (Range requests answered: a player seeks in it)",
+                  "content": {"video/*": {"schema": {"type": "string", "format": "binary"}}}}
+  video["403"] = {"description": "the service serves no video files, or this one lies outside its video roots",
+                  "content": _ERROR_CONTENT}
   schema["paths"]["/thumbnails/{name}"]["get"]["responses"]["200"] = {
       "description": "the strip: a few frames of the clip side by side",
       "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}
@@ -374,15 +516,16 @@ def _name_only(value: Any) -> str | None:
 
 
 def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str = "clipvip_jax search",
-               allowed_hosts: Sequence[str] | None = None, show_paths: bool = False) -> FastAPI:
+               allowed_hosts: Sequence[str] | None = None, show_paths: bool = False,
+               video_roots: Sequence[str | pathlib.Path] = ()) -> FastAPI:
   """The ASGI app serving `searcher`'s index (module doc). Queries are batched by a QueryBatcher started with the
   app (lifespan), so the app must run in one event loop (uvicorn, or TestClient used as a context manager).
 
   allowed_hosts: the Host names it answers to besides the address a connection reached (default: localhost;
   "*": any, which gives up the DNS-rebinding guard). show_paths: /api/index shows the index's, checkpoint's and
-  source's absolute paths instead of their names."""
-  thumbnails = Thumbnails(searcher.index.path, searcher.index.count)
-  clips = ClipTable(searcher, thumbnails)
+  source's absolute paths instead of their names. video_roots: folders whose video files /video/ROW serves (none:
+  the page shows frames only)."""
+  views = Views(searcher, video_roots)
   batcher = QueryBatcher(searcher) if max_batch is None else QueryBatcher(searcher, max_batch)
 
   @contextlib.asynccontextmanager
@@ -393,7 +536,7 @@ def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str =
 
   app = FastAPI(title=title, description="Text-to-video and video-to-video search over one clipvip_jax index.",
                 lifespan=lifespan, docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
-  app.state.batcher, app.state.clips = batcher, clips
+  app.state.batcher, app.state.views = batcher, views
   app.openapi = lambda: _openapi(app)
 
   @app.exception_handler(BadRequest)
@@ -426,12 +569,14 @@ def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str =
 
   @app.get("/api/index", summary="What the index holds", response_model=IndexAnswer)
   async def index_info() -> dict[str, Any]:
-    index, meta = searcher.index, searcher.index.meta
+    view = views.current()
+    index, meta = view.snapshot.index, view.snapshot.index.meta
     shown = (lambda value: None if value is None else str(value)) if show_paths else _name_only
     return {"path": shown(index.path), "rows": index.count, "dims": index.dims, "dtype": index.dtype,
             "kind": index.kind, "checkpoint": shown(searcher.model.checkpoint), "step": meta.get("step"),
             "source": shown(meta.get("source")), "captions": bool(meta.get("captions")),
-            "thumbnails": thumbnails.available, "backend": searcher.backend,
+            "thumbnails": view.thumbnails.available, "moments": index.moments, "backend": searcher.backend,
+            "generation": int(meta.get("generation") or 0),
             "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_top_k": MAX_TOP_K},
             "served": {"queries": batcher.queries, "model_calls": batcher.model_calls}}
 
@@ -440,26 +585,44 @@ def create_app(searcher: Searcher, *, max_batch: int | None = None, title: str =
                                                         "control characters but tab)"),
                         top_k: int = Query(DEFAULT_TOP_K, description=f"1..{MAX_TOP_K}")) -> dict[str, Any]:
     query, top_k = check_query(q), check_top_k(top_k)
-    hits = await batcher.rank(query, top_k)
-    return {"query": query, "top_k": top_k, "results": clips.results(hits)}
+    view = views.current()
+    hits = await batcher.rank(query, top_k, view.snapshot)
+    return {"query": query, "top_k": top_k, "results": view.clips.results(hits)}
 
   @app.get("/api/similar", summary="The clips most like a clip (video to video)", response_model=SimilarAnswer)
-  async def similar(id: str = Query(..., description="a clip id of the index"),  # noqa: A002 - the API's name
+  async def similar(id: str | None = Query(None, description="a clip id of the index"),  # noqa: A002
+                    row: int | None = Query(None, description="a row of the index (a moment), instead of id"),
                     top_k: int = Query(DEFAULT_TOP_K, description=f"1..{MAX_TOP_K}")) -> dict[str, Any]:
-    row, top_k = clips.row(id), check_top_k(top_k)
-    hits = await batcher.similar(row, top_k)
-    return {"clip": clips.describe(row), "top_k": top_k, "results": clips.results(hits)}
+    view = views.current()
+    row, top_k = view.clips.row(id, row), check_top_k(top_k)
+    hits = await batcher.similar(row, top_k, view.snapshot)
+    return {"clip": view.clips.describe(row), "top_k": top_k, "results": view.clips.results(hits)}
 
   @app.get("/api/clip", summary="One clip: captions and thumbnail", response_model=ClipAnswer)
-  async def clip(id: str = Query(..., description="a clip id of the index")) -> dict[str, Any]:  # noqa: A002
-    return clips.describe(clips.row(id))
+  async def clip(id: str | None = Query(None, description="a clip id of the index"),  # noqa: A002
+                 row: int | None = Query(None, description="a row of the index, instead of id")) -> dict[str, Any]:
+    clips = views.current().clips
+    return clips.describe(clips.row(id, row))
+
+  @app.get("/video/{row}", summary="A row's video file, inside the declared video roots", response_class=Response)
+  async def video(row: str) -> Response:
+    if not re.fullmatch(r"0|[1-9][0-9]{0,11}", row):
+      raise BadRequest(f"video {row[:100]!r} is not a row number", 404)
+    number = int(row)
+    view = views.current()
+    if view.videos is None:
+      raise BadRequest("this service serves no video files (serve --video-root DIR declares where they may come "
+                       "from)", 403)
+    if number >= view.snapshot.index.count:
+      raise BadRequest(f"the index has no row {number}", 404)
+    return FileResponse(view.videos.resolve(number))
 
   @app.get("/thumbnails/{name}", summary="A clip's thumbnail strip (JPEG)", response_class=Response)
   async def thumbnail(name: str) -> Response:
     check_name(name, "thumbnail name")
     if not _THUMBNAIL_NAME.fullmatch(name):
       raise BadRequest(f"thumbnail name {name!r} is not ROW.jpg", 404)
-    data = thumbnails.strip(int(name[:-4]))
+    data = views.current().thumbnails.strip(int(name[:-4]))
     if data is None:
       raise BadRequest(f"the index has no thumbnail {name!r}", 404)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})

@@ -85,27 +85,41 @@ def _video_frames(videos_dir: pathlib.Path, wanted: set[str]) -> Iterator[tuple[
   yield from ordered_map(decode, videos, min(8, os.cpu_count() or 1), window=32)
 
 
-def source_frames(index: index_lib.EmbeddingIndex) -> Iterable[tuple[str, list[bytes]]] | None:
-  """Where the index's clips can be read from (its recorded source), or None when it cannot (a text index, a
-  source that moved)."""
+def source_frames(index: index_lib.EmbeddingIndex,
+                  only: set[str] | None = None) -> Iterable[tuple[str, list[bytes]]] | None:
+  """Where the index's clips (or those of `only`) can be read from (its recorded source), or None when it cannot (a
+  text index, a source that moved)."""
   source = index.meta.get("source")
   if index.modality != "video" or not source or not pathlib.Path(source).is_dir():
     return None
   source = pathlib.Path(source)
   split = (index.meta.get("options") or {}).get("split")
   if (source / "manifest.json").is_file() and split:
-    return _shard_frames(source, split)
-  return _video_frames(source, set(index.ids))
+    frames = _shard_frames(source, split)
+    return frames if only is None else ((i, f) for i, f in frames if i in only)
+  return _video_frames(source, set(index.ids) if only is None else only)
 
 
-def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, list[bytes]]] | None = None) -> bool:
+def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, list[bytes]]] | None = None, *,
+                     first: list[bytes] | None = None) -> bool:
   """DIR/thumbnails for the index in `index_dir`, from `frames` ((clip id, frames) pairs, any order; default:
-  the index's recorded source). Returns False (writing nothing) when there is no source to read."""
+  the index's recorded source). Returns False (writing nothing) when there is no source to read. first: the strips
+  of the first len(first) rows, given (an append or a deletion carries them over; b"": none); `frames` then
+  serves only the rows after them (None: they get no strip)."""
   index = index_lib.read_index(index_dir)
-  frames = source_frames(index) if frames is None else frames
+  first = first or []
+  if first:
+    frames = frames or []
+  else:
+    frames = source_frames(index) if frames is None else frames
   if frames is None:
     return False
-  rows = {clip_id: row for row, clip_id in enumerate(index.ids)}
+  rows: dict[str, list[int]] = {}
+  for row, clip_id in enumerate(index.ids):
+    if row >= len(first):
+      rows.setdefault(clip_id, []).append(row)
+  if not index.moments:  # one row a clip (a repeated id: its first row)
+    rows = {clip_id: found[:1] for clip_id, found in rows.items()}
   root = index.path / FOLDER
   tmp = index.path / f".{FOLDER}.tmp-{os.getpid()}"
   index_lib.remove(tmp)
@@ -115,17 +129,21 @@ def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, l
     lengths = np.zeros(index.count, np.int64)
     offset = 0
     with open(tmp / "strips.bin", "wb") as out:
-      for clip_id, clip_frames in frames:
-        row = rows.get(clip_id)
-        if row is None or lengths[row]:
-          continue
-        try:
-          strip = make_strip(clip_frames)
-        except (OSError, ValueError):
-          continue  # an undecodable frame: the row keeps no strip, the page shows its caption alone
+      for row, strip in enumerate(first):
         out.write(strip)
         starts[row], lengths[row] = offset, len(strip)
         offset += len(strip)
+      for clip_id, clip_frames in frames:
+        for row in rows.get(clip_id, []):
+          if lengths[row]:
+            continue
+          try:
+            strip = make_strip(_moment_frames(index, row, clip_frames))
+          except (OSError, ValueError):
+            continue  # an undecodable frame: the row keeps no strip, the page shows its caption alone
+          out.write(strip)
+          starts[row], lengths[row] = offset, len(strip)
+          offset += len(strip)
     np.save(tmp / "strips.starts.npy", starts)
     np.save(tmp / "strips.lengths.npy", lengths)
     (tmp / "thumbnails.json").write_text(json.dumps(
@@ -137,6 +155,16 @@ def write_thumbnails(index_dir: str | os.PathLike, frames: Iterable[tuple[str, l
     index_lib.remove(tmp)
     raise
   return True
+
+
+def _moment_frames(index: index_lib.EmbeddingIndex, row: int, frames: list) -> list:
+  """The frames of a row: all of the clip's, or for a moment row those of its window (frames read at VIDEO_FPS
+  from the start: frame i is at i / VIDEO_FPS seconds)."""
+  span = index.span(row)
+  if span is None:
+    return frames
+  first, stop = int(np.ceil(span[0] * VIDEO_FPS - 1e-6)), int(np.ceil(span[1] * VIDEO_FPS - 1e-6))
+  return frames[first:max(stop, first + 1)]
 
 
 def ensure_thumbnails(index: index_lib.EmbeddingIndex) -> bool:

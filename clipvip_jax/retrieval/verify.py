@@ -140,6 +140,8 @@ def _verify_parts(root: pathlib.Path, meta: dict[str, Any], report: Report) -> N
           root, [index_lib.PARTS_DIR, name, index_lib.EMBEDDINGS_FILE], rows, dims, dtype)
       ids = StringTable(folder, "ids", rows, root)
       captions = StringTable(folder, "captions", rows, root) if has_strings(folder, "captions") else None
+      if isinstance(meta.get("windows"), dict):
+        index_lib._open_spans(root, name, rows)  # pylint: disable=protected-access
     except UsageError as e:
       report.problems.append(str(e))
       first_row += rows
@@ -164,7 +166,7 @@ def _verify_parts(root: pathlib.Path, meta: dict[str, Any], report: Report) -> N
     except IndexDamaged as e:
       report.problems.append(str(e))
     first_row += rows
-  if repeated:
+  if repeated and not isinstance(meta.get("windows"), dict):  # moment rows share their video's id by design
     report.notes.append(f"{repeated} row(s) repeat the id of an earlier row: /api/clip and /api/similar serve the "
                         "first row of each id")
 

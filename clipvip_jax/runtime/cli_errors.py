@@ -59,6 +59,36 @@ class ArgumentParser(argparse.ArgumentParser):
     fail(self.prog, f"{message} (see --help)")
 
 
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (a bad value is the parser's one-line error)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+def non_negative_float(text: str) -> float:
+  """argparse type: a number >= 0 (NaN refused)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not value >= 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+  return value
+
+
+def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+  """The options every command that reads a checkpoint takes beside its path (clipvip_jax.loading reads them)."""
+  parser.add_argument("--config", help="the original's config JSON, for an original checkpoint file only")
+  parser.add_argument("--step", help="training workdir only: a step number, 'latest' (default) or 'best'")
+  parser.add_argument("--trust-pickle", action="store_true",
+                      help="allow an original checkpoint that needs full unpickling (only for files you trust)")
+
+
 def quiet_library_logs() -> None:
   """Orbax and friends log through absl at WARNING for routine events ("Metadata file does not exist" when reading
   a checkpoint written without it); a command's user needs none of that between its own messages.

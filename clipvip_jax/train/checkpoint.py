@@ -411,24 +411,18 @@ def resolve_step(path: str | pathlib.Path, which: str | int | None = None) -> pa
 def load_workdir_params(path: str | pathlib.Path, which: str | int | None = None
                         ) -> tuple[str, Any, dict[str, np.ndarray]]:
   """(kind, model config object, flat float32 numpy params) of a workdir checkpoint, restored on the host."""
+  return read_step_params(resolve_step(path, which))
+
+
+def read_step_params(step_dir: pathlib.Path) -> tuple[str, Any, dict[str, np.ndarray]]:
+  """(kind, model config object, flat float32 numpy params) of one step folder (from `resolve_step`)."""
   from clipvip_jax import kinds
-  from clipvip_jax.converted_checkpoint import flatten
-  step_dir = resolve_step(path, which)
-  meta = json.loads((step_dir / "meta" / "metadata").read_text()) if (step_dir / "meta" / "metadata").exists() \
-      else None
-  if meta is None:
+  from clipvip_jax.converted_checkpoint import restore_params
+  meta_path = step_dir / "meta" / "metadata"
+  if not meta_path.exists():
     raise FileNotFoundError(f"{step_dir} has no meta item")
+  meta = json.loads(meta_path.read_text())
   kind = meta["kind"]
-  cfg = kinds.config_class(kind).from_dict(meta["model"])
-  with ocp.PyTreeCheckpointer() as ckpt:
-    tree = ckpt.metadata(step_dir / "params").item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = ckpt.restore(step_dir / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  flat = {k: np.asarray(v, np.float32) for k, v in flatten(_str_keys(restored)).items()}
+  cfg = kinds.config_from_dict(kind, meta["model"])
+  flat = {k: np.asarray(v, np.float32) for k, v in restore_params(step_dir / "params").items()}
   return kind, cfg, flat
-
-
-def _str_keys(tree: Any) -> Any:
-  if isinstance(tree, Mapping):
-    return {str(k): _str_keys(v) for k, v in tree.items()}
-  return tree

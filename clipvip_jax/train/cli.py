@@ -224,18 +224,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, spli
   from clipvip_jax import kinds
   from clipvip_jax.runtime import distributed
   from clipvip_jax.train.evaluator import Evaluator
-  from clipvip_jax.train import checkpoint as ckpt_lib
   from clipvip_jax.train import model_init, sharding
   from data_pipelines import pipeline
   distributed.initialize(f"eval {checkpoint}")  # several processes: each encodes its slice of the videos
-  step = None
-  if ckpt_lib.is_workdir(checkpoint):
-    step_dir = ckpt_lib.resolve_step(checkpoint, which)
-    step = int(step_dir.name)
-    kind, cfg, flat = ckpt_lib.load_workdir_params(checkpoint, step)
-  else:
-    kind, cfg, flat = model_init.load_checkpoint_params(checkpoint, (config.get("init") or {}).get("config"))
-  cfg = kinds.replace_in_config(cfg, dtype=dtype)
+  from clipvip_jax import loading
+  # The run's config.init.config describes an original file; converted dirs and workdirs carry their own.
+  own_config = loading.source_of(pathlib.Path(checkpoint)).carries_config
+  loaded = loading.load_checkpoint(checkpoint, None if own_config else (config.get("init") or {}).get("config"),
+                                   step=which)
+  kind, flat, step = loaded.kind, loaded.params, loaded.step
+  cfg = kinds.replace_in_config(loaded.config, dtype=dtype)
   mesh = sharding.make_mesh(config.get("mesh", (-1, 1, 1)))
   rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
   graphdef, rest, shardings = model_init.param_shardings(kind, cfg, mesh, rules)

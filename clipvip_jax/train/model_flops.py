@@ -1,4 +1,4 @@
-"""Analytic FLOP counts of one training step per clip, for CLIP-ViP and for the per-frame meanP peer.
+"""Analytic FLOP counts of one training step per clip, for CLIP-ViP, CLIP2Video and the per-frame meanP peer.
 
 Counted: every matrix product (a multiply-add is 2 FLOPs) — q/k/v/out projections and the MLP (2n(4d^2 + 2dm)
 per layer of n tokens), attention scores and the weighted sum (2 x 2 x pairs x d per layer, pairs = the
@@ -89,17 +89,31 @@ def clip2video_step(cfg, *, frames: int, text_len: int, batch: int) -> StepFlops
   return StepFlops(meanp_vision_forward(c, frames) + temporal, text_forward(c, text_len), 4.0 * batch * width)
 
 
-def train_step_flops(mode: str, kind: str, cfg, data_cfg) -> float:
-  """Model FLOPs of one training step on the whole global batch (3 x forward, no recomputation): the MFU basis
-  of the trainer's log and of the planner. `cfg` is the kind's model config, `data_cfg` the data section."""
-  batch, frames, text_len = int(data_cfg["batch_size"]), int(data_cfg["num_frames"]), int(data_cfg["max_text_len"])
-  if kind == "clip2video":
-    return batch * clip2video_step(cfg, frames=frames, text_len=text_len, batch=batch).train
-  if kind == "meanp":
-    return batch * meanp_step(cfg, frames=frames, text_len=text_len, batch=batch).train
+def clipvip_train(mode: str, cfg, *, frames: int, text_len: int, batch: int) -> float:
+  """Per-clip train FLOPs of a CLIP-ViP model (cfg: CLIPViPConfig) in training mode `mode`."""
   clip_cfg, proxies = cfg.clip, cfg.num_proxies
   per_clip = clipvip_step(clip_cfg, frames=frames, text_len=text_len, num_proxies=proxies, batch=batch)
   if mode == "omnisource":  # + the subtitle (a second text) and the middle frame as a 1-frame video
     extra = text_forward(clip_cfg, text_len) + clipvip_vision_forward(clip_cfg, 1, proxies)
-    return batch * (per_clip.train + 3.0 * (extra + 4.0 * batch * clip_cfg.projection_dim))
-  return batch * per_clip.train
+    return per_clip.train + 3.0 * (extra + 4.0 * batch * clip_cfg.projection_dim)
+  return per_clip.train
+
+
+def meanp_train(mode: str, cfg, *, frames: int, text_len: int, batch: int) -> float:
+  return meanp_step(cfg, frames=frames, text_len=text_len, batch=batch).train
+
+
+def clip2video_train(mode: str, cfg, *, frames: int, text_len: int, batch: int) -> float:
+  return clip2video_step(cfg, frames=frames, text_len=text_len, batch=batch).train
+
+
+def train_step_flops(mode: str, kind: str, cfg, data_cfg) -> float:
+  """Model FLOPs of one training step on the whole global batch (3 x forward, no recomputation): the MFU basis
+  of the trainer's log and of the planner. `cfg` is the kind's model config, `data_cfg` the data section; the
+  kind's registry entry (kinds.Kind.train_flops) names its per-clip count."""
+  from clipvip_jax import kinds
+  batch, frames, text_len = int(data_cfg["batch_size"]), int(data_cfg["num_frames"]), int(data_cfg["max_text_len"])
+  count = kinds.get(kind).train_flops
+  if count is None:
+    raise ValueError(f"a {kind} model is not trained; it has no training FLOP count")
+  return batch * kinds.resolve(count)(mode, cfg, frames=frames, text_len=text_len, batch=batch)

@@ -12,24 +12,23 @@ config.model:
               "elementwise" on CPU, "none" on GPU/TPU), attention implementation, and whether each transformer runs its
               blocks with jax.lax.scan (layers.Encoder; same parameters and names); applied in every case
 config.init:
-  checkpoint  None (random init) | a converted directory | an original checkpoint file (converted on the fly) |
-              a training workdir of this project (its latest checkpoint's params)
+  checkpoint  None (random init) | anything clipvip_jax.loading reads: a converted directory, a training workdir
+              of this project (its latest checkpoint's params), an HF directory or an original checkpoint file
   config      the original's config for converting a raw checkpoint (HF CLIPConfig dict or JSON path, CLIP2Video
               options), as clipvip_jax.load_pretrained takes it
   skip        parameter-name regexes NOT taken from the checkpoint (default: logit_scale when a CLIP-ViP model starts
               from a plain CLIP: the original overwrites CLIP's temperature with 4.6)
   logit_scale None, or a value that replaces logit_scale after loading, whatever the start (CLIP-ViP's
               overload_logit_scale option); the clamp of config.optim still applies at the first update
-Same kind: the checkpoint fixes the architecture and every parameter must be present. A plain CLIP ("clip")
-initialises the CLIP part of a clipvip / meanp / clip2video model; the new parameters start as the originals
-initialise them (clip2video copies text layers into its temporal modules: convert.clip2video.init_params_from_clip).
+Same parameters (the same kind, or clip and meanp): the checkpoint fixes the architecture and every parameter must
+be present. A plain CLIP ("clip") initialises the CLIP part of a clipvip / clip2video model; the new parameters
+start as the originals initialise them (the kind's registry entry, kinds.Kind: base_skip, from_base).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 import re
 from typing import Any, Mapping
 
@@ -44,18 +43,15 @@ from clipvip_jax.train import config_schema
 
 log = logging.getLogger(__name__)
 
-TRAINABLE_KINDS = ("clipvip", "clip2video", "meanp")
+TRAINABLE_KINDS = kinds.TRAINABLE_KINDS
 # config.model keys that set how a model computes, not its shapes: applied whatever the checkpoint says.
 RUNTIME_KEYS = config_schema.MODEL_RUNTIME_KEYS
 
 
-def _classes(kind: str) -> tuple[type, type]:
-  if kind == "meanp":
-    from clipvip_jax.models.meanp import MeanPoolCLIP
-    return MeanPoolCLIP, clip.CLIPConfig
+def _model_class(kind: str) -> type:
   if kind not in TRAINABLE_KINDS:
     raise ValueError(f"config.model.kind = {kind!r} cannot be trained; known: {TRAINABLE_KINDS}")
-  return kinds.model_class(kind), kinds.config_class(kind)
+  return kinds.model_class(kind)
 
 
 def _to_dict(x: Any) -> dict[str, Any]:
@@ -78,20 +74,15 @@ def _runtime(model_cfg: Any) -> dict[str, Any]:
 def model_config(model_cfg: Any, clip_cfg: clip.CLIPConfig | None = None) -> Any:
   """The kind's config object from config.model; `clip_cfg` (from a CLIP checkpoint) replaces the variant."""
   kind = model_cfg["kind"]
-  _, config_cls = _classes(kind)
+  _model_class(kind)
   if clip_cfg is None:
     clip_cfg = clip.clip_config(model_cfg.get("variant") or "B/32")
   clip_dict = _merge(clip_cfg.to_dict(), _to_dict(model_cfg.get("clip")))
   clip_cfg = clip.CLIPConfig.from_dict(clip_dict)
-  fields = _to_dict(model_cfg.get("config"))
-  if kind == "meanp":
-    if fields:
-      raise ValueError(f"config.model.config must be empty for meanp (a plain CLIP), got {sorted(fields)}")
-    cfg = clip_cfg
-  elif kind == "clip2video":
-    cfg = config_cls.for_clip(clip_cfg, **fields)
-  else:
-    cfg = config_cls.from_dict({**fields, "clip": clip_cfg})
+  try:
+    cfg = kinds.config_for_clip(kind, clip_cfg, _to_dict(model_cfg.get("config")))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.model.config: {e}") from None
   return kinds.replace_in_config(cfg, **_runtime(model_cfg))
 
 
@@ -111,7 +102,7 @@ class ModelState:
 
 
 def abstract_model(kind: str, cfg: Any) -> nnx.Module:
-  model_cls, _ = _classes(kind)
+  model_cls = _model_class(kind)
   return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
 
 
@@ -136,35 +127,13 @@ def place_params(flat: Mapping[str, np.ndarray], shardings: Any) -> Any:
 
 
 def _random_params(kind: str, cfg: Any, shardings: Any, seed: int) -> tuple[Any, Any]:
-  model_cls, _ = _classes(kind)
+  model_cls = _model_class(kind)
 
   def init():
     model = model_cls(cfg, rngs=nnx.Rngs(seed))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
   return jax.jit(init, out_shardings=(shardings, None))()
-
-
-def load_checkpoint_params(path: str, config: Any = None) -> tuple[str, Any, dict[str, np.ndarray]]:
-  """(kind, config object, flat float32 params) from a converted dir, a training workdir or an original file."""
-  from clipvip_jax import converted_checkpoint
-  p = pathlib.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"config.init.checkpoint: {path} does not exist")
-  if converted_checkpoint.is_converted_dir(p):
-    c = converted_checkpoint.load_converted(p)
-    return c.kind, c.config, c.params
-  from clipvip_jax.train import checkpoint as ckpt_lib
-  if ckpt_lib.is_workdir(p):
-    return ckpt_lib.load_workdir_params(p)
-  from clipvip_jax.convert.common import load_state_dict, source_config
-  from clipvip_jax.convert.formats import convert
-  if isinstance(config, (str, pathlib.PurePath)):  # a JSON file's path ("" = none)
-    config = str(config) or None
-  else:
-    config = _to_dict(config) or None
-  c = convert(load_state_dict(p), source_config(p, config), source=str(p))
-  return c.kind, c.config, c.params
 
 
 def _override_logit_scale(ms: ModelState, value: Any) -> ModelState:
@@ -228,21 +197,31 @@ def _init_model(config: Any, mesh, rules, initial_params: Mapping[str, np.ndarra
     params, rest = _random_params(kind, cfg, shardings, seed)
     return ModelState(kind, cfg, graphdef, rest, params, shardings)
 
-  src_kind, src_cfg, src_params = load_checkpoint_params(checkpoint, init_cfg.get("config"))
-  if src_kind == kind or (src_kind == "clip" and kind == "meanp"):
-    cfg = kinds.replace_in_config(src_cfg, **_runtime(model_cfg))
-  elif src_kind == "clip" and kind in ("clipvip", "clip2video"):
-    cfg = model_config(model_cfg, clip_cfg=src_cfg)
+  return _from_checkpoint(config, mesh, rules)
+
+
+def _from_checkpoint(config: Any, mesh, rules) -> ModelState:
+  """The model of config.model started from config.init.checkpoint: every parameter of a checkpoint with the same
+  parameters, or the CLIP part of a video model from a plain CLIP (the kind's registry entry says what else)."""
+  from clipvip_jax.loading import load_checkpoint
+  model_cfg, init_cfg = config.model, config.init
+  kind, seed, checkpoint = model_cfg["kind"], int(config.get("seed", 0)), init_cfg.get("checkpoint")
+  loaded = load_checkpoint(checkpoint, init_cfg.get("config"))
+  src_kind, route = loaded.kind, kinds.init_route(loaded.kind, kind)
+  if route == "same":
+    cfg = kinds.replace_in_config(loaded.config, **_runtime(model_cfg))
+  elif route == "base":
+    cfg = model_config(model_cfg, clip_cfg=loaded.config)
   else:
     raise ValueError(f"config.init.checkpoint {checkpoint} holds a {src_kind!r} model, which cannot initialise "
-                     f"a {kind!r} model (same kind, or a plain CLIP for clipvip/clip2video/meanp)")
+                     f"a {kind!r} model (the same parameters, or a plain CLIP for {', '.join(TRAINABLE_KINDS)})")
   graphdef, rest, shardings = param_shardings(kind, cfg, mesh, rules)
-  default_skip = ("^logit_scale$",) if (src_kind == "clip" and kind == "clipvip") else ()
+  default_skip = kinds.get(kind).base_skip if route == "base" else ()
   skip = [re.compile(s) for s in init_cfg.get("skip") or default_skip]
-  flat = {k: v for k, v in src_params.items() if not any(s.search(k) for s in skip)}
-  if kind == "clip2video" and src_kind == "clip":
-    from clipvip_jax.convert.clip2video import init_params_from_clip
-    flat = init_params_from_clip(flat, cfg, rng=seed)
+  flat = {k: v for k, v in loaded.params.items() if not any(s.search(k) for s in skip)}
+  from_base = kinds.get(kind).from_base
+  if route == "base" and from_base:
+    flat = kinds.resolve(from_base)(flat, cfg, rng=seed)
   from clipvip_jax.params import ParamMismatchError, shapes
   from clipvip_jax.train.optim import path_name
   expected = shapes(abstract_model(kind, cfg))
@@ -250,7 +229,7 @@ def _init_model(config: Any, mesh, rules, initial_params: Mapping[str, np.ndarra
   misshaped = [f"{k}: {tuple(np.shape(v))} vs model {expected[k]}" for k, v in flat.items()
                if k in expected and tuple(np.shape(v)) != expected[k]]
   missing = sorted(set(expected) - set(flat))
-  if unexpected or misshaped or (missing and src_kind == kind and not skip):
+  if unexpected or misshaped or (missing and route == "same" and not skip):
     raise ParamMismatchError(f"config.init.checkpoint {checkpoint} does not fit the {kind} model: "
                              f"unexpected {unexpected[:10]}, wrong shapes {misshaped[:10]}, missing {missing[:10]}")
   fresh = None

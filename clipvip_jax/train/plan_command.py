@@ -76,7 +76,8 @@ def format_plan(p: dict[str, Any]) -> str:
                  + (f"{alt['step_seconds'] * 1e3:.1f} ms" if alt["step_seconds"] else "(no estimate)")
                  + (f", MFU {100 * alt['mfu']:.0f}%" if alt.get("mfu") else ""))
   if p.get("suggestion"):
-    lines.append(("does not fit; " if not p["fits"] else "") + "use: " + " ".join(p["suggestion"]))
+    lines.append(("does not fit; " if not p["fits"] else "") + "use: " + " ".join(p["suggestion"])
+                 + (f"  ({p['suggestion_note']})" if p.get("suggestion_note") else ""))
   elif not p["fits"]:
     lines.append("does not fit, and no alternative tried fits")
   return "\n".join(lines)

@@ -237,6 +237,19 @@ def _memory_variants(config, num_chips: int) -> list[Variant]:
   return out
 
 
+def _batch_variants(config, facts: dict[str, Any]) -> list[Variant]:
+  """A per-chip batch the idle HBM allows to grow: the global batch x2 and x4 on the same chips. It changes the
+  optimisation (a larger batch wants its learning rate retuned), so it is offered for throughput, never forced."""
+  if facts["headroom"] <= 0.5 or int(config.get("grad_accum", 1)) > 1:
+    return []
+  batch = int(config.data.batch_size)
+  return [Variant((f"--config.data.batch_size={batch * k}",)) for k in (2, 4)]
+
+
+def _seconds_per_clip(facts: dict[str, Any]) -> float:
+  return facts["step_seconds"] / facts["global_batch"]
+
+
 def _fits(facts: dict[str, Any], min_headroom: float) -> bool:
   return facts["fits"] and facts["headroom"] >= min_headroom
 
@@ -308,30 +321,38 @@ def _plan(config, slice_, *, search, min_headroom, hbm_bytes, with_eval, report)
   candidates: list[Variant] = []
   if not _fits(facts, min_headroom):
     candidates = _memory_variants(config, slice_.num_chips)
-  elif _wastes(config, facts, slice_.platform) or int(config.get("grad_accum", 1)) > 1:
-    candidates = _remat_variants(config)
+  else:
+    if _wastes(config, facts, slice_.platform) or int(config.get("grad_accum", 1)) > 1:
+      candidates = _remat_variants(config)
     if int(config.get("grad_accum", 1)) > 1:
       candidates.append(Variant(("--config.grad_accum=1",)))
+    candidates += _batch_variants(config, facts)
   tried = []
   for variant in candidates:
     try:
-      alt = compile_facts(variant.apply(config), slice_, report=report)
+      changed = variant.apply(config)
+      alt = compile_facts(changed, slice_, report=report)
+      alt["global_batch"] = int(changed.data.batch_size)
     except PlanError as e:
       report(f"{' '.join(variant.flags)}: {e}")
       continue
     tried.append({"flags": list(variant.flags), "fits": _fits(alt, min_headroom), "hbm_peak_bytes":
                   alt["hbm_peak_bytes"], "headroom": alt["headroom"], "step_seconds": alt["step_seconds"],
-                  "mfu": alt.get("mfu")})
+                  "global_batch": alt["global_batch"], "mfu": alt.get("mfu")})
     report(f"{' '.join(variant.flags)}: HBM {alt['hbm_peak_bytes'] / targets.GIB:.1f} GiB, step "
            + (f"{alt['step_seconds'] * 1e3:.0f} ms" if alt["step_seconds"] else "(no estimate)"))
     if not _fits(facts, min_headroom) and _fits(alt, min_headroom):
       break  # memory variants come cheapest first: the first that fits is the suggestion
   result["alternatives"] = tried
   fitting = [t for t in tried if t["fits"]]
-  if fitting and facts["step_seconds"] is None:  # no time estimate (GPU): the first that fits, least recompute first
-    result["suggestion"] = fitting[0]["flags"]
-  elif fitting:
-    best = min(fitting, key=lambda t: t["step_seconds"])
-    if not _fits(facts, min_headroom) or best["step_seconds"] < facts["step_seconds"] * 0.98:
+  if facts["step_seconds"] is None:  # no time estimate (GPU): only a program that does not fit gets a suggestion,
+    if fitting and not _fits(facts, min_headroom):  # the first alternative that fits (cheapest first)
+      result["suggestion"] = fitting[0]["flags"]
+  elif fitting:  # the fastest per clip (a variant with a larger batch takes longer per step, less per clip)
+    best = min(fitting, key=_seconds_per_clip)
+    if not _fits(facts, min_headroom) or _seconds_per_clip(best) < _seconds_per_clip(result) * 0.98:
       result["suggestion"] = best["flags"]
+      if best["global_batch"] != result["global_batch"]:
+        result["suggestion_note"] = (f"a global batch of {best['global_batch']} instead of {result['global_batch']}: "
+                                     "faster per clip, but it changes the optimisation (retune the learning rate)")
   return result
