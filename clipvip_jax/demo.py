@@ -3,8 +3,9 @@
   python -m clipvip_jax.demo [--out demo_out] [--steps N] [--clips N] [--seed S] [--force]
 
 1. Generates the synthetic video-text set (data_pipelines.synthetic) into OUT/data when it is missing.
-2. Trains a small CLIP-ViP from scratch (configs/demo.py:clipvip) and the same-size meanP baseline
-   (configs/demo.py:meanp: frame mean pooling, no temporal modelling) with the same data, optimiser and steps.
+2. Trains a small CLIP-ViP from scratch (the recipe clipvip_jax/recipes/demo.py, also configs/demo.py:clipvip) and
+   the same-size meanP baseline (configs/demo.py:meanp: frame mean pooling, no temporal modelling) with the same
+   data, optimiser and steps.
    Each keeps its best checkpoint by validation t2v R@1.
 3. Evaluates both best checkpoints on the held-out test split and prints the table (t2v and v2t R@1/5/10, MdR,
    MnR), writes OUT/results.json, TensorBoard logs (OUT/<model>/tensorboard) and OUT/training_curves.png.
@@ -19,7 +20,6 @@ ignores frame order can at best guess between the twins: meanP tops out near hal
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 from clipvip_jax import kinds
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # The model and its baseline, with the names tables use (kinds.Kind.title).
 MODELS = tuple((kind, kinds.get(kind).title) for kind in ("clipvip", "meanp"))
 METRICS = ("R@1", "R@5", "R@10", "MdR", "MnR")
@@ -38,10 +37,10 @@ DATA_SEED = 0
 
 
 def _load_demo_config(kind: str):
-  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(kind), module
+  """(config, recipe module) of the demo's recipe, from the package (clipvip_jax/recipes/demo.py), so an
+  installed copy runs without a checkout."""
+  from clipvip_jax.recipes import demo as recipe
+  return recipe.get_config(kind), recipe
 
 
 def _ensure_data(data_dir: pathlib.Path, clips: int, frames: int, size: int) -> None:

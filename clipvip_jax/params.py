@@ -17,7 +17,9 @@ class ParamMismatchError(ValueError):
   """Raised when a flat parameter dict does not fit a model; the message lists every offending key."""
 
 
-def _key_str(path) -> str:
+def path_name(path) -> str:
+  """'/'-joined name of a pytree path ("vision/encoder/blocks/0/attn/query/kernel"): the one spelling of a
+  parameter's name, in flat dicts, checkpoints and the optimiser's per-parameter rules."""
   parts = []
   for p in path:
     p = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
@@ -29,7 +31,7 @@ def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
   """All nnx.Param values of `model`, keyed by their '/'-joined path."""
   state = nnx.state(model, nnx.Param)
   leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
-  return {_key_str(path): leaf for path, leaf in leaves}
+  return {path_name(path): leaf for path, leaf in leaves}
 
 
 def shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
@@ -58,9 +60,9 @@ def assign_params(model: nnx.Module, flat: Mapping[str, np.ndarray], *, source: 
   state = nnx.state(model, nnx.Param)
   pure = nnx.to_pure_dict(state)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
-  expected = {_key_str(path): tuple(leaf.shape) for path, leaf in leaves}
+  expected = {path_name(path): tuple(leaf.shape) for path, leaf in leaves}
   check_params(expected, flat, source=source)
-  new_leaves = [jax.numpy.asarray(np.asarray(flat[_key_str(path)]), dtype=leaf.dtype) for path, leaf in leaves]
+  new_leaves = [jax.numpy.asarray(np.asarray(flat[path_name(path)]), dtype=leaf.dtype) for path, leaf in leaves]
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new_leaves))
   nnx.update(model, state)
   return model

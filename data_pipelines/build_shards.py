@@ -16,7 +16,9 @@ file, then the shard; so a shard is finished exactly when its final file exists.
 command skips finished shards, removes temporary files left by a killed run, and writes the same bytes an
 uninterrupted build would have written. The first run stores its settings in `_progress/plan.json`; a
 re-run with other settings or other annotations into the same folder is refused. Two builds must not
-write into one folder at the same time. manifest.json is written last.
+write into one folder at the same time. manifest.json is written last. Re-running a build that had finished
+(a job scheduler relaunching a job that was in fact done) writes nothing, says the folder is complete and
+exits 0.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tqdm
 
 from data_pipelines.clip_annotation import AnnotationLineError, ClipAnnotation, read_annotation_lines
-from data_pipelines.manifest import make_manifest, write_json_atomic, write_manifest
+from data_pipelines.manifest import MANIFEST_NAME, make_manifest, write_json_atomic, write_manifest
 from data_pipelines.shard_writer import ShardWriter, clip_to_record_or_reason, shard_name, skip_entry
 from data_pipelines.video_io import FrameOptions
 
@@ -155,11 +157,13 @@ def _check_plan(out_dir: str, fingerprint: dict[str, Any]) -> None:
 
 def build_shards(annotations: Sequence[ClipAnnotation], videos_dir: str, out_dir: str,
                  options: FrameOptions = FrameOptions(), shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1,
-                 progress: bool = True, source: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Builds (or finishes) the shards of `annotations` in `out_dir`; returns the manifest it wrote.
+                 progress: bool = True, source: dict[str, Any] | None = None,
+                 on_complete: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Builds (or finishes) the shards of `annotations` in `out_dir`; returns its manifest.
 
   workers: processes decoding in parallel (1 = in this process); it does not change the output.
   source: extra provenance stored in the manifest's options (e.g. the annotation file's path).
+  on_complete: called with one sentence when `out_dir` already held this build, finished; nothing is written then.
   """
   if not os.path.isdir(videos_dir):
     raise BuildError(f"videos directory {videos_dir} does not exist")
@@ -194,8 +198,20 @@ def build_shards(annotations: Sequence[ClipAnnotation], videos_dir: str, out_dir
     skipped += status["skipped"]
   options_used = {**fingerprint, **(source or {})}
   manifest = make_manifest(PRODUCER, options_used, shards, skipped)
+  if not pending and _written_manifest(out_dir) == manifest:  # finished before: leave every file as it is
+    if on_complete is not None:
+      on_complete(f"{out_dir} is complete: all {len(tasks)} shards of this build were finished earlier; nothing to do")
+    return manifest
   write_manifest(out_dir, manifest)
   return manifest
+
+
+def _written_manifest(out_dir: str) -> dict[str, Any] | None:
+  try:
+    with open(os.path.join(out_dir, MANIFEST_NAME), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None  # none yet, or damaged: written again
 
 
 def summary_line(manifest: dict[str, Any]) -> str:
@@ -251,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     annotations = read_annotation_lines(args.annotations, default_split=args.split)
     source = {"videos": os.path.abspath(args.videos), "annotations": os.path.abspath(args.annotations)}
     manifest = build_shards(annotations, args.videos, args.out, options, shard_size=args.shard_size,
-                            workers=args.workers, progress=not args.quiet, source=source)
+                            workers=args.workers, progress=not args.quiet, source=source,
+                            on_complete=lambda message: print(f"build_shards: {message}"))
   except (AnnotationLineError, BuildError, ValueError, OSError) as e:
     print(f"build_shards: error: {e}", file=sys.stderr)
     return 2

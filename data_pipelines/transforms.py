@@ -2,9 +2,9 @@
 
 Decoding goes through simplejpeg (libjpeg-turbo called straight from C) when it is installed, PIL otherwise:
 the same libjpeg-turbo decode (integer IDCT, fancy upsampling), the same pixels (tests/test_sampling.py checks
-it), without PIL's per-image Python header parsing (47 -> 10 us for a 32x32 frame, 244 -> 172 us at 224x224 on
-AMD EPYC). Frames stored model-ready (build_shards --frame-size: already image_size x image_size, as the recipe
-feeds them) skip the resize, which costs 3-4x the decode of a 256-line frame: the host then only decodes.
+it), without PIL's per-image Python header parsing. Frames stored model-ready (build_shards --frame-size: already
+image_size x image_size, as the recipe feeds them) skip the resize, which costs more than the decode: the host then
+only decodes (docs/performance.md section 8 has the figures and the command).
 
 Frames stay uint8 until the last step, so a worker moves 1 byte per pixel through decode and resize and only the
 final normalisation writes float32/bfloat16 (a gather from a table of the 768 possible values, cheaper than a

@@ -55,3 +55,10 @@ def synthetic_shards(tmp_path_factory, **kwargs) -> pathlib.Path:
   out = tmp_path_factory.mktemp("synthetic")
   synthetic.generate(str(out), **{"frames": 4, "size": 32, **kwargs})
   return out
+
+
+def tree_state(root: pathlib.Path) -> dict[str, tuple[bytes, int]]:
+  """{relative path: (bytes, mtime_ns)} of every file under `root`: equal before and after a command that must
+  leave its output untouched (a relaunched finished build or conversion)."""
+  return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+          for p in sorted(root.rglob("*")) if p.is_file()}

@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from data_pipelines import tfds as clip_tfds  # noqa: E402
 from data_pipelines.records import decode_record  # noqa: E402
 from data_pipelines.video_io import decode_jpeg  # noqa: E402
+from conftest import tree_state  # noqa: E402
 from test_tfds_builders import SOURCE_FPS, write_video  # noqa: E402
 
 
@@ -76,6 +77,18 @@ def built(corpus):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "train: 2 clips" in result.stdout and "val: 2 clips" in result.stdout
   return data_dir, str(data_dir / "video_text_corpus" / "tiny" / "1.0.0")
+
+
+def test_the_finished_build_run_again_is_complete_and_writes_nothing(built, corpus, capsys):
+  from data_pipelines.tfds import build_corpus
+  data_dir, _ = built
+  before = tree_state(data_dir)
+  build_corpus.main(["--name", "tiny", "--annotations", str(corpus / "ann.jsonl"), "--videos-dir",
+                     str(corpus / "videos"), "--data-dir", str(data_dir), "--splits", "train,val", "--",
+                     "--runner=DirectRunner"])
+  out = capsys.readouterr().out
+  assert "is complete (built earlier); nothing to do" in out and "train: 2 clips" in out
+  assert tree_state(data_dir) == before
 
 
 def test_clips_and_texts_come_back(built):

@@ -7,6 +7,7 @@ import pathlib
 import av
 import numpy as np
 import pytest
+from conftest import tree_state
 from PIL import Image
 
 from data_pipelines import build_shards as bs
@@ -255,6 +256,16 @@ def test_cli_builds_and_prints_a_summary(tmp_path, capsys, dataset):
   assert "wrote 8 records" in summary and "skipped 5" in summary and "1 x empty file" in summary
   records = records_by_id(out, json.loads((out / "manifest.json").read_text()))
   assert_frames(records["clip_mkv"], range(NUM_FRAMES), size=(HEIGHT, WIDTH))  # --fps 0: every frame
+  # Relaunched after it finished (a scheduler re-running a job that was in fact done): exit 0, complete, and
+  # every file as it was, bytes and modification times.
+  before = tree_state(out)
+  assert bs.main(["--videos", str(videos), "--annotations", str(ann), "--out", str(out), "--fps", "0",
+                  "--short-side", "0", "--workers", "1", "--quiet"]) == 0
+  again = capsys.readouterr().out
+  shards = json.loads((out / "manifest.json").read_text())["counts"]["shards"]
+  assert f"build_shards: {out} is complete: all {shards} shards of this build were finished earlier; nothing to do" \
+      in again
+  assert "wrote 8 records" in again and tree_state(out) == before
 
 
 def test_model_ready_frames_are_stored_at_the_recipe_size_and_read_without_resizing(dataset, tmp_path):

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tree_state
 import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
@@ -217,6 +218,26 @@ def test_refuses_to_overwrite_unless_forced(hf_sd, tmp_path, capsys):
   assert convert_main([str(src), "--out", str(out), "--force"]) == 0
   assert not (out / "keep.txt").exists() and converted_checkpoint.is_converted_dir(out)
   assert _leftovers(tmp_path) == []
+
+
+def test_a_finished_conversion_run_again_is_complete_and_writes_nothing(hf_sd, tmp_path, capsys):
+  """A scheduler relaunching a conversion that had in fact finished: exit 0, 'complete', the output untouched; other
+  arguments, or a source changed since, are still refused."""
+  src = _hf_dir(tmp_path / "hf", hf_sd)
+  out = tmp_path / "out"
+  assert convert_main([str(src), "--out", str(out)]) == 0
+  capsys.readouterr()
+  before = tree_state(out)
+  assert convert_main([str(src), "--out", str(out)]) == 0
+  assert capsys.readouterr().out.strip() == (f"{out} is complete: converted earlier from {src} with the same "
+                                             "arguments; nothing to do")
+  assert tree_state(out) == before and _leftovers(tmp_path) == []
+  assert convert_main([str(src), "--out", str(out), "--format", "openai_clip"]) == 2
+  assert "already exists" in capsys.readouterr().err
+  weights = next(p for p in src.iterdir() if p.name != "config.json")
+  os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+  assert convert_main([str(src), "--out", str(out)]) == 2
+  assert "already exists" in capsys.readouterr().err and tree_state(out) == before
 
 
 def test_failed_write_leaves_nothing(hf_sd, tmp_path, monkeypatch):

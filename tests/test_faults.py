@@ -249,7 +249,10 @@ def test_config_differences_classify_resumable_settings():
   diffs = run_config.differences(saved, current)
   assert [d[0] for d in diffs] == ["data.batch_size", "model.dtype", "optim.lr"]
   assert not any(run_config._fixed(d[0]) for d in diffs)  # pylint: disable=protected-access
-  assert run_config._fixed("optim.name") and run_config._fixed("model.scan_layers")  # pylint: disable=protected-access
+  assert run_config._fixed("optim.name")  # pylint: disable=protected-access
+  assert run_config._fixed("model.clip.vision.width")  # pylint: disable=protected-access
+  # scan_layers keeps the parameter names and shapes (layers.Encoder): runtime at init and on resume alike.
+  assert not run_config._fixed("model.scan_layers")  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------------------ shards

@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import tree_state
 
 from data_pipelines import tfds as clip_tfds
 from data_pipelines.tfds import build as build_cli
@@ -290,6 +291,21 @@ def test_build_command_line_with_frame_options(tmp_path):
       (["a girl walks in", "later she waves"], 2, 2.0), (["a dog barks"], 2, 2.0)]
   with pytest.raises(ValueError, match=r"didemo: no config 'para' \(has \['paragraph', 'sentences'\]\)"):
     build_cli.main(["didemo/para", "--manual-dir", str(tmp_path / "manual"), "--data-dir", str(tmp_path / "data")])
+
+
+def test_a_finished_build_run_again_is_complete_and_writes_nothing(tmp_path, capsys):
+  """A scheduler relaunching a build that had in fact finished: exit 0, 'complete', the dataset untouched."""
+  didemo_manual(tmp_path / "manual")
+  args = ["didemo/sentences", "--manual-dir", str(tmp_path / "manual"), "--data-dir", str(tmp_path / "data"),
+          "--num-workers", "1"]
+  build_cli.main(args)
+  first = capsys.readouterr().out
+  before = tree_state(tmp_path / "data")
+  build_cli.main(args)
+  again = capsys.readouterr().out
+  assert "is complete" not in first and "is complete (built earlier with these options); nothing to do" in again
+  assert "train: 2 clips, 0 skipped" in again
+  assert tree_state(tmp_path / "data") == before
 
 
 def test_grain_pipeline_reads_a_tfds_dataset(tmp_path):

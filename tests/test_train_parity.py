@@ -41,9 +41,17 @@ LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
 # Gradient norms: the originals' float32 weight gradients (sums over every token of the batch) are themselves off
 # a float64 evaluation of the same model by up to 6e-5 per tensor and 1.5e-5 on the global norm (CLIP2Video's
 # mlp and in_proj weights, measured); ours agree with float64 to 2e-5 per tensor. Hence 1e-4 on the global norm
-# and 1e-3 per tensor, plus 1e-5 of the global norm for gradients that are zero but for rounding (key-projection
-# biases). A wrong rule (a clamp moment, a frozen or undecayed tensor) moves them by far more.
+# and 1e-3 per tensor. A tensor whose gradient is exactly zero but for rounding (a key bias of its own, see
+# SHIFT_INVARIANT) has no relative precision: both norms must only be rounding-sized, within 1e-5 of the global
+# norm. A wrong rule (a clamp moment, a frozen or undecayed tensor) moves them by far more.
 NORM_RTOL, TENSOR_NORM_RTOL, TENSOR_NORM_ATOL = 1e-4, 1e-3, 1e-5
+# Attention key biases: a key bias b adds q.b to every logit of query q, and a softmax over the keys does not
+# change when all of a query's logits shift together, so these parameters change no output and their gradient is
+# exactly zero in exact arithmetic. What a float32 backward leaves there is rounding noise, and Adam normalises any
+# gradient to a step of about lr (m / sqrt(v)), so no two implementations agree on these updates to 1e-5. The
+# principled rule instead: each update moves them by at most Adam's bound (`adam_step_bound`), and changing them
+# does not change the model's outputs (test_key_biases_change_no_output). Every other parameter: PARAM_ATOL.
+SHIFT_INVARIANT = re.compile(r"(^|/)attn/key/bias$")
 
 
 @dataclasses.dataclass
@@ -180,7 +188,7 @@ def run_updates(fx: Fixture, mesh_shape=(1, 1, 1), grad_accum: int = 1, batches=
   """The fixture's updates (or `batches(k)`'s) through trainer.setup_training on a mesh of `mesh_shape`."""
   config, total = recipe_config(fx)
   config.grad_accum = grad_accum
-  mesh = trainer.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape)
   rules = _rules(config)
   setup = trainer.setup_training(config, mesh, rules, total)
   params, opt_state = setup.model.params, setup.opt_state
@@ -337,8 +345,10 @@ def test_pre_clip_gradient_norm_of_every_tensor_at_every_update(fx, run):
         assert np.isnan(expected), f"{original} is frozen here, not in the original"
         continue
       norm = math.sqrt(sum(float(np.sum(g[n] ** 2)) for n in ours))
-      np.testing.assert_allclose(norm, expected, rtol=TENSOR_NORM_RTOL, atol=TENSOR_NORM_ATOL * a["grad_norm"][k],
-                                 err_msg=f"update {k + 1}: {original}")
+      if all(SHIFT_INVARIANT.search(n) for n in ours):  # rounding noise on both sides
+        assert max(norm, float(expected)) <= TENSOR_NORM_ATOL * a["grad_norm"][k], f"update {k + 1}: {original}"
+        continue
+      np.testing.assert_allclose(norm, expected, rtol=TENSOR_NORM_RTOL, err_msg=f"update {k + 1}: {original}")
 
 
 def test_logit_scale_seen_by_each_forward_and_after_the_clamp(fx, run):
@@ -348,24 +358,96 @@ def test_logit_scale_seen_by_each_forward_and_after_the_clamp(fx, run):
   np.testing.assert_allclose(run.logit_clamped, fx.arrays["logit_scale_clamped"], rtol=0, atol=PARAM_ATOL)
 
 
-def _assert_params_match(fx: Fixture, ours: dict, original_sd: dict, what: str) -> float:
+def adam_step_bound(optim_cfg, t: int) -> float:
+  """The most one Adam update t (from 1) can move a parameter, in units of its lr, whatever the gradients: by
+  Cauchy-Schwarz |m_t| <= (1-b1)/sqrt(1-b2) sqrt(sum_{j<t} (b1^2/b2)^j) sqrt(v_t), times the "adamw" bias
+  correction sqrt(1-b2^t)/(1-b1^t) (BertAdam has none). About 1 (Kingma and Ba's "at most lr"); 1.7 at most for
+  b1 0.9, b2 0.98. Clipping scales the gradients and eps only shrinks the step, so neither raises it."""
+  b1, b2 = float(optim_cfg.b1), float(optim_cfg.b2)
+  rho = b1 * b1 / b2
+  bound = (1 - b1) / math.sqrt(1 - b2) * math.sqrt(sum(rho**j for j in range(t)))
+  return bound * (math.sqrt(1 - b2**t) / (1 - b1**t) if optim_cfg.name == "adamw" else 1.0)
+
+
+def shift_invariant_moves(fx: Fixture, run: "Run", k: int) -> dict[str, float]:
+  """{name: the most the rule lets a key bias move in updates 1..k}: sum of lr_t x multiplier x the Adam bound,
+  plus the decoupled decay of a decayed one (none is in the recipes: biases are not decayed)."""
+  optim_cfg = recipe_config(fx)[0].optim
+  out = {}
+  for rule in jax.tree.leaves(run.setup.param_rules):
+    if SHIFT_INVARIANT.search(rule.name):
+      start = float(np.max(np.abs(run.params[0][rule.name])))
+      per_step = [float(run.setup.schedule(t - 1)) * rule.lr_multiplier
+                  * (adam_step_bound(optim_cfg, t) + (optim_cfg.weight_decay * (start + 1.0) if rule.decay else 0.0))
+                  for t in range(1, k + 1)]
+      out[rule.name] = 0.0 if rule.frozen else sum(per_step)
+  return out
+
+
+def _assert_params_match(fx: Fixture, ours: dict, original_sd: dict, what: str, run: "Run", k: int) -> float:
+  """Every parameter after update k within PARAM_ATOL of the original's, but the key biases: ours and the
+  original's each within the Adam bound of where they started (the rule stated at SHIFT_INVARIANT)."""
   expected = convert(original_sd, read_config(fx.dir / fx.meta["model"]["config"]), source=what).params
   assert sorted(expected) == sorted(ours)
-  worst = max(float(np.max(np.abs(ours[n] - expected[n]))) for n in ours)
-  bad = {n: float(np.max(np.abs(ours[n] - expected[n]))) for n in ours
+  real = [n for n in ours if not SHIFT_INVARIANT.search(n)]
+  worst = max(float(np.max(np.abs(ours[n] - expected[n]))) for n in real)
+  bad = {n: float(np.max(np.abs(ours[n] - expected[n]))) for n in real
          if not np.allclose(ours[n], expected[n], rtol=0, atol=PARAM_ATOL)}
   assert not bad, f"{what}: {len(bad)} parameters off by more than {PARAM_ATOL}: {sorted(bad.items())[:8]}"
+  _assert_shift_invariant_moves(fx, run, k, {"ours": ours, "the original": expected}, what)
   return worst
+
+
+def _assert_shift_invariant_moves(fx: Fixture, run: "Run", k: int, states: dict, what: str) -> None:
+  moves = shift_invariant_moves(fx, run, k)
+  assert moves, f"{what}: no attention key bias among the parameters (names like .../attn/key/bias)"
+  for who, params in states.items():
+    for n, limit in moves.items():
+      moved = float(np.max(np.abs(params[n] - run.params[0][n])))
+      assert moved <= limit * (1 + 1e-6) + 1e-7, f"{what}: {who} {n} moved {moved:.3g}, more than {limit:.3g}"
 
 
 def test_parameters_after_every_stored_update(fx, run):
   stored = fx.stored_params()
   assert stored, f"{fx.stem} stores no parameters"
   for k, sd in sorted(stored.items()):
-    _assert_params_match(fx, run.params[k], sd, f"{fx.stem} after update {k}")
+    _assert_params_match(fx, run.params[k], sd, f"{fx.stem} after update {k}", run, k)
   if bool(fx.arrays.get("step1_equals_start", False)):  # an update at lr 0 moves nothing
     for n, x in run.params[0].items():
       np.testing.assert_array_equal(run.params[1][n], x, err_msg=n)
+
+
+def test_key_biases_change_no_output(fx, run):
+  """The premise of the key-bias rule on this fixture's model: replacing every attention key bias by large random
+  values leaves the loss and every feature the objective computes unchanged (float32 rounding), while the same
+  change to the query biases moves them (the check can fail)."""
+  from flax import nnx
+  setup = run.setup
+  ms, objective = setup.model, setup.objective
+  batch = fixture_batch(fx, 0)
+
+  @jax.jit
+  def loss_and_features(params, batch):
+    model = nnx.merge(ms.graphdef, params, ms.rest)
+    features = objective.features(model, batch)
+    return objective.loss(model, features)[0], features
+
+  outputs = lambda params: loss_and_features(params, batch)
+
+  def replaced(pattern):
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: rng.normal(0, 1.0, x.shape).astype(np.float32) if re.search(pattern, optim.path_name(path))
+        else x, ms.params)
+
+  base_loss, base_features = outputs(ms.params)
+  loss, features = outputs(replaced(SHIFT_INVARIANT.pattern))
+  assert any(SHIFT_INVARIANT.search(n) for n in optim.flat_names(ms.params))
+  np.testing.assert_allclose(float(loss), float(base_loss), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(features), jax.tree.leaves(base_features)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  moved, _ = outputs(replaced(r"(^|/)attn/query/bias$"))
+  assert abs(float(moved) - float(base_loss)) > 1e-3 * abs(float(base_loss))
 
 
 # ------------------------------------------------------------------------------------------------ other layouts
@@ -396,10 +478,11 @@ def _assert_matches_fixture(fx: Fixture, other: Run, run: Run, what: str) -> Non
   np.testing.assert_allclose(other.losses, fx.arrays["loss"], rtol=LOSS_RTOL, err_msg=what)
   np.testing.assert_allclose(other.grad_norms, fx.arrays["grad_norm"], rtol=NORM_RTOL, err_msg=what)
   for k, sd in sorted(fx.stored_params().items()):
-    _assert_params_match(fx, other.params[k], sd, f"{what} after update {k}")
+    _assert_params_match(fx, other.params[k], sd, f"{what} after update {k}", run, k)
   k = max(run.params)
   for n, x in run.params[k].items():  # and the one-device run
-    np.testing.assert_allclose(other.params[k][n], x, rtol=0, atol=PARAM_ATOL, err_msg=f"{what}: {n}")
+    if not SHIFT_INVARIANT.search(n):
+      np.testing.assert_allclose(other.params[k][n], x, rtol=0, atol=PARAM_ATOL, err_msg=f"{what}: {n}")
 
 
 def test_fixture_updates_with_the_batch_split_over_8_devices(fx, run):

@@ -36,7 +36,7 @@ class CLIPViPConfig:
   # zeros make a clip and its time reverse encode identically, a saddle that plain SGD leaves only slowly; a small
   # random init breaks that symmetry. The demo uses 1.0, the scale of the patch embeddings, with
   # vision.position_init_std 1.0: at 0.02 a from-scratch tower barely sees when or where things are, and CLIP-ViP
-  # learned motion direction in 1,000 steps for no seed (t2v R@1 ~1.1x meanP); at 1.0 it does (1.3-1.7x).
+  # did not learn motion direction in the demo's budget (docs/performance.md section 11).
   temporal_init_std: float = 0.0
 
   def __post_init__(self):

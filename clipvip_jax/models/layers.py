@@ -279,7 +279,8 @@ class ResidualBlock(nnx.Module):
 # is not checkpointed; inside it the two LayerNorms and the MLP activation are, so the backward pass keeps only
 # their inputs and the matmuls' operands and recomputes the elementwise work: same values, about a quarter fewer
 # saved bytes per block in float32 and no recomputed matmul). On XLA:CPU "elementwise" also keeps the backward
-# pass from fusing the LayerNorm-backward chain across layers: a B/32 step runs 2x faster (docs/performance.md).
+# pass from fusing the LayerNorm-backward chain across layers, which makes CPU steps faster (docs/performance.md
+# sections 1 and 2 have the figures and the commands).
 REMAT_POLICIES = {
     "none": None,
     "elementwise": None,
@@ -289,8 +290,8 @@ REMAT_POLICIES = {
 }
 BLOCK_REMAT = tuple(k for k, policy in REMAT_POLICIES.items() if policy is not None)  # checkpoint whole blocks
 # "auto" (the configs' default): the policy measured fastest for the chip the model is built FOR, by platform and
-# then by device kind (the longest matching prefix wins). XLA:CPU "elementwise" (same values; B/32 and B/16 steps
-# 1.3-2.4x faster than "none" on AMD EPYC and Intel Xeon: docs/performance.md section 1); GPU and TPU "none"
+# then by device kind (the longest matching prefix wins). XLA:CPU "elementwise" (same values; faster than "none" on
+# every CPU measured: docs/performance.md section 1); GPU and TPU "none"
 # unless a chip class needs memory back (docs/training.md "Per-topology defaults" has the plans behind each entry).
 AUTO_REMAT = {"cpu": "elementwise", "gpu": "none", "tpu": "none"}
 AUTO_REMAT_BY_KIND: dict[str, str] = {}
@@ -351,7 +352,7 @@ class Encoder(nnx.Module):
   not change). Same function, one traced block instead of `layers` copies: the compiled program and the
   compilation time stop growing with depth, and XLA can no longer fuse the backward pass across layers (on
   XLA:CPU that cross-layer fusion duplicates the gradient's elementwise chain into every layer's weight-gradient
-  products: B/32 steps 1.4-1.7x faster with the scan; docs/performance.md). The remat policy applies to the scanned
+  products; docs/performance.md section 1c measures the scan). The remat policy applies to the scanned
   body. Costs a copy of the block weights per call and stacked residual buffers.
   """
 

@@ -1,9 +1,9 @@
 """The host allocator of a command: tcmalloc (or jemalloc) in place of glibc's malloc, chosen at process start.
 
-Why: XLA:CPU allocates a step's temporaries (2.5 GiB at CLIP-ViP B/32 batch 4, 5.3 GiB at B/16 batch 2) afresh at
-every call. glibc serves every block above 32 MiB with its own mmap and unmaps it at free(), so each step faults
-all of those pages in again (0.36M minor faults per B/32 batch-2 step); on the 2-core VMs we run on that made the
-B/16 step 1.8x slower (17.1 s against 9.7 s: docs/performance.md section 1a). tcmalloc keeps freed pages for
+Why: XLA:CPU allocates a step's temporaries (gigabytes at CLIP-ViP B/32 and B/16) afresh at every call. glibc serves
+every block above 32 MiB with its own mmap and unmaps it at free(), so each step faults all of those pages in again,
+which made CPU steps markedly slower on the VMs we run on (docs/performance.md section 1a has the figures and the
+commands). tcmalloc keeps freed pages for
 the next step: no faults after the first one. glibc's own settings cannot do the same without putting every thread
 on one arena, which serialises the input thread against XLA's (section 2, "tried"). On a GPU or TPU the step's
 buffers live on the device, so there is little for it to change (not measured there).
@@ -32,10 +32,10 @@ CHOSEN_ENV = "CLIPVIP_HOST_ALLOCATOR_CHOSEN"
 CANDIDATES = ("libtcmalloc_minimal.so*", "libtcmalloc.so*", "libjemalloc.so*")
 _KNOWN = ("tcmalloc", "jemalloc", "mimalloc")  # a preload of any of these already replaces glibc's malloc
 # tcmalloc keeps freed memory and never returns it by itself. In a command (one model: its train and eval steps,
-# the input pipeline) that costs nothing: the demo's peak RSS was 1.34 GB against glibc's 1.36 GB. A process that
-# interleaves several large models' steps can hold freed blocks of each: benchmarks/train_step.py with two B/16
-# rows of ours and the peer was killed at 24 GiB (one row and the peer fit), where glibc's malloc ran five. Such a
-# process should hold fewer models or run with CLIPVIP_HOST_ALLOCATOR=system. (gperftools' TCMALLOC_HEAP_LIMIT_MB
+# the input pipeline) that costs nothing measurable (the demo's peak RSS: docs/performance.md section 1a). A process
+# that interleaves several large models' steps can hold freed blocks of each (benchmarks/train_step.py with several
+# B/16 rows ran out of memory where glibc's malloc did not: the same section). Such a process should hold fewer
+# models or run with CLIPVIP_HOST_ALLOCATOR=system. (gperftools' TCMALLOC_HEAP_LIMIT_MB
 # turned that case into a failed allocation instead of a release of free pages: not used.)
 # jemalloc returns freed pages to the OS after 10 s by default: longer than one CPU step at B/16, so every step
 # would fault them in again. Never purge (the process keeps its high-water mark, as with tcmalloc).

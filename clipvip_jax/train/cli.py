@@ -5,9 +5,11 @@
                               [--split test] [--output results.json] [--config.key=value ...]
 
 A config file is a Python module with `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision style);
-`:ARG` after the path is passed as `arg` (e.g. configs/clipvip_pretrain.py:B/16). An override names an existing
-key (dotted path) and gives a Python literal (`--config.optim.lr=1e-5`, `--config.mesh='(2,4,1)'`) or a bare
-string; an unknown key, a bad value, a missing file: one sentence on stderr and exit status 2.
+`:ARG` after the path is passed as `arg` (e.g. configs/clipvip_pretrain.py:B/16). What it returns is checked
+against the schema (train/config_schema.py: every key declared once, defaults filled in, locked). An override
+names a declared key (dotted path) and gives a Python literal (`--config.optim.lr=1e-5`, `--config.mesh='(2,4,1)'`)
+or a bare string; an unknown key (named with the closest declared one), a bad value, a missing file: one sentence
+on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ from typing import Any, Sequence
 
 import ml_collections
 
-
-class UsageError(ValueError):
-  """A mistake in the command line or the config; its message is the one sentence shown to the user."""
+from clipvip_jax.runtime.cli_errors import UsageError  # noqa: F401 (the commands' one-sentence error)
+from clipvip_jax.train import config_schema
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:arg]` -> the ConfigDict its get_config(arg) returns."""
+  """`path/to/config.py[:arg]` -> the ConfigDict its get_config(arg) returns, completed by the schema (locked)."""
   path, _, arg = spec.partition(":")
   file = pathlib.Path(path)
   if not file.is_file():
@@ -45,7 +46,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     config = module.get_config(arg) if arg else module.get_config()
   except (ValueError, KeyError, TypeError) as e:
     raise UsageError(f"config file {path}: get_config({arg!r}) failed: {e}") from None
-  return config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(config)
+  try:
+    return config_schema.complete(config, f"config file {path}")
+  except config_schema.SchemaError as e:
+    raise UsageError(str(e)) from None
 
 
 def _literal(text: str) -> Any:
@@ -56,14 +60,17 @@ def _literal(text: str) -> Any:
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-  *parents, leaf = dotted.split(".")
+  """Sets the existing key `dotted` (a.b.c) of `config` to the literal `text`; UsageError naming an unknown key
+  and the closest declared one."""
+  names = dotted.split(".")
   node = config
-  for i, name in enumerate(parents):
+  for i, name in enumerate(names):
     if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      raise UsageError(f"unknown config key '{'.'.join(parents[:i + 1])}' in --config.{dotted}")
-    node = node[name]
-  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise UsageError(f"unknown config key '{dotted}' (the config file has no such field)")
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise UsageError(f"--config.{dotted}: {config_schema.unknown_key_message('.'.join(names[:i + 1]), known)}")
+    if i < len(names) - 1:
+      node = node[name]
+  leaf = names[-1]
   value = _literal(text)
   old = node[leaf]
   if isinstance(old, tuple) and isinstance(value, list):
@@ -227,8 +234,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, spli
                                    step=which)
   kind, flat, step = loaded.kind, loaded.params, loaded.step
   cfg = kinds.replace_in_config(loaded.config, dtype=dtype)
-  from clipvip_jax.train.trainer import make_mesh
-  mesh = make_mesh(config.get("mesh", (-1, 1, 1)))
+  mesh = sharding.make_mesh(config.get("mesh", (-1, 1, 1)))
   rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
   graphdef, rest, shardings = model_init.param_shardings(kind, cfg, mesh, rules)
   params = model_init.place_params(flat, shardings)

@@ -39,12 +39,13 @@ from flax import nnx
 
 from clipvip_jax import kinds
 from clipvip_jax.models import clip
+from clipvip_jax.train import config_schema
 
 log = logging.getLogger(__name__)
 
 TRAINABLE_KINDS = kinds.TRAINABLE_KINDS
 # config.model keys that set how a model computes, not its shapes: applied whatever the checkpoint says.
-RUNTIME_KEYS = ("dtype", "remat", "attention", "scan_layers")
+RUNTIME_KEYS = config_schema.MODEL_RUNTIME_KEYS
 
 
 def _model_class(kind: str) -> type:

@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clipvip_jax.params import path_name  # noqa: F401 (also imported from here by model_init)
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 OPTIMIZERS = ("adamw", "bert_adam")
@@ -59,14 +61,6 @@ DEFAULT_NO_DECAY = (r"(^|/)bias$", r"(^|/)logit_scale$")
 # range, after the update).
 DEFAULT_CLAMP = ((r"(^|/)logit_scale$", 0.0, math.log(200.0)),)
 CLIP_NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6)
-
-
-def path_name(path) -> str:
-  """'/'-joined name of a pytree path, the same spelling as clipvip_jax.params.flat_params."""
-  parts = []
-  for p in path:
-    parts.append(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))))
-  return "/".join(parts)
 
 
 def flat_names(tree: Any) -> list[str]:

@@ -6,9 +6,9 @@
 
 The reference is the `config` item of the workdir's newest checkpoint (what the checkpoints were trained with),
 not WORKDIR/config.json, which a run writes when it starts. Settings that shape the parameters or the optimiser
-state (the model's architecture, the optimiser's kind, the frozen parameters) cannot change on resume; everything
-else (batch size, learning rate, total steps, data paths, compute dtype, remat, ...) can, and each difference is
-stated so that a resumed run never changes silently.
+state (declared `fixed` in train/config_schema.py: the model's architecture, the optimiser's kind, the frozen
+parameters) cannot change on resume; everything else (batch size, learning rate, total steps, data paths, compute
+dtype, remat, scan_layers, ...) can, and each difference is stated so that a resumed run never changes silently.
 """
 
 from __future__ import annotations
@@ -19,13 +19,9 @@ import pathlib
 from typing import Any, Callable, Iterator, Mapping
 
 from clipvip_jax.train import checkpoint as ckpt_lib
+from clipvip_jax.train.config_schema import FIXED_KEYS
 
 CONFIG_FILE = "config.json"
-
-# Model settings that change how the parameters are computed with, not their shapes or tree: resumable.
-MODEL_RUNTIME_KEYS = ("dtype", "remat", "attention", "attention_impl")
-# Settings outside `model` whose change makes the saved optimiser state unusable.
-FIXED_KEYS = ("optim.name", "optim.frozen")
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,8 +63,7 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tu
 
 
 def _fixed(key: str) -> bool:
-  if key.startswith("model."):
-    return key.split(".")[-1] not in MODEL_RUNTIME_KEYS
+  """Declared `fixed` in the schema (the model's architecture, the optimiser's kind, the frozen parameters)."""
   return any(key == k or key.startswith(k + ".") for k in FIXED_KEYS)
 
 

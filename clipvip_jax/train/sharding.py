@@ -14,12 +14,15 @@ so one rule set serves every model size; `describe_shardings` lists what was act
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -35,15 +38,23 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh. -1 in one position takes the remaining devices.
+  """A (data, fsdp, tensor) mesh over `devices` (default: all). -1 in one position takes the remaining devices.
+  Without `devices`, on one host, a fully specified mesh smaller than the device count uses the first devices (a
+  small run on a big machine, tests on simulated devices); the trainer, the eval command and tests build theirs here.
 
   Axis types are chosen explicitly as Auto: shardings are given at the jit boundary and on activations by
   `constrain`, and XLA's partitioner propagates the rest, which is what the logical-rule scheme needs.
   """
-  devices = list(devices if devices is not None else jax.devices())
-  shape = list(shape)
+  shape = [int(x) for x in shape]
   if len(shape) != 3:
     raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
+  if devices is None:
+    devices = jax.devices()
+    needed = int(np.prod(shape))
+    if -1 not in shape and needed < len(devices) and jax.process_count() == 1:
+      log.warning("mesh %s uses %d of the %d devices", tuple(shape), needed, len(devices))
+      devices = devices[:needed]
+  devices = list(devices)
   if shape.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {shape}")
   if -1 in shape:

@@ -29,7 +29,7 @@ import numpy as np
 from clipvip_jax.runtime import host_allocator
 from clipvip_jax.train import checkpoint as ckpt_lib
 from clipvip_jax.train import logging as run_logging
-from clipvip_jax.train import model_init, optim, run_config, sharding, workdir_lock
+from clipvip_jax.train import config_schema, model_init, optim, run_config, sharding, workdir_lock
 from clipvip_jax.train import step as step_lib
 
 log = run_logging.log
@@ -60,7 +60,9 @@ def maybe_initialize_distributed(label: str | None = None) -> None:
 
 
 def as_config_dict(config: Any) -> ml_collections.ConfigDict:
-  return config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(config)
+  """The run config checked against the schema (config_schema.SchemaError, a ValueError naming the key), every
+  default filled in, locked."""
+  return config_schema.complete(config)
 
 
 REQUIRED = ("model", "data", "optim", "mode")
@@ -96,18 +98,6 @@ def total_steps_of(config: ml_collections.ConfigDict) -> int:
   from data_pipelines import sources
   num_clips = len(sources.open_split(config.data.shard_dir, config.data.get("split", "train")))
   return math.ceil(config.num_epochs * num_clips / config.data.batch_size)
-
-
-def make_mesh(shape) -> Any:
-  """sharding.make_mesh over all devices; on one host, a fully specified mesh smaller than the device count uses
-  the first devices (a small run on a big machine, tests on simulated devices)."""
-  shape = tuple(int(x) for x in shape)
-  needed = math.prod(shape)
-  devices = jax.devices()
-  if -1 not in shape and needed < len(devices) and jax.process_count() == 1:
-    log.warning("mesh %s uses %d of the %d devices", shape, needed, len(devices))
-    devices = devices[:needed]
-  return sharding.make_mesh(shape, devices)
 
 
 def batch_devices(mesh, rules) -> int:
@@ -275,7 +265,7 @@ def train(config: Any, workdir: str | os.PathLike, *, hooks: Hooks | None = None
   started = time.time()
 
   # Mesh and logical-axis rules.
-  mesh = make_mesh(config.get("mesh", (-1, 1, 1)))
+  mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
   batch_sharding = sharding.batch_sharding(mesh, rules, 1)
   grad_accum = int(config.get("grad_accum", 1))

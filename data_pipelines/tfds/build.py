@@ -7,6 +7,7 @@ TensorFlow (TFDS's own CLI imports it).
 Frame options that differ from a config's defaults make a new config named after them
 (`activitynet_captions/paragraph_fps1_short224_q90`, or --config-name), so datasets built with different
 options never share a folder. Prints the per-split clip and skip counts; reasons are in skipped-<split>.jsonl.
+Run again on a finished dataset, it reads and writes nothing, says the dataset is complete and exits 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import tensorflow_datasets as tfds
 
 from data_pipelines.tfds.activitynet import ActivitynetCaptions
-from data_pipelines.tfds.common import ClipBuilderConfig, ClipDatasetBuilder
+from data_pipelines.tfds.common import ClipBuilderConfig, ClipDatasetBuilder, prepare
 from data_pipelines.tfds.didemo import Didemo
 from data_pipelines.tfds.lsmdc import Lsmdc
 from data_pipelines.tfds.msrvtt import Msrvtt
@@ -64,8 +65,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   config = make_config(builder_cls, config_name or None, args.fps, args.short_side, args.jpeg_quality,
                        args.config_name)
   builder = builder_cls(config=config, data_dir=args.data_dir, num_workers=args.num_workers)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-  print(f"{builder.name}/{config.name}: {builder.data_dir}")
+  built = prepare(builder, tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+  print(f"{builder.name}/{config.name}: {builder.data_dir}"
+        + ("" if built else " is complete (built earlier with these options); nothing to do"))
   skipped = builder.info.metadata.get("num_skipped", {})
   for split, info in builder.info.splits.items():
     print(f"  {split}: {info.num_examples} clips, {skipped.get(split, 0)} skipped")

@@ -6,6 +6,7 @@ Dataflow, Flink and Spark): flags make the VideoTextCorpusConfig, everything aft
       --direct_running_mode=multi_processing
 
 A separate module from the builder, so `python -m` never defines (and registers) the builder class twice.
+Run again on a finished dataset, it reads and writes nothing, says the dataset is complete and exits 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
+from data_pipelines.tfds.common import prepare
 from data_pipelines.tfds.video_text_corpus import VideoTextCorpus, VideoTextCorpusConfig
 
 
@@ -45,9 +47,10 @@ def main(argv: Sequence[str] | None = None) -> None:
       fps=args_ns.fps, short_side=args_ns.short_side, jpeg_quality=args_ns.jpeg_quality,
       folder_fps=args_ns.folder_fps)
   builder = VideoTextCorpus(config=config, data_dir=args_ns.data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+  built = prepare(builder, tfds.download.DownloadConfig(
       beam_options=PipelineOptions(beam_args or ["--runner=DirectRunner"])))
-  print(f"{builder.name}/{config.name}: {builder.data_dir}")
+  print(f"{builder.name}/{config.name}: {builder.data_dir}"
+        + ("" if built else " is complete (built earlier); nothing to do"))
   for split, info in builder.info.splits.items():
     print(f"  {split}: {info.num_examples} clips")
 

@@ -322,3 +322,13 @@ class TfdsRecordSource:
 
   def __repr__(self) -> str:
     return f"TfdsRecordSource({self.name!r}, split={self.split!r}, data_dir={str(self.data_dir)!r})"
+
+
+def prepare(builder: tfds.core.DatasetBuilder, download_config: tfds.download.DownloadConfig) -> bool:
+  """download_and_prepare, unless the dataset (name/config/version, which the frame options name) is already
+  complete in the data dir: then nothing is read or written and False comes back, so a relaunched finished build
+  (a scheduler re-running a job that had in fact finished) is a no-op the commands report as complete."""
+  if builder.is_prepared():
+    return False
+  builder.download_and_prepare(download_config=download_config)
+  return True
