@@ -270,7 +270,7 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
   target = layers.Target(slice_.platform, slice_.device_kind)
   t0 = time.time()
   setup, lowered = lower_train_step(config, mesh, target)
-  compiled = lowered.compile()
+  compiled = lowered.compile(slice_.compiler_options or None)
   facts = analyse(compiled, slice_.chip, train_flops_per_chip(config, setup, slice_.num_chips))
   facts["compile_seconds"] = time.time() - t0
   facts["remat"] = layers.resolve_remat(config.model.get("remat", "auto"), slice_.platform, slice_.device_kind)
@@ -280,7 +280,7 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
   if with_eval:
     facts["eval"] = {}
     for name, low in lower_eval_steps(config, setup, mesh).items():
-      facts["eval"][name] = analyse(low.compile(), slice_.chip)
+      facts["eval"][name] = analyse(low.compile(slice_.compiler_options or None), slice_.chip)
     report("compiled the evaluation encoders")
   return facts
 

@@ -102,6 +102,7 @@ class Slice:
   device_kind: str
   platform: str = "tpu"  # "tpu" | "gpu": what remat="auto" resolves for (layers.resolve_remat)
   compiler: str = ""     # "libtpu 0.0.42.1", "jax-cuda12-plugin 0.10.2"
+  compiler_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # XLA's, to compile without the chips
 
   @property
   def num_chips(self) -> int:
@@ -228,4 +229,7 @@ def _describe_gpus(topology: str, family: str, shape: str) -> Slice:
     raise TargetError(f"the JAX CUDA plugin does not accept the topology {topology!r}: "
                       f"{str(e).splitlines()[0]}") from None
   devices = tuple(desc.devices)
-  return Slice(topology, devices, gpu.chip, devices[0].device_kind, "gpu", f"jax-cuda12-plugin {version}")
+  # Without a GPU the compiler cannot autotune; its Triton GEMM tiling then fails on some of the model's dots
+  # ("couldn't find output tile sizes"), so dots go to cuBLAS, as XLA does wherever Triton declines them.
+  return Slice(topology, devices, gpu.chip, devices[0].device_kind, "gpu", f"jax-cuda12-plugin {version}",
+               {"xla_gpu_enable_triton_gemm": False})
