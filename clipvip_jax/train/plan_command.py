@@ -79,7 +79,8 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append(("does not fit; " if not p["fits"] else "") + "use: " + " ".join(p["suggestion"])
                  + (f"  ({p['suggestion_note']})" if p.get("suggestion_note") else ""))
   elif not p["fits"]:
-    lines.append("does not fit, and no alternative tried fits")
+    lines.append("does not fit, and no alternative tried fits" if "alternatives" in p
+                 else "does not fit (--no-search: no alternatives compiled)")
   return "\n".join(lines)
 
 
