@@ -21,6 +21,7 @@ bf16 activations round neither the logits (|logit| reaches 100) nor the log-sum-
 """
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 
 import jax
@@ -44,7 +45,8 @@ def _replicated(x: Array) -> Array:
   return jax.sharding.reshard(x, NamedSharding(sharding.mesh, P()))
 
 
-_LOGITS_CONSTRAINT: list[Callable[[Array], Array] | None] = [None]
+_LOGITS_CONSTRAINT: contextvars.ContextVar[Callable[[Array], Array] | None] = contextvars.ContextVar(
+    "logits_constraint", default=None)  # the same mechanism as layers.activation_constraint
 
 
 @contextlib.contextmanager
@@ -54,11 +56,11 @@ def logits_constraint(constrain: Callable[[Array], Array] | None) -> Iterator[No
   cross entropies reduce [B] partial sums across devices. Left replicated, every device would compute the whole
   B x B matrix of every term (at 1,024 chips and batch 16,384, ~2.5 TFLOP and ~14 GiB per chip per step:
   docs/performance.md section 4)."""
-  previous, _LOGITS_CONSTRAINT[0] = _LOGITS_CONSTRAINT[0], constrain
+  token = _LOGITS_CONSTRAINT.set(constrain)
   try:
     yield
   finally:
-    _LOGITS_CONSTRAINT[0] = previous
+    _LOGITS_CONSTRAINT.reset(token)
 
 
 def _at_least_float32(x: Array) -> Array:
@@ -72,8 +74,9 @@ def _scaled_cosine(queries: Array, keys: Array, logit_scale: Array) -> Array:
   queries, keys = _replicated(queries), _replicated(keys)
   cosine = jnp.matmul(_at_least_float32(queries), _at_least_float32(keys).T,
                       precision=jax.lax.Precision.HIGHEST)
-  if _LOGITS_CONSTRAINT[0] is not None:
-    cosine = _LOGITS_CONSTRAINT[0](cosine)
+  constrain = _LOGITS_CONSTRAINT.get()
+  if constrain is not None:
+    cosine = constrain(cosine)
   return jnp.exp(_at_least_float32(logit_scale)) * cosine
 
 
