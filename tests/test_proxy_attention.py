@@ -113,3 +113,34 @@ def test_bad_arguments_raise():
     pa.block_sparse_proxy_attention(q, q, q, num_proxies=3, num_frames=3)
   with pytest.raises(ValueError, match="attention_pattern"):
     pa.proxy_attention_fn("sparse", num_proxies=3, num_frames=2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pallas_tpu_kernel_matches_xla_in_interpret_mode(masked):
+  """attention="pallas" (the TPU flash-attention kernel, run here by Pallas' TPU interpreter): the frame groups go
+  through the kernel with queries and keys padded to 128 and the padded keys masked; values and gradients equal
+  XLA's. Head dim 64 as in B/16 (the kernel's lanes); 2 frames of 9 patches + 3 proxies."""
+  from jax.experimental.pallas import tpu as pltpu
+  b, m, t, l, n, h = 2, 3, 2, 9, 2, 64
+  q, k, v, cot = _qkv(b, m, t, l, n, h, seed=3)
+  frame_mask = jnp.asarray([[1, 1], [1, 0]], jnp.int32) if masked else None
+  xla = functools.partial(pa.block_sparse_proxy_attention, num_proxies=m, num_frames=t, frame_mask=frame_mask,
+                          implementation="xla")
+  pallas = functools.partial(pa.block_sparse_proxy_attention, num_proxies=m, num_frames=t, frame_mask=frame_mask,
+                             implementation="pallas")
+  want, want_grads = _value_and_grads(xla, q, k, v, cot)
+  with pltpu.force_tpu_interpret_mode():
+    got, got_grads = _value_and_grads(pallas, q, k, v, cot)
+    # The kernel is really in the program (not a silent fallback to XLA): a Pallas call in the jaxpr.
+    assert "pallas_call" in str(jax.make_jaxpr(pallas)(q, k, v))
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+
+
+def test_pallas_off_a_tpu_is_one_sentence():
+  from clipvip_jax.train import run_config
+  with pytest.raises(ValueError, match="config.model.attention = 'pallas' is the TPU kernel"):
+    run_config.check_values({"model": {"attention": "pallas"}})
+  with pytest.raises(ValueError, match="config.model.attention = 'flash' is not one of xla, cudnn, pallas"):
+    run_config.check_values({"model": {"attention": "flash"}})

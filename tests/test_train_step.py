@@ -101,6 +101,28 @@ def test_one_step_on_a_mesh_equals_one_device(shape):
   assert max(moved) > 1e-4
 
 
+def test_the_pallas_attention_step_on_a_mesh_equals_xla_on_one_device():
+  """attention="pallas" (the TPU flash-attention kernel, run by Pallas' TPU interpreter) inside the trainer's step
+  on a 4-device batch mesh: the kernel runs per device under shard_map (layers.kernel_partition), and the loss and
+  updated parameters equal the XLA attention's step on one device."""
+  from jax.experimental.pallas import tpu as pltpu
+  loss_1, params_1, _ = _one_step((1, 1, 1))
+  config = _config()
+  config.model.attention = "pallas"
+  mesh = _mesh((4, 1, 1))
+  setup = trainer.setup_training(config, mesh, _rules(config), 10, initial_params=_initial_params())
+  params, opt_state = _fresh_state(setup)
+  batch = _place_batch(mesh, _rules(config), _batch())
+  with pltpu.force_tpu_interpret_mode():
+    # The kernel is in the traced step (not a silent fallback to XLA's attention), inside a shard_map.
+    jaxpr = str(jax.make_jaxpr(setup.train_step.fn)(params, opt_state, batch))
+    assert "pallas_call" in jaxpr and "shard_map" in jaxpr
+    params, _, metrics = setup.train_step(params, opt_state, batch)
+  assert bool(metrics["finite"])
+  assert float(metrics["loss"]) == pytest.approx(loss_1, rel=1e-5)
+  _assert_params_close(jax.tree.map(np.asarray, params), params_1, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 1), pytest.param((2, 2, 2), marks=pytest.mark.slow)])
 def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch_step(shape):
   loss_full, params_full, _ = _one_step(shape, 1)

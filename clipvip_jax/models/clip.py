@@ -64,7 +64,7 @@ class CLIPConfig:
   projection_dim: int = 512
   logit_scale_init: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
   dtype: str = "float32"  # compute dtype; parameters are always float32
-  attention: str = "xla"  # "xla" or "cudnn" (jax.nn.dot_product_attention implementation)
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS: "xla", "cudnn" (NVIDIA) or "pallas" (TPU)
   remat: str = "auto"  # layers.REMAT_CHOICES; "auto" = the fastest measured for the backend (layers.AUTO_REMAT)
   scan_layers: bool = False  # run each tower's blocks with jax.lax.scan (layers.Encoder); same parameters
 

@@ -188,17 +188,76 @@ class OutProjection(nnx.Module):
     return project(x, self.kernel[...], self.bias[...], HEAD_OUT_EQS, self.dtype, ("heads", "kv", "embed"))
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array | None = None,
                           implementation: str | None = None) -> Array:
   """softmax(q k^T / sqrt(d) + bias, masked) v on [batch, seq, heads, head_dim] tensors.
 
-  `implementation`: None/"xla" (portable default) or "cudnn" (fused flash attention on NVIDIA GPUs). The softmax is
-  computed in float32 by XLA's implementation even for bfloat16 inputs.
+  `implementation`: None/"xla" (portable default), "cudnn" (fused flash attention on NVIDIA GPUs) or "pallas"
+  (the Pallas flash-attention kernel for TPU: the scores stay in on-chip memory instead of going through HBM as
+  float32 [batch, heads, q, k] arrays; unmasked attention only, masked calls keep XLA's). The softmax is computed
+  in float32 by every implementation, also for bfloat16 inputs.
   """
+  if implementation == "pallas":
+    if mask is None and bias is None:
+      return pallas_flash_attention(q, k, v)
+    implementation = "xla"
   impl = None if implementation in (None, "xla", "auto") else implementation
   if implementation == "xla":
     impl = "xla"
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=impl)
+
+
+# Kernel partitioning. A Pallas (Mosaic) kernel cannot be split by XLA's partitioner: on a mesh it must run under
+# shard_map. The trainer and the evaluator set a function (kernel, *arrays) -> the kernel applied per device to
+# arrays split along their leading (batch) axis over the mesh's batch axes, while their programs are traced.
+# Outside such a context (one device, tests) the kernel is called directly.
+_KERNEL_PARTITION: contextvars.ContextVar[Callable[..., Array] | None] = contextvars.ContextVar(
+    "kernel_partition", default=None)
+
+
+@contextlib.contextmanager
+def kernel_partition(fn: Callable[..., Array] | None) -> Iterator[None]:
+  """Within the block, Pallas kernels traced run through `fn(kernel, *arrays)` (None: called directly)."""
+  token = _KERNEL_PARTITION.set(fn)
+  try:
+    yield
+  finally:
+    _KERNEL_PARTITION.reset(token)
+
+
+def pallas_flash_attention(q: Array, k: Array, v: Array) -> Array:
+  """Unmasked softmax(q k^T / sqrt(d)) v with jax's Pallas TPU flash-attention kernel, [batch, seq, heads, dim].
+
+  The kernel tiles sequences by 128, so queries and keys are padded to multiples of 128 (CLIP-ViP's frame groups:
+  196 queries, 200 keys -> 256, 256) and the padded keys are masked through segment ids (real keys 1, padding 0;
+  every query 1). Padded query rows are computed and dropped. Off TPU, runs in Pallas' interpret mode only inside
+  `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (what the tests do); on CPU/GPU use "xla"/"cudnn".
+  """
+  partition = _KERNEL_PARTITION.get()
+  if partition is not None:  # on a mesh: the kernel runs per device on its share of the batch (shard_map)
+    return partition(pallas_flash_attention_local, q, k, v)
+  return pallas_flash_attention_local(q, k, v)
+
+
+def pallas_flash_attention_local(q: Array, k: Array, v: Array) -> Array:
+  """pallas_flash_attention on the arrays of one device (what runs inside the shard_map)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_fa
+  b, sq, _, head_dim = q.shape
+  sk = k.shape[1]
+  pq, pk = -(-sq // 128) * 128, -(-sk // 128) * 128
+
+  def heads_major(x: Array, length: int) -> Array:  # [B, S, N, H] -> [B, N, padded S, H]
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+  segments = pallas_fa.SegmentIds(
+      q=jnp.ones((b, pq), jnp.int32),
+      kv=jnp.broadcast_to((jnp.arange(pk) < sk).astype(jnp.int32), (b, pk)))
+  out = pallas_fa.flash_attention(heads_major(q, pq), heads_major(k, pk), heads_major(v, pk),
+                                  segment_ids=segments, sm_scale=head_dim**-0.5)
+  return out.transpose(0, 2, 1, 3)[:, :sq]
 
 
 class MultiHeadAttention(nnx.Module):

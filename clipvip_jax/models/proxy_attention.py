@@ -5,7 +5,8 @@ The original's pattern, allowed(q, k) = q < M or k < M or frame(q) == frame(k), 
   * proxy queries [M] against all S keys (small: M rows);
   * patch queries of frame n [L] against [M proxies + frame n's L patches], batched over the B*T frames.
 That costs M*S + T*(M+L)*L scores instead of S^2, and never builds an S x S mask. Both parts are plain
-`jax.nn.dot_product_attention` calls on [batch, seq, heads, head_dim] tensors, so "xla" and "cudnn" both apply.
+`jax.nn.dot_product_attention` calls on [batch, seq, heads, head_dim] tensors, so "xla" and "cudnn" both apply;
+"pallas" (TPU) takes the frame groups, the proxies' few rows stay with XLA.
 
 frame_mask (this project's extension; the original has no padding mask in the vision tower): [B, T], 1 for a real
 frame, 0 for padding. Padded frames' patches are removed from the proxies' keys, so nothing in a padded frame reaches
@@ -55,7 +56,9 @@ def block_sparse_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: i
   if frame_mask is not None:
     valid = _proxy_key_mask(frame_mask, m, patches)
     proxy_mask = jnp.broadcast_to(valid[:, None, None, :], (b, 1, m, s))
-  proxy_out = attend(q[:, :m], k, v, mask=proxy_mask)
+  # The M proxy rows stay with XLA under "pallas": the kernel pads queries to 128 rows, 32x the work for 4.
+  proxy_impl = "xla" if implementation == "pallas" else implementation
+  proxy_out = layers.dot_product_attention(q[:, :m], k, v, mask=proxy_mask, implementation=proxy_impl)
 
   def frame_groups(x: Array) -> Array:
     """[B, S, N, H] -> [B*T, M+L, N, H]: each frame's keys are the M proxies then its own L patches."""

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from clipvip_jax import kinds
+from clipvip_jax.models import layers
 
 PathLike = str | os.PathLike
 
@@ -152,7 +153,7 @@ def _cosine(text: jax.Array, visual: jax.Array) -> jax.Array:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = layers.ATTENTION_IMPLEMENTATIONS
 
 
 def check_compute_options(cfg: Any) -> None:
@@ -164,6 +165,9 @@ def check_compute_options(cfg: Any) -> None:
     raise ValueError(f"dtype {clip_cfg.dtype!r} is not one of {COMPUTE_DTYPES}")
   if clip_cfg.attention not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention {clip_cfg.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+  if clip_cfg.attention == "pallas" and jax.default_backend() != "tpu":
+    raise ValueError(f"attention='pallas' is the TPU kernel and this machine computes on {jax.default_backend()}: "
+                     "use 'xla' (or 'cudnn' on NVIDIA GPUs)")
   if clip_cfg.attention == "cudnn":
     # cuDNN's fused attention (jax.nn.dot_product_attention) has no float32 kernel and needs head dims that are
     # multiples of 8 up to 256; checked on an H100 with jax 0.11.

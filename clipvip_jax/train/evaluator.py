@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipvip_jax import metrics
+from clipvip_jax.models import layers
 from clipvip_jax.train import step as step_lib
 
 
@@ -43,16 +44,19 @@ def encode_functions(graphdef: nnx.GraphDef, rest: Any, param_shardings: Any, ba
   """The evaluation's jitted programs (video encoder, text encoder, similarity), batches split by
   `batch_sharding` and results replicated: what the Evaluator runs, and what the planner compiles for a slice."""
   replicated = NamedSharding(batch_sharding.mesh, P())
+  partition = step_lib.kernel_partition(batch_sharding)  # Pallas kernels (attention="pallas") per device
 
   def model(params):
     return nnx.merge(graphdef, params, rest)
 
   def encode_video(params, video, frame_mask, clip_index, valid):
     video = step_lib.pixels(video, frame_mask)  # uint8 input (data.dtype "uint8") is normalised on device
-    return model(params).encode_video(video, frame_mask).astype(jnp.float32), clip_index, valid
+    with layers.kernel_partition(partition):
+      return model(params).encode_video(video, frame_mask).astype(jnp.float32), clip_index, valid
 
   def encode_text(params, ids, mask):
-    return model(params).encode_text(ids, mask).astype(jnp.float32)
+    with layers.kernel_partition(partition):
+      return model(params).encode_text(ids, mask).astype(jnp.float32)
 
   def similarity(params, text, video):
     return model(params).similarity(text, video)

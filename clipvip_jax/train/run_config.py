@@ -31,10 +31,21 @@ class NotResumableError(ValueError):
 
 
 def check_values(config: Mapping[str, Any]) -> None:
-  """Values that would fail deep inside JAX: the model's and the data's dtype (ValueError naming the key)."""
+  """Values that would fail deep inside JAX: the model's and the data's dtype, the attention implementation (and
+  the TPU kernel off a TPU) (ValueError naming the key)."""
   dtype = (config.get("model") or {}).get("dtype")
   if dtype is not None and str(dtype) not in FLOAT_DTYPES:
     raise ValueError(f"config.model.dtype = {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+  attention = (config.get("model") or {}).get("attention")
+  if attention is not None:
+    from clipvip_jax.models import layers
+    if str(attention) not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"config.model.attention = {attention!r} is not one of "
+                       f"{', '.join(layers.ATTENTION_IMPLEMENTATIONS)}")
+    import jax
+    if attention == "pallas" and jax.default_backend() != "tpu":
+      raise ValueError(f"config.model.attention = 'pallas' is the TPU kernel and this machine computes on "
+                       f"{jax.default_backend()}: use 'xla' (or 'cudnn' on NVIDIA GPUs)")
   dtype = (config.get("data") or {}).get("dtype")
   if dtype is not None:
     from data_pipelines import transforms
