@@ -2,10 +2,21 @@
 
 import os
 import pathlib
+import sys
 
 import pytest
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The suite is compile-bound: XLA:CPU spends most of a test in LLVM's optimisation passes, for programs that then
+# run a few steps at toy sizes. The tests check what the programs compute, not how fast they run, so they compile
+# with most optimisations off (jax_disable_most_optimizations: about half the CPU time of a compile; the HLO, and
+# hence memory and FLOP counts, are unchanged). Set in the environment, before jax reads it, so the processes the
+# tests start inherit it; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off. The planner's TPU and GPU compiles keep
+# every optimisation (tests/test_planner.py): its facts are those of the program a run would get.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+if "jax" in sys.modules:  # a plugin imported jax before this file: it has read its flags already
+  sys.modules["jax"].config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
 
 
 def _fixtures_path() -> pathlib.Path:
@@ -39,11 +50,13 @@ def shared_data_dir(fixtures_dir) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for one module's training runs (they compile the same programs; processes
-  they start share it through config.compilation_cache_dir), reset after the module."""
+  """A persistent compilation cache for a module's training runs (processes they start share it through
+  config.compilation_cache_dir): the suite's own where it has one (JAX_COMPILATION_CACHE_DIR, `make test`), so
+  that the tiny model's steps compiled by one test file or process are loaded by the others; else one for the
+  module. The process's own cache setting is restored after the module."""
   import jax
   previous = jax.config.jax_compilation_cache_dir  # the suite's shared cache (Makefile), if any
-  yield tmp_path_factory.mktemp("jax_cache")
+  yield pathlib.Path(previous) if previous else tmp_path_factory.mktemp("jax_cache")
   from jax.experimental.compilation_cache import compilation_cache
   jax.config.update("jax_compilation_cache_dir", previous)
   compilation_cache.reset_cache()

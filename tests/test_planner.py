@@ -58,9 +58,22 @@ def _flags(**overrides) -> list[str]:
   return [f"--config.{k}={v!r}" for k, v in settings.items()]
 
 
+# The suite compiles with most optimisations off (tests/conftest.py); a plan's facts are those of the optimised
+# program a run gets, so the planner's compiles here, and its commands, keep every optimisation.
+FULLY_OPTIMISED = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fully_optimised():
+  was = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", was)
+
+
 def _run(*args, env=None, timeout=600):
   return subprocess.run([sys.executable, "-m", "clipvip_jax.plan", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                        text=True, timeout=timeout, env={**os.environ, **FULLY_OPTIMISED, **(env or {})})
 
 
 # ------------------------------------------------------------------------------------- the trainer's own program
