@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FULLY_OPTIMISED_ENV
 
 from clipvip_jax.train import cli, planner, sharding, targets, trainer
 from clipvip_jax.train import step as step_lib
@@ -60,20 +61,12 @@ def _flags(**overrides) -> list[str]:
 
 # The suite compiles with most optimisations off (tests/conftest.py); a plan's facts are those of the optimised
 # program a run gets, so the planner's compiles here, and its commands, keep every optimisation.
-FULLY_OPTIMISED = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fully_optimised():
-  was = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", False)
-  yield
-  jax.config.update("jax_disable_most_optimizations", was)
+pytestmark = pytest.mark.usefixtures("fully_optimised")
 
 
 def _run(*args, env=None, timeout=600):
   return subprocess.run([sys.executable, "-m", "clipvip_jax.plan", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, env={**os.environ, **FULLY_OPTIMISED, **(env or {})})
+                        text=True, timeout=timeout, env={**os.environ, **FULLY_OPTIMISED_ENV, **(env or {})})
 
 
 # ------------------------------------------------------------------------------------- the trainer's own program
