@@ -20,9 +20,10 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # the same small programs again and again (a repeated tiny training command: 25 -> 19 CPU s).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if "jax" in sys.modules:  # a plugin imported jax before this file: it has read its flags already
-  sys.modules["jax"].config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
-  sys.modules["jax"].config.update("jax_persistent_cache_min_compile_time_secs",
-                                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  _jax = sys.modules["jax"]
+  _jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
+  _jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def _fixtures_path() -> pathlib.Path:
