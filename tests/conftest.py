@@ -2,10 +2,28 @@
 
 import os
 import pathlib
+import sys
 
 import pytest
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The suite is compile-bound: XLA:CPU spends most of a test in LLVM's optimisation passes, for programs that then
+# run a few steps at toy sizes. The tests check what the programs compute, not how fast they run, so they compile
+# with most optimisations off (jax_disable_most_optimizations: about half the CPU time of a compile; the HLO, and
+# hence memory and FLOP counts, are unchanged). Set in the environment, before jax reads it, so the processes the
+# tests start inherit it; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off. A module whose checks hold for the
+# optimised program only uses the `fully_optimised` fixture below.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Where the suite has a persistent compilation cache (JAX_COMPILATION_CACHE_DIR, `make test`), every program goes
+# into it, not only those that took a second to compile: the test processes, and the commands they start, build
+# the same small programs again and again (a repeated tiny training command: 25 -> 19 CPU s).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+if "jax" in sys.modules:  # a plugin imported jax before this file: it has read its flags already
+  _jax = sys.modules["jax"]
+  _jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
+  _jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def _fixtures_path() -> pathlib.Path:
@@ -37,13 +55,31 @@ def shared_data_dir(fixtures_dir) -> pathlib.Path:
   return path
 
 
+# The environment of a command a `fully_optimised` module starts.
+FULLY_OPTIMISED_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
+
+
+@pytest.fixture(scope="module")
+def fully_optimised():
+  """Every XLA optimisation on for a module's compiles (the suite turns most off, above): the planner's TPU and
+  GPU facts must be those of the program a run would get; some identities hold bit for bit only once XLA:CPU has
+  optimised both programs (an all-valid mask and no mask)."""
+  import jax
+  was = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", was)
+
+
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for one module's training runs (they compile the same programs; processes
-  they start share it through config.compilation_cache_dir), reset after the module."""
+  """A persistent compilation cache for a module's training runs (processes they start share it through
+  config.compilation_cache_dir): the suite's own where it has one (JAX_COMPILATION_CACHE_DIR, `make test`), so
+  that the tiny model's steps compiled by one test file or process are loaded by the others; else one for the
+  module. The process's own cache setting is restored after the module."""
   import jax
   previous = jax.config.jax_compilation_cache_dir  # the suite's shared cache (Makefile), if any
-  yield tmp_path_factory.mktemp("jax_cache")
+  yield pathlib.Path(previous) if previous else tmp_path_factory.mktemp("jax_cache")
   from jax.experimental.compilation_cache import compilation_cache
   jax.config.update("jax_compilation_cache_dir", previous)
   compilation_cache.reset_cache()
