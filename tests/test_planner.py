@@ -155,11 +155,11 @@ def test_a_recipe_that_does_not_fit_gets_a_suggestion_that_does(libtpu, v5e_plan
   assert not p["fits"] and p["suggestion"], p
   assert "does not fit; use: --config." in r.stdout and "HBM" in r.stdout and "collectives" in r.stdout
   assert p["suggestion"] == ["--config.mesh=(1,-1,1)"]
-  # The suggestion fits the budget: the command compiled exactly that recipe (Variant(flags).apply of it) against
-  # the same budget, and its facts are in the plan (compiling it again here would repeat a TPU compile, which
-  # cannot be cached).
-  suggested = {tuple(t["flags"]): t for t in p["alternatives"]}[tuple(p["suggestion"])]
-  assert suggested["fits"] and 0 < suggested["hbm_peak_bytes"] <= budget, suggested
+  # The suggestion fits: the printed flags applied to the recipe and compiled again, independently of the search
+  # that chose them (a TPU compile of the tiny model; it cannot come from the cache).
+  suggested = planner.Variant(tuple(p["suggestion"])).apply(_config(**{"model.remat": "full"}))
+  again = planner.plan(suggested, "v5e:2x2", search=False, with_eval=False, hbm_bytes=budget)
+  assert again["fits"]
 
 
 def test_idle_memory_gets_a_larger_per_chip_batch_offered(v5e_plan):
