@@ -1,6 +1,7 @@
 """The table of docs/performance.md section 4, printed from the plans' JSON (`python -m clipvip_jax.plan ... --json`).
 
-    python -m benchmarks.plan_table benchmarks/results/plans/*.json
+    python -m benchmarks.plan_table                       # the plans of benchmarks/results/plans/ORDER
+    python -m benchmarks.plan_table PLAN.json [PLAN.json ...]
 
 One row per plan, in the order given. "Full run" is the recipe's own length (num_epochs over its training set, at
 the plan's global batch) times the planned step: pretraining per million clips of the corpus (its size is the
@@ -72,9 +73,20 @@ HEADER = ("| case (global batch, per chip) | slice (chips) | remat | fits? HBM p
           "|---|---|---|---|---|---|---|---|---|---|")
 
 
+PLANS = pathlib.Path("benchmarks/results/plans")
+
+
+def default_paths() -> list[str]:
+  """The plans named in PLANS/ORDER (one name per line, the table's order), else every plan by name."""
+  order = PLANS / "ORDER"
+  if order.exists():
+    names = [line.strip() for line in order.read_text().splitlines() if line.strip()]
+    return [str(PLANS / f"{name}.json") for name in names if (PLANS / f"{name}.json").exists()]
+  return sorted(str(p) for p in PLANS.glob("*.json"))
+
+
 def main(argv: list[str] | None = None) -> int:
-  paths = (sys.argv[1:] if argv is None else argv) or sorted(
-      str(p) for p in pathlib.Path("benchmarks/results/plans").glob("*.json"))
+  paths = (sys.argv[1:] if argv is None else argv) or default_paths()
   print(HEADER)
   for path in paths:
     print(row(json.loads(pathlib.Path(path).read_text())))
