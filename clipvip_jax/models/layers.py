@@ -191,6 +191,16 @@ class OutProjection(nnx.Module):
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
+def check_attention(implementation: str, name: str = "attention") -> None:
+  """One sentence (ValueError) for an unknown implementation, or the TPU kernel off a TPU; `name` is how the
+  caller's user spells the setting ("config.model.attention =", "attention")."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"{name} {implementation!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+  if implementation == "pallas" and jax.default_backend() != "tpu":
+    raise ValueError(f"{name} 'pallas' is the TPU kernel and this machine computes on {jax.default_backend()}: "
+                     "use 'xla' (or 'cudnn' on NVIDIA GPUs)")
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array | None = None,
                           implementation: str | None = None) -> Array:
   """softmax(q k^T / sqrt(d) + bias, masked) v on [batch, seq, heads, head_dim] tensors.

@@ -153,7 +153,6 @@ def _cosine(text: jax.Array, visual: jax.Array) -> jax.Array:
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLEMENTATIONS = layers.ATTENTION_IMPLEMENTATIONS
 
 
 def check_compute_options(cfg: Any) -> None:
@@ -163,11 +162,7 @@ def check_compute_options(cfg: Any) -> None:
     return
   if clip_cfg.dtype not in COMPUTE_DTYPES:
     raise ValueError(f"dtype {clip_cfg.dtype!r} is not one of {COMPUTE_DTYPES}")
-  if clip_cfg.attention not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention {clip_cfg.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-  if clip_cfg.attention == "pallas" and jax.default_backend() != "tpu":
-    raise ValueError(f"attention='pallas' is the TPU kernel and this machine computes on {jax.default_backend()}: "
-                     "use 'xla' (or 'cudnn' on NVIDIA GPUs)")
+  layers.check_attention(clip_cfg.attention)
   if clip_cfg.attention == "cudnn":
     # cuDNN's fused attention (jax.nn.dot_product_attention) has no float32 kernel and needs head dims that are
     # multiples of 8 up to 256; checked on an H100 with jax 0.11.

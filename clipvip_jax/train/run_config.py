@@ -39,13 +39,7 @@ def check_values(config: Mapping[str, Any]) -> None:
   attention = (config.get("model") or {}).get("attention")
   if attention is not None:
     from clipvip_jax.models import layers
-    if str(attention) not in layers.ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"config.model.attention = {attention!r} is not one of "
-                       f"{', '.join(layers.ATTENTION_IMPLEMENTATIONS)}")
-    import jax
-    if attention == "pallas" and jax.default_backend() != "tpu":
-      raise ValueError(f"config.model.attention = 'pallas' is the TPU kernel and this machine computes on "
-                       f"{jax.default_backend()}: use 'xla' (or 'cudnn' on NVIDIA GPUs)")
+    layers.check_attention(str(attention), "config.model.attention =")
   dtype = (config.get("data") or {}).get("dtype")
   if dtype is not None:
     from data_pipelines import transforms
