@@ -206,13 +206,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
   """softmax(q k^T / sqrt(d) + bias, masked) v on [batch, seq, heads, head_dim] tensors.
 
   `implementation`: None/"xla" (portable default), "cudnn" (fused flash attention on NVIDIA GPUs) or "pallas"
-  (the Pallas flash-attention kernel for TPU: the scores stay in on-chip memory instead of going through HBM as
+  (this project's TPU kernel, `pallas_attention`: the scores stay in on-chip memory instead of going through HBM as
   float32 [batch, heads, q, k] arrays; unmasked attention only, masked calls keep XLA's). The softmax is computed
   in float32 by every implementation, also for bfloat16 inputs.
   """
   if implementation == "pallas":
     if mask is None and bias is None:
-      return pallas_flash_attention(q, k, v)
+      return pallas_attention(q, k, v)
     implementation = "xla"
   impl = None if implementation in (None, "xla", "auto") else implementation
   if implementation == "xla":
@@ -238,36 +238,32 @@ def kernel_partition(fn: Callable[..., Array] | None) -> Iterator[None]:
     _KERNEL_PARTITION.reset(token)
 
 
-def pallas_flash_attention(q: Array, k: Array, v: Array) -> Array:
-  """Unmasked softmax(q k^T / sqrt(d)) v with jax's Pallas TPU flash-attention kernel, [batch, seq, heads, dim].
+def pallas_attention(q: Array, k: Array, v: Array, prefix_k: Array | None = None,
+                     prefix_v: Array | None = None) -> Array:
+  """Unmasked softmax(q [prefix_k | k]^T / sqrt(d)) [prefix_v | v] by the group-attention TPU kernel
+  (models/group_attention.py: a group's scores never leave on-chip memory).
 
-  The kernel tiles sequences by 128, so queries and keys are padded to multiples of 128 (CLIP-ViP's frame groups:
-  196 queries, 200 keys -> 256, 256) and the padded keys are masked through segment ids (real keys 1, padding 0;
-  every query 1). Padded query rows are computed and dropped. Off TPU, runs in Pallas' interpret mode only inside
-  `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (what the tests do); on CPU/GPU use "xla"/"cudnn".
+  q [G, L, heads, head_dim], k and v [G, Lk, heads, head_dim]; prefix_k and prefix_v [B, M, heads, head_dim] (or
+  None), shared by the G/B consecutive groups of each of B items (CLIP-ViP: a clip's proxies, for its frames).
+  Off TPU it runs only inside `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (what the tests do).
   """
+  from clipvip_jax.models import group_attention  # the kernel module imports Pallas; only "pallas" needs it
+  g, l, n, h = q.shape
+
+  def lanes(x: Array) -> Array:  # [.., .., heads, head_dim] -> [.., .., heads * head_dim]: a free reshape
+    return x.reshape(*x.shape[:2], n * h)
+
+  if prefix_k is None:
+    kernel, arrays = (lambda q, k, v: group_attention.group_attention(q, k, v, None, None, n)), (q, k, v)
+  else:
+    kernel, arrays = (lambda q, k, v, kp, vp: group_attention.group_attention(q, k, v, kp, vp, n)), \
+        (q, k, v, prefix_k, prefix_v)
+  arrays = tuple(lanes(x) for x in arrays)
   partition = _KERNEL_PARTITION.get()
-  if partition is not None:  # on a mesh: the kernel runs per device on its share of the batch (shard_map)
-    return partition(pallas_flash_attention_local, q, k, v)
-  return pallas_flash_attention_local(q, k, v)
-
-
-def pallas_flash_attention_local(q: Array, k: Array, v: Array) -> Array:
-  """pallas_flash_attention on the arrays of one device (what runs inside the shard_map)."""
-  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_fa
-  b, sq, _, head_dim = q.shape
-  sk = k.shape[1]
-  pq, pk = -(-sq // 128) * 128, -(-sk // 128) * 128
-
-  def heads_major(x: Array, length: int) -> Array:  # [B, S, N, H] -> [B, N, padded S, H]
-    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-
-  segments = pallas_fa.SegmentIds(
-      q=jnp.ones((b, pq), jnp.int32),
-      kv=jnp.broadcast_to((jnp.arange(pk) < sk).astype(jnp.int32), (b, pk)))
-  out = pallas_fa.flash_attention(heads_major(q, pq), heads_major(k, pk), heads_major(v, pk),
-                                  segment_ids=segments, sm_scale=head_dim**-0.5)
-  return out.transpose(0, 2, 1, 3)[:, :sq]
+  # On a mesh the kernel runs per device on its share of the groups (shard_map): prefix rows and groups split
+  # alike because the G/B groups of one item are consecutive.
+  out = partition(kernel, *arrays) if partition is not None else kernel(*arrays)
+  return out.reshape(g, l, n, h)
 
 
 class MultiHeadAttention(nnx.Module):

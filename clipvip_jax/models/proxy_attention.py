@@ -6,7 +6,8 @@ The original's pattern, allowed(q, k) = q < M or k < M or frame(q) == frame(k), 
   * patch queries of frame n [L] against [M proxies + frame n's L patches], batched over the B*T frames.
 That costs M*S + T*(M+L)*L scores instead of S^2, and never builds an S x S mask. Both parts are plain
 `jax.nn.dot_product_attention` calls on [batch, seq, heads, head_dim] tensors, so "xla" and "cudnn" both apply;
-"pallas" (TPU) takes the frame groups, the proxies' few rows stay with XLA.
+"pallas" (TPU) runs the frame groups through the group-attention kernel (models/group_attention.py), which reads
+each clip's proxy keys in place instead of copying them into every frame group; the proxies' few rows stay with XLA.
 
 frame_mask (this project's extension; the original has no padding mask in the vision tower): [B, T], 1 for a real
 frame, 0 for padding. Padded frames' patches are removed from the proxies' keys, so nothing in a padded frame reaches
@@ -56,7 +57,7 @@ def block_sparse_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: i
   if frame_mask is not None:
     valid = _proxy_key_mask(frame_mask, m, patches)
     proxy_mask = jnp.broadcast_to(valid[:, None, None, :], (b, 1, m, s))
-  # The M proxy rows stay with XLA under "pallas": the kernel pads queries to 128 rows, 32x the work for 4.
+  # The M proxy rows stay with XLA under "pallas": 4 query rows against all S keys, not a frame group's shape.
   proxy_impl = "xla" if implementation == "pallas" else implementation
   proxy_out = layers.dot_product_attention(q[:, :m], k, v, mask=proxy_mask, implementation=proxy_impl)
 
@@ -67,7 +68,12 @@ def block_sparse_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: i
     return jnp.concatenate([proxies, frames], axis=2).reshape(b * t, m + patches, n, h)
 
   patch_q = q[:, m:].reshape(b * t, patches, n, h)
-  patch_out = attend(patch_q, frame_groups(k), frame_groups(v)).reshape(b, t * patches, n, h)
+  if implementation == "pallas":
+    own = lambda x: x[:, m:].reshape(b * t, patches, n, h)  # noqa: E731
+    patch_out = layers.pallas_attention(patch_q, own(k), own(v), k[:, :m], v[:, :m])
+  else:
+    patch_out = attend(patch_q, frame_groups(k), frame_groups(v))
+  patch_out = patch_out.reshape(b, t * patches, n, h)
   return jnp.concatenate([proxy_out, patch_out], axis=1)
 
 
