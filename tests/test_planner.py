@@ -192,37 +192,32 @@ def test_the_command_plans_a_v4_slice(libtpu, tmp_path):
 
 
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5e:2x2"])
-def test_the_group_attention_kernel_lowers_for_a_tpu_and_reads_fewer_bytes_than_xla(libtpu, topology):
-  """attention="pallas": Mosaic lowers the kernel (forward and backward) for the chip, and the TPU compiler's count
-  of HBM bytes for a frame-group attention with its gradient is well under XLA's (which writes and re-reads the
-  float32 scores). CLIP-ViP's frame shape: 196 queries against 4 proxies + 196 patches, 2 heads of 64."""
+def test_the_proxy_attention_kernel_lowers_for_a_tpu_and_reads_fewer_bytes_than_xla(libtpu, topology):
+  """attention="pallas": Mosaic lowers the kernel (forward and backward, padded frames masked) for the chip, and
+  the TPU compiler's count of HBM bytes for CLIP-ViP's attention with its gradient is well under XLA's
+  block-sparse program (which writes and re-reads float32 scores and copies q, k, v into frame groups).
+  CLIP-ViP's frame shape: 4 proxies + 3 frames of 196 patches, 2 heads of 64."""
   from jax.sharding import SingleDeviceSharding
 
-  from clipvip_jax.models import group_attention
+  from clipvip_jax.models import proxy_attention as pa
 
   sharding = SingleDeviceSharding(targets.describe(topology).devices[0])
-  items, groups, l, m, heads, d = 2, 4, 196, 4, 2, 128
-  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jax.numpy.bfloat16, sharding=sharding)  # noqa: E731
-  args = (spec(items * groups, l, d),) * 3 + (spec(items, m, d),) * 2 + (spec(items * groups, l, d),)
+  b, m, t, l, heads = 2, 4, 3, 196, 2
+  spec = lambda shape, dtype=jax.numpy.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+  qkv = spec((b, m + t * l, heads, 64))
 
-  def kernel(q, k, v, kp, vp):
-    return group_attention.group_attention(q, k, v, kp, vp, heads)
-
-  def xla(q, k, v, kp, vp):
-    full = lambda x, p: jax.numpy.concatenate([jax.numpy.repeat(p, groups, axis=0), x], axis=1)  # noqa: E731
-    split = lambda x: x.reshape(*x.shape[:2], heads, d // heads)  # noqa: E731
-    return jax.nn.dot_product_attention(split(q), split(full(k, kp)), split(full(v, vp))).reshape(q.shape)
-
-  def bytes_accessed(fn):
-    def step(q, k, v, kp, vp, cot):
-      out, vjp = jax.vjp(fn, q, k, v, kp, vp)
+  def bytes_accessed(implementation):
+    def step(q, k, v, frame_mask, cot):
+      fn = lambda q, k, v: pa.block_sparse_proxy_attention(  # noqa: E731
+          q, k, v, num_proxies=m, num_frames=t, frame_mask=frame_mask, implementation=implementation)
+      out, vjp = jax.vjp(fn, q, k, v)
       return out, vjp(cot)
-    compiled = jax.jit(step).lower(*args).compile()
+    compiled = jax.jit(step).lower(qkv, qkv, qkv, spec((b, t), jax.numpy.int32), qkv).compile()
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["bytes accessed"], compiled.as_text()
 
-  kernel_bytes, text = bytes_accessed(kernel)
-  xla_bytes, _ = bytes_accessed(xla)
+  kernel_bytes, text = bytes_accessed("pallas")
+  xla_bytes, _ = bytes_accessed("xla")
   assert "tpu_custom_call" in text  # the Mosaic kernel is in the program, not a fallback
   assert kernel_bytes < 0.5 * xla_bytes, (kernel_bytes, xla_bytes)
 

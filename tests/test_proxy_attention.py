@@ -117,9 +117,9 @@ def test_bad_arguments_raise():
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_pallas_tpu_kernel_matches_xla_in_interpret_mode(masked):
-  """attention="pallas" (the group-attention TPU kernel, run here by Pallas' TPU interpreter): the frame groups go
-  through the kernel, which reads each clip's proxy keys in place; values and gradients equal XLA's. Head dim 64
-  as in B/16 (two heads share the kernel's 128 lanes); 2 frames of 9 patches + 3 proxies."""
+  """attention="pallas" (the proxy-attention TPU kernel, run here by Pallas' TPU interpreter): the whole pattern
+  goes through the kernel, clip by clip; values and gradients equal XLA's block-sparse program. Head dim 64 as in
+  B/16 (two heads share the kernel's 128 lanes); 2 frames of 9 patches + 3 proxies."""
   from jax.experimental.pallas import tpu as pltpu
   b, m, t, l, n, h = 2, 3, 2, 9, 2, 64
   q, k, v, cot = _qkv(b, m, t, l, n, h, seed=3)

@@ -102,7 +102,7 @@ def test_one_step_on_a_mesh_equals_one_device(shape):
 
 
 def test_the_pallas_attention_step_on_a_mesh_equals_xla_on_one_device():
-  """attention="pallas" (the group-attention TPU kernel, run by Pallas' TPU interpreter) inside the trainer's step
+  """attention="pallas" (the proxy-attention TPU kernel, run by Pallas' TPU interpreter) inside the trainer's step
   on a 4-device batch mesh: the kernel runs per device under shard_map (layers.kernel_partition), and the loss and
   updated parameters equal the XLA attention's step on one device."""
   from jax.experimental.pallas import tpu as pltpu

@@ -206,13 +206,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
   """softmax(q k^T / sqrt(d) + bias, masked) v on [batch, seq, heads, head_dim] tensors.
 
   `implementation`: None/"xla" (portable default), "cudnn" (fused flash attention on NVIDIA GPUs) or "pallas"
-  (this project's TPU kernel, `pallas_attention`: the scores stay in on-chip memory instead of going through HBM as
+  (this project's TPU kernel, `pallas_proxy_attention`: the scores stay in on-chip memory instead of going through HBM as
   float32 [batch, heads, q, k] arrays; unmasked attention only, masked calls keep XLA's). The softmax is computed
   in float32 by every implementation, also for bfloat16 inputs.
   """
   if implementation == "pallas":
     if mask is None and bias is None:
-      return pallas_attention(q, k, v)
+      return pallas_proxy_attention(q, k, v)
     implementation = "xla"
   impl = None if implementation in (None, "xla", "auto") else implementation
   if implementation == "xla":
@@ -238,32 +238,21 @@ def kernel_partition(fn: Callable[..., Array] | None) -> Iterator[None]:
     _KERNEL_PARTITION.reset(token)
 
 
-def pallas_attention(q: Array, k: Array, v: Array, prefix_k: Array | None = None,
-                     prefix_v: Array | None = None) -> Array:
-  """Unmasked softmax(q [prefix_k | k]^T / sqrt(d)) [prefix_v | v] by the group-attention TPU kernel
-  (models/group_attention.py: a group's scores never leave on-chip memory).
+def pallas_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: int = 0, num_frames: int = 1,
+                           key_valid: Array | None = None) -> Array:
+  """CLIP-ViP's proxy-guided attention (num_proxies=0, num_frames=1: plain unmasked attention) on
+  [batch, seq, heads, head_dim] by the TPU kernel of models/proxy_attention_kernel.py, whole clips on chip.
+  key_valid [batch, seq]: the keys the proxies may see (None: all). Off TPU it runs only inside
+  `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (what the tests do)."""
+  from clipvip_jax.models import proxy_attention_kernel  # imports Pallas; only "pallas" needs it
 
-  q [G, L, heads, head_dim], k and v [G, Lk, heads, head_dim]; prefix_k and prefix_v [B, M, heads, head_dim] (or
-  None), shared by the G/B consecutive groups of each of B items (CLIP-ViP: a clip's proxies, for its frames).
-  Off TPU it runs only inside `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (what the tests do).
-  """
-  from clipvip_jax.models import group_attention  # the kernel module imports Pallas; only "pallas" needs it
-  g, l, n, h = q.shape
-
-  def lanes(x: Array) -> Array:  # [.., .., heads, head_dim] -> [.., .., heads * head_dim]: a free reshape
-    return x.reshape(*x.shape[:2], n * h)
-
-  if prefix_k is None:
-    kernel, arrays = (lambda q, k, v: group_attention.group_attention(q, k, v, None, None, n)), (q, k, v)
-  else:
-    kernel, arrays = (lambda q, k, v, kp, vp: group_attention.group_attention(q, k, v, kp, vp, n)), \
-        (q, k, v, prefix_k, prefix_v)
-  arrays = tuple(lanes(x) for x in arrays)
+  def kernel(q, k, v, *valid):
+    return proxy_attention_kernel.proxy_attention(q, k, v, num_proxies=num_proxies, num_frames=num_frames,
+                                                  key_valid=valid[0] if valid else None)
+  arrays = (q, k, v) if key_valid is None else (q, k, v, key_valid)
   partition = _KERNEL_PARTITION.get()
-  # On a mesh the kernel runs per device on its share of the groups (shard_map): prefix rows and groups split
-  # alike because the G/B groups of one item are consecutive.
-  out = partition(kernel, *arrays) if partition is not None else kernel(*arrays)
-  return out.reshape(g, l, n, h)
+  # On a mesh the kernel runs per device on its clips (shard_map over the batch axes).
+  return partition(kernel, *arrays) if partition is not None else kernel(*arrays)
 
 
 class MultiHeadAttention(nnx.Module):

@@ -6,8 +6,7 @@ The original's pattern, allowed(q, k) = q < M or k < M or frame(q) == frame(k), 
   * patch queries of frame n [L] against [M proxies + frame n's L patches], batched over the B*T frames.
 That costs M*S + T*(M+L)*L scores instead of S^2, and never builds an S x S mask. Both parts are plain
 `jax.nn.dot_product_attention` calls on [batch, seq, heads, head_dim] tensors, so "xla" and "cudnn" both apply;
-"pallas" (TPU) runs the frame groups through the group-attention kernel (models/group_attention.py), which reads
-each clip's proxy keys in place instead of copying them into every frame group; the proxies' few rows stay with XLA.
+"pallas" (TPU) runs the whole pattern, clip by clip, in one kernel (models/proxy_attention_kernel.py).
 
 frame_mask (this project's extension; the original has no padding mask in the vision tower): [B, T], 1 for a real
 frame, 0 for padding. Padded frames' patches are removed from the proxies' keys, so nothing in a padded frame reaches
@@ -49,6 +48,9 @@ def block_sparse_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: i
   b, s, n, h = q.shape
   m, t = num_proxies, num_frames
   patches = _patches_per_frame(s, m, t)
+  if implementation == "pallas":
+    valid = None if frame_mask is None else _proxy_key_mask(frame_mask, m, patches)
+    return layers.pallas_proxy_attention(q, k, v, num_proxies=m, num_frames=t, key_valid=valid)
   attend = functools.partial(layers.dot_product_attention, implementation=implementation)
 
   # Proxy queries see every token (minus padded frames). The mask is given at full [B, 1, M, S] size because
@@ -57,9 +59,7 @@ def block_sparse_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: i
   if frame_mask is not None:
     valid = _proxy_key_mask(frame_mask, m, patches)
     proxy_mask = jnp.broadcast_to(valid[:, None, None, :], (b, 1, m, s))
-  # The M proxy rows stay with XLA under "pallas": 4 query rows against all S keys, not a frame group's shape.
-  proxy_impl = "xla" if implementation == "pallas" else implementation
-  proxy_out = layers.dot_product_attention(q[:, :m], k, v, mask=proxy_mask, implementation=proxy_impl)
+  proxy_out = attend(q[:, :m], k, v, mask=proxy_mask)
 
   def frame_groups(x: Array) -> Array:
     """[B, S, N, H] -> [B*T, M+L, N, H]: each frame's keys are the M proxies then its own L patches."""
@@ -68,12 +68,7 @@ def block_sparse_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: i
     return jnp.concatenate([proxies, frames], axis=2).reshape(b * t, m + patches, n, h)
 
   patch_q = q[:, m:].reshape(b * t, patches, n, h)
-  if implementation == "pallas":
-    own = lambda x: x[:, m:].reshape(b * t, patches, n, h)  # noqa: E731
-    patch_out = layers.pallas_attention(patch_q, own(k), own(v), k[:, :m], v[:, :m])
-  else:
-    patch_out = attend(patch_q, frame_groups(k), frame_groups(v))
-  patch_out = patch_out.reshape(b, t * patches, n, h)
+  patch_out = attend(patch_q, frame_groups(k), frame_groups(v)).reshape(b, t * patches, n, h)
   return jnp.concatenate([proxy_out, patch_out], axis=1)
 
 
