@@ -107,3 +107,22 @@ def test_bad_shapes_are_one_sentence():
   q = jnp.zeros((1, 3 + 2 * 5 + 1, 1, 64))
   with pytest.raises(ValueError, match="14 tokens is not 3 proxies \\+ 2 frames of equal size"):
     pk.proxy_attention(q, q, q, num_proxies=3, num_frames=2)
+
+
+def test_a_clip_too_long_for_the_chip_keeps_xla_attention():
+  """The kernel holds a whole clip on chip (v4: 16 MiB): B/16's head shape takes up to 14 frames of 196 patches;
+  a longer clip, or a head_dim the lanes cannot hold, keeps XLA's block-sparse attention instead of failing to
+  compile."""
+  from clipvip_jax.models import proxy_attention as pa
+
+  def uses_kernel(frames, head_dim=64, proxies=4, patches=196):
+    q = jax.ShapeDtypeStruct((1, proxies + frames * patches, 12, head_dim), jnp.bfloat16)
+    fn = lambda q: pa.block_sparse_proxy_attention(q, q, q, num_proxies=proxies, num_frames=frames,  # noqa: E731
+                                                   implementation="pallas")
+    return "pallas_call" in str(jax.make_jaxpr(fn)(q))
+
+  assert uses_kernel(12) and uses_kernel(14)
+  assert not uses_kernel(15)
+  assert not uses_kernel(12, head_dim=96)
+  assert pk.fits(seq=197, heads=12, head_dim=64, num_proxies=0, num_frames=1, itemsize=2)  # ViT-B/16's image
+  assert not pk.fits(seq=4096, heads=12, head_dim=64, num_proxies=0, num_frames=1, itemsize=2)

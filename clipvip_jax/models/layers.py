@@ -206,12 +206,12 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
   """softmax(q k^T / sqrt(d) + bias, masked) v on [batch, seq, heads, head_dim] tensors.
 
   `implementation`: None/"xla" (portable default), "cudnn" (fused flash attention on NVIDIA GPUs) or "pallas"
-  (this project's TPU kernel, `pallas_proxy_attention`: the scores stay in on-chip memory instead of going through HBM as
-  float32 [batch, heads, q, k] arrays; unmasked attention only, masked calls keep XLA's). The softmax is computed
-  in float32 by every implementation, also for bfloat16 inputs.
+  (this project's TPU kernel, `pallas_proxy_attention`: the scores stay in on-chip memory instead of going through
+  HBM as float32 [batch, heads, q, k] arrays; unmasked self-attention whose clip fits on chip
+  (`pallas_fits`), other calls keep XLA's). The softmax is computed in float32 by every implementation, also for bfloat16 inputs.
   """
   if implementation == "pallas":
-    if mask is None and bias is None:
+    if mask is None and bias is None and q.shape[1] == k.shape[1] and pallas_fits(q):
       return pallas_proxy_attention(q, k, v)
     implementation = "xla"
   impl = None if implementation in (None, "xla", "auto") else implementation
@@ -236,6 +236,15 @@ def kernel_partition(fn: Callable[..., Array] | None) -> Iterator[None]:
     yield
   finally:
     _KERNEL_PARTITION.reset(token)
+
+
+def pallas_fits(q: Array, num_proxies: int = 0, num_frames: int = 1) -> bool:
+  """Whether the TPU kernel takes attention over q [batch, seq, heads, head_dim] (its VMEM budget and lane layout;
+  plain attention of ~800 tokens, CLIP-ViP clips of up to 14 frames of 196 patches at head_dim 64)."""
+  from clipvip_jax.models import proxy_attention_kernel  # Pallas itself is imported only by the kernel's calls
+  _, s, n, h = q.shape
+  return proxy_attention_kernel.fits(seq=s, heads=n, head_dim=h, num_proxies=num_proxies, num_frames=num_frames,
+                                     itemsize=jnp.dtype(q.dtype).itemsize)
 
 
 def pallas_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: int = 0, num_frames: int = 1,

@@ -48,9 +48,11 @@ def block_sparse_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: i
   b, s, n, h = q.shape
   m, t = num_proxies, num_frames
   patches = _patches_per_frame(s, m, t)
-  if implementation == "pallas":
+  if implementation == "pallas" and layers.pallas_fits(q, m, t):
     valid = None if frame_mask is None else _proxy_key_mask(frame_mask, m, patches)
     return layers.pallas_proxy_attention(q, k, v, num_proxies=m, num_frames=t, key_valid=valid)
+  if implementation == "pallas":  # a clip too long for the kernel's on-chip budget
+    implementation = "xla"
   attend = functools.partial(layers.dot_product_attention, implementation=implementation)
 
   # Proxy queries see every token (minus padded frames). The mask is given at full [B, 1, M, S] size because

@@ -64,6 +64,34 @@ class Layout:
     return slice(start, start + self.patches)
 
 
+# What the kernel may hold on chip: v4's TensorCore has 16 MiB of VMEM (v5e, v5p and v6e more), the limit every
+# chip is asked for; the budget leaves Mosaic slack for its own temporaries (vmem_bytes was within 4% of the
+# compiler's count at 24 frames of 196 patches).
+VMEM_LIMIT = 16 * 1024 * 1024
+VMEM_BUDGET = 29 * 512 * 1024  # 14.5 MiB
+
+
+def vmem_bytes(layout: Layout, itemsize: int) -> int:
+  """On-chip bytes of the backward pass (the larger): q, k, v, do in and dq, dk, dv out, each [S, width] and
+  double-buffered by the pipeline, three float32 accumulators, and a few float32 copies of the largest scores
+  (a frame group's [L, M+L] or the proxies' [M, S] or, for plain attention, [S, S])."""
+  block = layout.seq * layout.width
+  scores = max(layout.patches * (layout.patches + layout.proxies), layout.proxies * layout.seq)
+  return 2 * 7 * block * itemsize + 3 * block * 4 + 4 * scores * 4
+
+
+def fits(*, seq: int, heads: int, head_dim: int, num_proxies: int, num_frames: int, itemsize: int) -> bool:
+  """Whether the kernel takes this attention: shapes it can lay out and a clip that fits on chip. Callers keep
+  XLA's attention otherwise (a very long clip, an odd head_dim)."""
+  patches, rest = divmod(seq - num_proxies, num_frames)
+  layout = Layout(num_proxies, num_frames, patches, heads, head_dim)
+  try:
+    layout.width
+  except ValueError:
+    return False
+  return not rest and patches >= 1 and vmem_bytes(layout, itemsize) <= VMEM_BUDGET
+
+
 def _head_lanes(width: int, head_dim: int, j: int) -> Array:
   lane = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
   return (lane >= j * head_dim) & (lane < (j + 1) * head_dim)
@@ -208,7 +236,7 @@ def _call(layout: Layout, q, k, v, valid, do=None):
     arrays, specs = [valid, *arrays], [pl.BlockSpec((1, 1, s), lambda i, c: (i, 0, 0)), *specs]
   kw = dict(grid=(b, d // width), in_specs=specs,
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
-                                                 vmem_limit_bytes=32 * 1024 * 1024))
+                                                 vmem_limit_bytes=VMEM_LIMIT))
   kernel_kw = dict(layout=layout, masked=valid is not None)
   if do is None:
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
