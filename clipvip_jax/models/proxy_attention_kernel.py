@@ -208,13 +208,14 @@ def _backward_kernel(*refs, layout: Layout, masked: bool):
 
 
 def _cost(layout: Layout, clips: int, products: int, nbytes: int):
-  """What a kernel does, for XLA's cost analysis (it cannot look inside a kernel): `products` score-shaped matmuls
-  per head (counted as XLA counts its own: the head's lanes, not the zeroed ones of the chunk), one exp per score,
+  """What a kernel does, for XLA's cost analysis (it cannot look inside a kernel, and the planner's step-time
+  estimate takes the kernel's time from this): `products` score-shaped matmuls per head, each over the whole
+  lane chunk (the MXU's real work: twice a head's own lanes when two heads of 64 share 128), one exp per score,
   each operand read and each result written once."""
   from jax.experimental import pallas as pl
   lay = layout
   scores = lay.frames * lay.patches * (lay.patches + lay.proxies) + lay.proxies * lay.seq
-  return pl.CostEstimate(flops=products * 2 * scores * lay.head_dim * lay.heads * clips,
+  return pl.CostEstimate(flops=products * 2 * scores * lay.width * lay.heads * clips,
                          transcendentals=scores * lay.heads * clips, bytes_accessed=nbytes)
 
 
