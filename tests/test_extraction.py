@@ -85,3 +85,35 @@ def test_with_a_pretrained_model():
   got = extract_embeddings(model.encode_text, {"ids": ids, "mask": mask}, batch_size=4, progress=False)
   assert model.jitted("encode_text")._cache_size() == 1
   np.testing.assert_allclose(got, np.asarray(model.encode_text(ids, mask)), atol=1e-6)
+
+
+def test_device_encoder_runs_the_tpu_kernel_per_device(monkeypatch):
+  """A CLIP-ViP model with attention="pallas" (what "auto" gives on TPU) encoded over 4 devices: the kernel runs
+  per device under shard_map (XLA cannot split a Pallas kernel), here in Pallas' TPU interpreter; the rows equal
+  the XLA-attention model's, padded frames included."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  from clipvip_jax.models.clipvip import CLIPViPConfig
+  from clipvip_jax.retrieval.extraction import device_encoder
+  devices = jax.local_devices()[:4]
+  assert len(devices) == 4, "the suite runs with --xla_force_host_platform_device_count=8 (Makefile)"
+  cfg = CLIPViPConfig(clip=clip_config("tiny"), num_proxies=2, temporal_size=2)
+  rng = np.random.default_rng(3)
+  params = {k: (0.05 * rng.normal(size=s)).astype(np.float32) for k, s in param_shapes("clipvip", cfg).items()}
+  video = rng.normal(size=(8, 2, 32, 32, 3)).astype(np.float32)
+  frame_mask = np.ones((8, 2), np.int32)
+  frame_mask[3, 1] = 0
+  xla = Pretrained(build_model("clipvip", cfg, params), "clipvip", cfg)
+  want = np.asarray(xla.encode_video(video, frame_mask))
+  kernel_cfg = CLIPViPConfig(clip=cfg.clip.replace(attention="pallas"), num_proxies=2, temporal_size=2)
+  kernel = Pretrained(build_model("clipvip", kernel_cfg, params), "clipvip", kernel_cfg)
+  encode = device_encoder(kernel, "encode_video", devices)
+  # On a TPU an unwrapped kernel fails to compile; the interpreter's kernel would not, so the wrap is watched.
+  shard_maps, shard_map = [], jax.shard_map
+  monkeypatch.setattr(jax, "shard_map", lambda f, **kw: shard_maps.append(kw["mesh"]) or shard_map(f, **kw))
+  with pltpu.force_tpu_interpret_mode():
+    got = np.asarray(encode(video=video, frame_mask=frame_mask))
+    traced = str(jax.make_jaxpr(kernel.jitted("encode_video"))(kernel.state, video, frame_mask))
+  assert "pallas_call" in traced
+  assert shard_maps and all(m.devices.size == 4 for m in shard_maps)  # one per layer, over the 4 devices
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)

@@ -222,6 +222,20 @@ def test_the_proxy_attention_kernel_lowers_for_a_tpu_and_reads_fewer_bytes_than_
   assert kernel_bytes < 0.5 * xla_bytes, (kernel_bytes, xla_bytes)
 
 
+def test_auto_attention_compiles_the_kernel_into_a_tpu_slices_training_step(libtpu):
+  """The recipes' attention "auto" on a TPU slice: the trainer's step, data-parallel over 4 chips, compiles with
+  the proxy-attention kernel under shard_map (forward and backward of both vision layers), and the plan says so."""
+  from clipvip_jax.models import layers
+  config = _config(**{"model.attention": "auto"})
+  slice_ = targets.describe("v5e:2x2")
+  mesh = planner.make_mesh(config, slice_.devices)
+  _, lowered = planner.lower_train_step(config, mesh, layers.Target(slice_.platform, slice_.device_kind))
+  text = lowered.compile(slice_.compiler_options or None).as_text()
+  assert text.count('custom_call_target="tpu_custom_call"') == 4, text.count("tpu_custom_call")
+  with layers.build_target(layers.Target(slice_.platform, slice_.device_kind)):
+    assert layers.resolve_attention("auto") == "pallas"
+
+
 @pytest.mark.parametrize("args, sentence", [
     (("--topology", "v9z:2x2"), "unknown topology 'v9z:2x2'"),
     (("--topology", "v5e:3x3"), "libtpu does not accept the topology 'v5e:3x3'"),

@@ -142,5 +142,26 @@ def test_pallas_off_a_tpu_is_one_sentence():
   from clipvip_jax.train import run_config
   with pytest.raises(ValueError, match="config.model.attention = 'pallas' is the TPU kernel"):
     run_config.check_values({"model": {"attention": "pallas"}})
-  with pytest.raises(ValueError, match="config.model.attention = 'flash' is not one of xla, cudnn, pallas"):
+  with pytest.raises(ValueError, match="config.model.attention = 'flash' is not one of auto, xla, cudnn, pallas"):
     run_config.check_values({"model": {"attention": "flash"}})
+
+
+def test_auto_attention_is_the_kernel_on_a_tpu_target_and_xla_elsewhere():
+  """The recipes' attention "auto" is resolved when a model is built, for the chip it is built for (the planner
+  builds TPU programs on this CPU host under layers.build_target): the proxy-attention kernel on TPU, XLA on CPU
+  and GPU; a CLIP-ViP model built for a TPU has the kernel in its traced forward pass."""
+  from flax import nnx
+
+  from clipvip_jax.models import clip, clipvip, layers
+  from configs import clipvip_pretrain
+
+  assert clipvip_pretrain.get_config("B/16").model.attention == "auto"
+  cfg = clipvip.CLIPViPConfig(clip=clip.clip_config("tiny").replace(attention="auto", dtype="float32"))
+  video = jnp.zeros((2, 2, cfg.clip.vision.image_size, cfg.clip.vision.image_size, 3))
+  for platform, want in (("tpu", "pallas"), ("gpu", "xla"), ("cpu", "xla")):
+    with layers.build_target(layers.Target(platform)):
+      model = clipvip.CLIPViP(cfg, rngs=nnx.Rngs(0))
+    assert model.vision.attention == want and model.text.attention == want
+    traced = str(jax.make_jaxpr(lambda v: model.vision(v)["embeds"])(video))
+    assert ("pallas_call" in traced) == (want == "pallas")
+  assert clipvip.CLIPViP(cfg, rngs=nnx.Rngs(0)).vision.attention == "xla"  # no target: this machine's backend

@@ -64,7 +64,7 @@ class CLIPConfig:
   projection_dim: int = 512
   logit_scale_init: float = 2.6592  # ln(1/0.07), CLIP's initial temperature
   dtype: str = "float32"  # compute dtype; parameters are always float32
-  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS: "xla", "cudnn" (NVIDIA) or "pallas" (TPU)
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS: "xla", "cudnn" (NVIDIA), "pallas" (TPU) or "auto"
   remat: str = "auto"  # layers.REMAT_CHOICES; "auto" = the fastest measured for the backend (layers.AUTO_REMAT)
   scan_layers: bool = False  # run each tower's blocks with jax.lax.scan (layers.Encoder); same parameters
 
@@ -159,6 +159,7 @@ class VisionTower(nnx.Module):
   def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
     v, dtype = cfg.vision, jnp.dtype(cfg.dtype)
     self.cfg = cfg
+    self.attention = layers.resolve_attention(cfg.attention)  # "auto" -> this build target's implementation
     self.patch_embedding = PatchEmbedding(v, rngs=rngs, dtype=dtype)
     self.class_embedding = layers.param(layers.normal_init(rngs, (v.width,), v.width**-0.5), ("embed",))
     self.position_embedding = layers.param(
@@ -179,7 +180,7 @@ class VisionTower(nnx.Module):
   def __call__(self, images: Array) -> dict[str, Array]:
     """images [B, H, W, 3], already CLIP-normalised -> {"last_hidden", "pooled", "embeds" (unnormalised)}."""
     x = self.pre_layrnorm(self.embed_tokens(images))
-    x = self.encoder(x, full_attention(self.cfg.attention))
+    x = self.encoder(x, full_attention(self.attention))
     pooled = self.post_layernorm(x[:, 0])
     return {"last_hidden": x, "pooled": pooled, "embeds": self.projection(pooled)}
 
@@ -198,6 +199,7 @@ class TextTower(nnx.Module):
   def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
     t, dtype = cfg.text, jnp.dtype(cfg.dtype)
     self.cfg = cfg
+    self.attention = layers.resolve_attention(cfg.attention)
     self.token_embedding = layers.param(layers.normal_init(rngs, (t.vocab_size, t.width), 0.02), ("vocab", "embed"))
     self.position_embedding = layers.param(layers.normal_init(rngs, (t.max_len, t.width), 0.01), (None, "embed"))
     self.encoder = layers.Encoder(t.width, t.layers, t.heads, t.mlp_dim, act=t.act, eps=t.eps, remat=cfg.remat,
@@ -214,7 +216,7 @@ class TextTower(nnx.Module):
     dtype = jnp.dtype(self.cfg.dtype)
     x = jnp.take(self.token_embedding[...], ids, axis=0).astype(dtype)
     x = x + self.position_embedding[:length].astype(dtype)
-    x = self.encoder(x, full_attention(self.cfg.attention, text_attention_mask(mask, length)))
+    x = self.encoder(x, full_attention(self.attention, text_attention_mask(mask, length)))
     x = self.final_layer_norm(x)
     # take_along_axis rather than x[arange(b), argmax]: the same gather, without an iota of the batch size
     # (an exported graph's symbolic batch; clipvip_jax.export)

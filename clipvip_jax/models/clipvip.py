@@ -182,7 +182,7 @@ class VideoProxyVisionTower(clip.VisionTower):
     x = self.pre_layrnorm(self.embed_video(video))  # over the whole sequence, proxies included
     attention_fn = proxy_attention.proxy_attention_fn(
         cfg.attention_pattern, num_proxies=cfg.num_proxies, num_frames=video.shape[1], frame_mask=frame_mask,
-        implementation=cfg.clip.attention)
+        implementation=self.attention)
     x = self.encoder(x, attention_fn)
     pooled = self.post_layernorm(x[:, 0])  # proxy 0 only; proxies 1..M-1 are dropped at the output
     return {"last_hidden": x, "pooled": pooled, "embeds": self.projection(pooled)}

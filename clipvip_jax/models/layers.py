@@ -188,7 +188,12 @@ class OutProjection(nnx.Module):
     return project(x, self.kernel[...], self.bias[...], HEAD_OUT_EQS, self.dtype, ("heads", "kv", "embed"))
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+# "auto" (the recipes' default): the implementation for the chip the model is built FOR (`current_target`, as for
+# remat): our TPU kernel on TPU (docs/performance.md section 4: B/16 pretraining planned at ~2/3 of XLA's step
+# time on v5p-64 and about half on v6e-64), XLA elsewhere (cuDNN's kernel needs bfloat16 and fixed head dims,
+# so it stays a choice).
+AUTO_ATTENTION = {"tpu": "pallas"}
 
 
 def check_attention(implementation: str, name: str = "attention") -> None:
@@ -201,14 +206,23 @@ def check_attention(implementation: str, name: str = "attention") -> None:
                      "use 'xla' (or 'cudnn' on NVIDIA GPUs)")
 
 
+def resolve_attention(implementation: str | None) -> str:
+  """The implementation `implementation` means on the build target (`build_target`, else JAX's default backend):
+  "auto" by AUTO_ATTENTION, None as "xla", any other as itself."""
+  if implementation == "auto":
+    return AUTO_ATTENTION.get(current_target().platform, "xla")
+  return implementation or "xla"
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: Array | None = None,
                           implementation: str | None = None) -> Array:
   """softmax(q k^T / sqrt(d) + bias, masked) v on [batch, seq, heads, head_dim] tensors.
 
-  `implementation`: None/"xla" (portable default), "cudnn" (fused flash attention on NVIDIA GPUs) or "pallas"
-  (this project's TPU kernel, `pallas_proxy_attention`: the scores stay in on-chip memory instead of going through
-  HBM as float32 [batch, heads, q, k] arrays; unmasked self-attention whose clip fits on chip
-  (`pallas_fits`), other calls keep XLA's). The softmax is computed in float32 by every implementation, also for bfloat16 inputs.
+  `implementation`: None/"xla" (portable default; "auto" is resolved when a model is built: `resolve_attention`),
+  "cudnn" (fused flash attention on NVIDIA GPUs) or "pallas" (this project's TPU kernel, `pallas_proxy_attention`:
+  the scores stay in on-chip memory instead of going through HBM as float32 [batch, heads, q, k] arrays; unmasked
+  self-attention whose sequence fits on chip, `pallas_fits`; other calls keep XLA's). The softmax is computed in
+  float32 by every implementation, also for bfloat16 inputs.
   """
   if implementation == "pallas":
     if mask is None and bias is None and q.shape[1] == k.shape[1] and pallas_fits(q):
@@ -236,6 +250,19 @@ def kernel_partition(fn: Callable[..., Array] | None) -> Iterator[None]:
     yield
   finally:
     _KERNEL_PARTITION.reset(token)
+
+
+def batch_partition(batch_sharding: Any) -> Callable[..., Array] | None:
+  """For `kernel_partition`: (kernel, *arrays [batch, ...]) -> the kernel run per device on its rows (shard_map
+  over the batch axes of `batch_sharding`, a NamedSharding; everything else replicated). None without one."""
+  if batch_sharding is None:
+    return None
+  mesh, batch_axes = batch_sharding.mesh, batch_sharding.spec[0]
+
+  def run(kernel, *arrays):
+    specs = tuple(jax.sharding.PartitionSpec(batch_axes, *([None] * (a.ndim - 1))) for a in arrays)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*arrays)
+  return run
 
 
 def pallas_fits(q: Array, num_proxies: int = 0, num_frames: int = 1) -> bool:

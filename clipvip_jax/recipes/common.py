@@ -80,7 +80,7 @@ def clipvip(variant: str, *, init: str, dataset: str) -> ml_collections.ConfigDi
   c = base()
   c.mode = "nce"
   c.data.update(shard_dir=f"data/{dataset}/shards", sampling="clipvip", resize_mode="squash")
-  c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="auto", attention="xla",
+  c.model = dict(kind="clipvip", variant=variant, dtype="bfloat16", remat="auto", attention="auto",
                  scan_layers=False,  # True: jax.lax.scan over each tower's blocks (same weights)
                  config=dict(num_proxies=4, temporal_size=12))
   c.init = dict(checkpoint=f"converted/{init}-{_short(variant)}")
@@ -104,7 +104,7 @@ def clip2video(dataset: str, *, center_k: int) -> ml_collections.ConfigDict:
   c.mode = "clip2video"
   c.data.update(shard_dir=f"data/{dataset}/shards", max_text_len=32, sampling="clip2video", target_fps=5.0,
                 resize_mode="crop")
-  c.model = dict(kind="clip2video", variant="B/32", dtype="bfloat16", remat="auto", attention="xla",
+  c.model = dict(kind="clip2video", variant="B/32", dtype="bfloat16", remat="auto", attention="auto",
                  scan_layers=False,
                  config=dict(sim_type="seqTransf", temporal_type="TDB", center_type="TAB", center_proj="TAB_TDB",
                              center_k=center_k, center_weight=0.5, temporal_layers=4))

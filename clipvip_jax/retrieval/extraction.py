@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from clipvip_jax.models import layers
+
 Batch = Mapping[str, Any]
 
 
@@ -118,7 +120,9 @@ def device_encoder(pretrained: Any, method: str, devices: list[Any] | None = Non
       if value is not None and len(value) % len(devices):
         raise ValueError(f"a batch of {len(value)} rows does not split over {len(devices)} devices")
       args.append(None if value is None else jax.device_put(np.asarray(value), rows))
-    return fn(state, *args)
+    # A Pallas kernel (attention "pallas", or "auto" on TPU) runs per device on its rows: XLA cannot split it.
+    with layers.kernel_partition(layers.batch_partition(rows)):
+      return fn(state, *args)
 
   encode.devices = devices  # type: ignore[attr-defined]
   return encode

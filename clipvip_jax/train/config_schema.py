@@ -94,7 +94,7 @@ MODEL: dict[str, Key] = {
     "dtype": Key(None, "compute dtype (parameters stay float32); None: the model config's", (str,), runtime=True),
     "remat": Key(None, "remat policy (layers.REMAT_CHOICES; auto: the fastest measured for the backend)", (str,),
                  runtime=True),
-    "attention": Key(None, "attention implementation: xla | cudnn (NVIDIA GPUs) | pallas (TPU attention kernel)",
+    "attention": Key(None, "attention: auto (TPU kernel on TPU, else xla) | xla | cudnn (NVIDIA) | pallas (TPU)",
                      (str,), runtime=True),
     "scan_layers": Key(None, "run each tower's blocks under jax.lax.scan (same parameters and names)", (bool,),
                        runtime=True),

@@ -44,7 +44,7 @@ def encode_functions(graphdef: nnx.GraphDef, rest: Any, param_shardings: Any, ba
   """The evaluation's jitted programs (video encoder, text encoder, similarity), batches split by
   `batch_sharding` and results replicated: what the Evaluator runs, and what the planner compiles for a slice."""
   replicated = NamedSharding(batch_sharding.mesh, P())
-  partition = step_lib.kernel_partition(batch_sharding)  # Pallas kernels (attention="pallas") per device
+  partition = layers.batch_partition(batch_sharding)  # Pallas kernels (attention="pallas") per device
 
   def model(params):
     return nnx.merge(graphdef, params, rest)

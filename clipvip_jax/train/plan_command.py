@@ -39,7 +39,8 @@ def format_plan(p: dict[str, Any]) -> str:
   """The plan as the command prints it."""
   hbm = p["hbm"]
   lines = [f"{p['topology']}: {p['num_chips']} x {p['chip']} ({p['device_kind']}), {p['num_hosts']} host(s); mesh "
-           f"{p['mesh']}, global batch {p['global_batch']} ({p['per_chip_batch']:g} per chip), remat {p['remat']}",
+           f"{p['mesh']}, global batch {p['global_batch']} ({p['per_chip_batch']:g} per chip), remat {p['remat']}, "
+           f"attention {p.get('attention', 'xla')}",
            f"  {p['compiler']}, jax {p['jax']}; train step compiled in {p['compile_seconds']:.0f} s",
            "per chip:",
            f"  HBM       {_gib(hbm['peak'])} of {_gib(p['hbm_capacity_bytes'])} "

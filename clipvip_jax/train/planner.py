@@ -274,6 +274,8 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
   facts = analyse(compiled, slice_.chip, train_flops_per_chip(config, setup, slice_.num_chips))
   facts["compile_seconds"] = time.time() - t0
   facts["remat"] = layers.resolve_remat(config.model.get("remat", "auto"), slice_.platform, slice_.device_kind)
+  with layers.build_target(target):
+    facts["attention"] = layers.resolve_attention(config.model.get("attention"))
   facts["mesh"] = dict(mesh.shape)
   facts["per_chip_batch"] = int(config.data.batch_size) / trainer.batch_devices(mesh, config.sharding_rules)
   report(f"compiled the training step in {facts['compile_seconds']:.0f}s")

@@ -154,20 +154,6 @@ class TrainStep:
     return self.fn(params, opt_state, {k: batch[k] for k in self.objective.batch_keys + OPTIONAL_KEYS if k in batch})
 
 
-def kernel_partition(batch_sharding: NamedSharding | None) -> Callable[..., Array] | None:
-  """(kernel, *arrays [batch, ...]) -> kernel run per device on its rows (shard_map over the batch axes of
-  `batch_sharding`, everything else replicated): how Pallas kernels (attention="pallas") run on a mesh
-  (layers.kernel_partition). None without a mesh."""
-  if batch_sharding is None:
-    return None
-  mesh, batch_axes = batch_sharding.mesh, batch_sharding.spec[0]
-
-  def run(kernel, *arrays):
-    specs = tuple(P(batch_axes, *([None] * (a.ndim - 1))) for a in arrays)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*arrays)
-  return run
-
-
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx: optax.GradientTransformation,
                     rules: Any, *, grad_accum: int = 1, param_shardings: Any = None, opt_shardings: Any = None,
                     batch_sharding: NamedSharding | None = None,
@@ -241,7 +227,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, objective: Objective, tx:
     params, opt_state, _ = operands
     return params, opt_state
 
-  partition = kernel_partition(batch_sharding)
+  partition = layers.batch_partition(batch_sharding)
 
   def step(params, opt_state, batch):
     with layers.activation_constraint(constrain_activations), layers.weight_gather(gather_weights), \
