@@ -267,7 +267,7 @@ def batch_partition(batch_sharding: Any) -> Callable[..., Array] | None:
 
 def pallas_fits(q: Array, num_proxies: int = 0, num_frames: int = 1) -> bool:
   """Whether the TPU kernel takes attention over q [batch, seq, heads, head_dim] (its VMEM budget and lane layout;
-  plain attention of ~800 tokens, CLIP-ViP clips of up to 14 frames of 196 patches at head_dim 64)."""
+  plain attention of ~800 tokens, CLIP-ViP clips of up to 25 frames of 196 patches at head_dim 64)."""
   from clipvip_jax.models import proxy_attention_kernel  # Pallas itself is imported only by the kernel's calls
   _, s, n, h = q.shape
   return proxy_attention_kernel.fits(seq=s, heads=n, head_dim=h, num_proxies=num_proxies, num_frames=num_frames,
