@@ -65,6 +65,28 @@ def test_the_kernel_equals_dense_masked_attention_in_float32(case):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
 
 
+def test_one_head_per_grid_step_gives_the_same_as_all_heads_in_one(monkeypatch):
+  """Long clips take one head per grid step, short sequences several (heads_per_step); both loops are exercised
+  here on the same inputs (the parity cases above are short: all heads in one step)."""
+  from jax.experimental.pallas import tpu as pltpu
+  b, m, t, l, n, h = 2, 4, 3, 12, 4, 64
+  q, k, v, cot = _inputs(b, m, t, l, n, h, jnp.float32, seed=4)
+  valid = _key_valid(b, m, t, l, True)
+  kernel = lambda *a: pk.proxy_attention(*a, num_proxies=m, num_frames=t, key_valid=valid)  # noqa: E731
+  layout = pk.Layout(m, t, l, h)
+  results = {}
+  for elements in (1, pk.STEP_ELEMENTS):
+    monkeypatch.setattr(pk, "STEP_ELEMENTS", elements)
+    with pltpu.force_tpu_interpret_mode():
+      results[pk.heads_per_step(layout, n, 4)] = _value_and_grads(kernel, q, k, v, cot)
+  assert sorted(results) == [1, n]
+  want, want_grads = _value_and_grads(lambda *a: _dense_reference(*a, m, t, valid), q, k, v, cot)
+  for got, got_grads in results.values():
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+      np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
 def test_a_padded_frame_changes_nothing_the_proxies_see():
   """The mask is applied: with clip 1's last frame padded, changing that frame's keys and values leaves the
   proxies' outputs as they were (and without the mask it would not)."""

@@ -190,9 +190,9 @@ class OutProjection(nnx.Module):
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 # "auto" (the recipes' default): the implementation for the chip the model is built FOR (`current_target`, as for
-# remat): our TPU kernel on TPU (docs/performance.md section 4: B/16 pretraining planned at ~2/3 of XLA's step
-# time on v5p-64 and about half on v6e-64), XLA elsewhere (cuDNN's kernel needs bfloat16 and fixed head dims,
-# so it stays a choice).
+# remat): our TPU kernel for CLIP-ViP's attention on TPU (docs/performance.md section 4: B/16 pretraining planned
+# at 0.61x XLA's step time on v5p-64 and 0.51x on v6e-64), XLA elsewhere (cuDNN's kernel needs bfloat16 and
+# fixed head dims, so it stays a choice).
 AUTO_ATTENTION = {"tpu": "pallas"}
 
 
@@ -219,14 +219,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
   """softmax(q k^T / sqrt(d) + bias, masked) v on [batch, seq, heads, head_dim] tensors.
 
   `implementation`: None/"xla" (portable default; "auto" is resolved when a model is built: `resolve_attention`),
-  "cudnn" (fused flash attention on NVIDIA GPUs) or "pallas" (this project's TPU kernel, `pallas_proxy_attention`:
-  the scores stay in on-chip memory instead of going through HBM as float32 [batch, heads, q, k] arrays; unmasked
-  self-attention whose sequence fits on chip, `pallas_fits`; other calls keep XLA's). The softmax is computed in
-  float32 by every implementation, also for bfloat16 inputs.
+  "cudnn" (fused flash attention on NVIDIA GPUs) or "pallas", which here means XLA's: this project's TPU kernel
+  is for CLIP-ViP's proxy-guided attention (models/proxy_attention.py). It keeps tokens in lanes, which pads a
+  short plain sequence (a B/32 frame's 50 tokens) to 128 lanes: planned on CLIP2Video's MSR-VTT step it was 13%
+  slower than XLA (docs/performance.md section 4). The softmax is computed in float32 by every implementation,
+  also for bfloat16 inputs.
   """
   if implementation == "pallas":
-    if mask is None and bias is None and q.shape[1] == k.shape[1] and pallas_fits(q):
-      return pallas_proxy_attention(q, k, v)
     implementation = "xla"
   impl = None if implementation in (None, "xla", "auto") else implementation
   if implementation == "xla":
@@ -265,19 +264,19 @@ def batch_partition(batch_sharding: Any) -> Callable[..., Array] | None:
   return run
 
 
-def pallas_fits(q: Array, num_proxies: int = 0, num_frames: int = 1) -> bool:
-  """Whether the TPU kernel takes attention over q [batch, seq, heads, head_dim] (its VMEM budget and lane layout;
-  plain attention of ~800 tokens, CLIP-ViP clips of up to 25 frames of 196 patches at head_dim 64)."""
+def pallas_fits(q: Array, num_proxies: int, num_frames: int) -> bool:
+  """Whether the TPU kernel takes CLIP-ViP's attention over q [batch, seq, heads, head_dim] (its VMEM budget: clips
+  of up to 25 frames of 196 patches at head_dim 64)."""
   from clipvip_jax.models import proxy_attention_kernel  # Pallas itself is imported only by the kernel's calls
   _, s, n, h = q.shape
   return proxy_attention_kernel.fits(seq=s, heads=n, head_dim=h, num_proxies=num_proxies, num_frames=num_frames,
                                      itemsize=jnp.dtype(q.dtype).itemsize)
 
 
-def pallas_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: int = 0, num_frames: int = 1,
+def pallas_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: int, num_frames: int,
                            key_valid: Array | None = None) -> Array:
-  """CLIP-ViP's proxy-guided attention (num_proxies=0, num_frames=1: plain unmasked attention) on
-  [batch, seq, heads, head_dim] by the TPU kernel of models/proxy_attention_kernel.py, whole clips on chip.
+  """CLIP-ViP's proxy-guided attention on [batch, seq, heads, head_dim] by the TPU kernel of
+  models/proxy_attention_kernel.py, whole clips on chip.
   key_valid [batch, seq]: the keys the proxies may see (None: all). Off TPU it runs only inside
   `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (what the tests do)."""
   from clipvip_jax.models import proxy_attention_kernel  # imports Pallas; only "pallas" needs it

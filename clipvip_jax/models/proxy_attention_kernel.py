@@ -1,12 +1,14 @@
-"""A Pallas TPU kernel for CLIP-ViP's proxy-guided attention, one clip and one head at a time (attention="pallas").
+"""A Pallas TPU kernel for CLIP-ViP's proxy-guided attention, whole clips on chip (attention="pallas").
 
 Token layout (models/proxy_attention.py): [M proxies | frame 0's L patches | ... | frame T-1's], S = M + T*L.
 Proxy queries see every key (minus padded frames' patches); frame t's patch queries see the proxies and frame t.
-One grid step takes one clip and one head: its q, k, v [head_dim, S] come into on-chip memory once, every frame
-group and the proxies' rows are computed there, and the output leaves once. No score, no frame-group copy of the
+One grid step takes one clip and one head (several for short sequences: `heads_per_step`): its q, k, v
+[head_dim, S] come into on-chip memory once, every frame group and the proxies' rows are computed there, and the
+output leaves once. No score, no frame-group copy of the
 keys and no slice of the token sequence goes through HBM: XLA's program for the same attention writes and re-reads
 float32 [B*T, heads, L, M+L] scores about ten times per layer and copies q, k, v between the token layout and the
-frame groups' (docs/performance.md section 4). Plain attention (CLIP's image tower) is the case M = 0, T = 1.
+frame groups' (docs/performance.md section 4). M = 0, T = 1 is plain attention (which the models leave to XLA:
+layers.dot_product_attention says why).
 
 Head-major, tokens in lanes: the kernel reads q, k, v as [B, heads, head_dim, S]. That is the layout the TPU
 compiler gives the q, k, v projections' outputs ([B, S, heads, head_dim] with S minor-most), so the transposes
@@ -57,19 +59,33 @@ class Layout:
     return slice(start, start + self.patches)
 
 
-def vmem_bytes(layout: Layout, itemsize: int) -> int:
-  """On-chip bytes of the backward pass (the larger): q, k, v, do in and dq, dk, dv out, each [head_dim, S] and
-  double-buffered by the pipeline, three float32 accumulators, and a few float32 copies of the largest scores
-  (a frame group's [L, M+L] or the proxies' [M, S] or, for plain attention, [S, S])."""
+def vmem_bytes(layout: Layout, itemsize: int, heads: int = 1) -> int:
+  """On-chip bytes of the backward pass (the larger) with `heads` heads per grid step: q, k, v, do in and dq, dk,
+  dv out, each [heads, head_dim, S] and double-buffered by the pipeline, three float32 accumulators of one head,
+  and a few float32 copies of the largest scores (a frame group's [L, M+L] or the proxies' [M, S] or, for plain
+  attention, [S, S])."""
   block = layout.seq * layout.head_dim
   scores = max(layout.patches * (layout.patches + layout.proxies), layout.proxies * layout.seq)
-  return 2 * 7 * block * itemsize + 3 * block * 4 + 4 * scores * 4
+  return 2 * 7 * heads * block * itemsize + 3 * block * 4 + 4 * scores * 4
+
+
+# Heads per grid step: enough that a step moves at least ~64K elements per array (a short sequence, such as a
+# B/32 frame's 50 tokens, would otherwise pay the ~0.35 us per-step overhead thousands of times per layer).
+STEP_ELEMENTS = 64 * 1024
+
+
+def heads_per_step(layout: Layout, heads: int, itemsize: int) -> int:
+  """The most heads (a divisor of `heads`) one grid step takes within STEP_ELEMENTS and the VMEM budget (>= 1)."""
+  per_head = layout.head_dim * layout.seq
+  fitting = [d for d in range(1, heads + 1) if heads % d == 0 and d * per_head <= STEP_ELEMENTS
+             and vmem_bytes(layout, itemsize, d) <= VMEM_BUDGET]
+  return max(fitting, default=1)
 
 
 def fits(*, seq: int, heads: int, head_dim: int, num_proxies: int, num_frames: int, itemsize: int) -> bool:
-  """Whether the kernel takes this attention: a sequence made of equal frames, and a clip that fits on chip.
-  Callers keep XLA's attention otherwise (a very long clip or plain sequence)."""
-  del heads  # one head per grid step
+  """Whether the kernel takes this attention: a sequence made of equal frames, and a clip's head that fits on
+  chip. Callers keep XLA's attention otherwise (a very long clip or plain sequence)."""
+  del heads  # at least one head per grid step
   patches, rest = divmod(seq - num_proxies, num_frames)
   if rest or patches < 1:
     return False
@@ -109,18 +125,19 @@ def _forward_kernel(*refs, layout: Layout, masked: bool):
   valid_ref, (q_ref, k_ref, v_ref, o_ref) = (refs[0], refs[1:]) if masked else (None, refs)
   lay, m = layout, layout.proxies
   scale = lay.head_dim**-0.5
-  kp, vp = k_ref[0, 0, :, :m], v_ref[0, 0, :, :m]
-  for t in range(lay.frames):
-    lanes = lay.frame_lanes(t)
-    q, k, v = (r[0, 0, :, lanes] for r in (q_ref, k_ref, v_ref))
-    p = _softmax(_scores(q, k, scale), *([_scores(q, kp, scale)] if m else []))
-    o = _weighted(v, p[0])
-    if m:
-      o = o + _weighted(vp, p[1])
-    o_ref[0, 0, :, lanes] = o.astype(o_ref.dtype)
-  if m:  # the proxies' rows: every key of the clip (padded frames' patches masked)
-    (p,) = _softmax(_proxy_scores(q_ref[0, 0, :, :m], k_ref[0, 0], valid_ref, scale))
-    o_ref[0, 0, :, :m] = _weighted(v_ref[0, 0], p).astype(o_ref.dtype)
+  for j in range(q_ref.shape[1]):  # the step's heads
+    kp, vp = k_ref[0, j, :, :m], v_ref[0, j, :, :m]
+    for t in range(lay.frames):
+      lanes = lay.frame_lanes(t)
+      q, k, v = (r[0, j, :, lanes] for r in (q_ref, k_ref, v_ref))
+      p = _softmax(_scores(q, k, scale), *([_scores(q, kp, scale)] if m else []))
+      o = _weighted(v, p[0])
+      if m:
+        o = o + _weighted(vp, p[1])
+      o_ref[0, j, :, lanes] = o.astype(o_ref.dtype)
+    if m:  # the proxies' rows: every key of the clip (padded frames' patches masked)
+      (p,) = _softmax(_proxy_scores(q_ref[0, j, :, :m], k_ref[0, j], valid_ref, scale))
+      o_ref[0, j, :, :m] = _weighted(v_ref[0, j], p).astype(o_ref.dtype)
 
 
 def _backward_kernel(*refs, layout: Layout, masked: bool):
@@ -129,37 +146,39 @@ def _backward_kernel(*refs, layout: Layout, masked: bool):
   lay, m = layout, layout.proxies
   scale = lay.head_dim**-0.5
   dt = q_ref.dtype
-  dk[...] = jnp.zeros(dk.shape, jnp.float32)
-  dv[...] = jnp.zeros(dv.shape, jnp.float32)
-  if m:  # the proxies' rows against every key first: their dk, dv reach every token
-    q, do = q_ref[0, 0, :, :m], do_ref[0, 0, :, :m]
-    k, v = k_ref[0, 0], v_ref[0, 0]
-    (p,) = _softmax(_proxy_scores(q, k, valid_ref, scale))
-    dp = jax.lax.dot_general(do, v, TN, preferred_element_type=jnp.float32)
-    (ds,) = _softmax_backward([p], [dp], scale)
-    dq[:, :m] = _weighted(k, ds)
-    dk[...] = jax.lax.dot(q, ds.astype(dt), preferred_element_type=jnp.float32)
-    dv[...] = jax.lax.dot(do, p.astype(dt), preferred_element_type=jnp.float32)
-    kp, vp = k_ref[0, 0, :, :m], v_ref[0, 0, :, :m]
-  for t in range(lay.frames):
-    lanes = lay.frame_lanes(t)
-    q, k, v, do = (r[0, 0, :, lanes] for r in (q_ref, k_ref, v_ref, do_ref))
-    p = _softmax(_scores(q, k, scale), *([_scores(q, kp, scale)] if m else []))
-    dp = [jax.lax.dot_general(do, v, TN, preferred_element_type=jnp.float32)]
-    if m:
-      dp.append(jax.lax.dot_general(do, vp, TN, preferred_element_type=jnp.float32))
-    ds = _softmax_backward(p, dp, scale)
-    dq_t = _weighted(k, ds[0])
-    dk[:, lanes] += jax.lax.dot(q, ds[0].astype(dt), preferred_element_type=jnp.float32)
-    dv[:, lanes] += jax.lax.dot(do, p[0].astype(dt), preferred_element_type=jnp.float32)
-    if m:
-      dq_t = dq_t + _weighted(kp, ds[1])
-      dk[:, :m] += jax.lax.dot(q, ds[1].astype(dt), preferred_element_type=jnp.float32)
-      dv[:, :m] += jax.lax.dot(do, p[1].astype(dt), preferred_element_type=jnp.float32)
-    dq[:, lanes] = dq_t
-  dq_ref[0, 0] = dq[...].astype(dq_ref.dtype)
-  dk_ref[0, 0] = dk[...].astype(dk_ref.dtype)
-  dv_ref[0, 0] = dv[...].astype(dv_ref.dtype)
+  for j in range(q_ref.shape[1]):  # the step's heads, one at a time through the float32 accumulators
+    if m:  # the proxies' rows against every key first: their dk, dv reach every token
+      q, do = q_ref[0, j, :, :m], do_ref[0, j, :, :m]
+      k, v = k_ref[0, j], v_ref[0, j]
+      (p,) = _softmax(_proxy_scores(q, k, valid_ref, scale))
+      dp = jax.lax.dot_general(do, v, TN, preferred_element_type=jnp.float32)
+      (ds,) = _softmax_backward([p], [dp], scale)
+      dq[:, :m] = _weighted(k, ds)
+      dk[...] = jax.lax.dot(q, ds.astype(dt), preferred_element_type=jnp.float32)
+      dv[...] = jax.lax.dot(do, p.astype(dt), preferred_element_type=jnp.float32)
+      kp, vp = k_ref[0, j, :, :m], v_ref[0, j, :, :m]
+    else:
+      dk[...] = jnp.zeros(dk.shape, jnp.float32)
+      dv[...] = jnp.zeros(dv.shape, jnp.float32)
+    for t in range(lay.frames):
+      lanes = lay.frame_lanes(t)
+      q, k, v, do = (r[0, j, :, lanes] for r in (q_ref, k_ref, v_ref, do_ref))
+      p = _softmax(_scores(q, k, scale), *([_scores(q, kp, scale)] if m else []))
+      dp = [jax.lax.dot_general(do, v, TN, preferred_element_type=jnp.float32)]
+      if m:
+        dp.append(jax.lax.dot_general(do, vp, TN, preferred_element_type=jnp.float32))
+      ds = _softmax_backward(p, dp, scale)
+      dq_t = _weighted(k, ds[0])
+      dk[:, lanes] += jax.lax.dot(q, ds[0].astype(dt), preferred_element_type=jnp.float32)
+      dv[:, lanes] += jax.lax.dot(do, p[0].astype(dt), preferred_element_type=jnp.float32)
+      if m:
+        dq_t = dq_t + _weighted(kp, ds[1])
+        dk[:, :m] += jax.lax.dot(q, ds[1].astype(dt), preferred_element_type=jnp.float32)
+        dv[:, :m] += jax.lax.dot(do, p[1].astype(dt), preferred_element_type=jnp.float32)
+      dq[:, lanes] = dq_t
+    dq_ref[0, j] = dq[...].astype(dq_ref.dtype)
+    dk_ref[0, j] = dk[...].astype(dk_ref.dtype)
+    dv_ref[0, j] = dv[...].astype(dv_ref.dtype)
 
 
 def _cost(layout: Layout, heads: int, products: int, nbytes: int):
@@ -184,12 +203,13 @@ def _call(layout: Layout, q, k, v, valid, do=None):
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import tpu as pltpu
   b, n, h, s = q.shape
-  head = pl.BlockSpec((1, 1, h, s), lambda i, j: (i, j, 0, 0))
+  per_step = heads_per_step(layout, n, jnp.dtype(q.dtype).itemsize)
+  head = pl.BlockSpec((1, per_step, h, s), lambda i, j: (i, j, 0, 0))
   arrays = [q, k, v] if do is None else [q, k, v, do]
   specs = [head] * len(arrays)
   if valid is not None:
     arrays, specs = [valid, *arrays], [pl.BlockSpec((1, 1, s), lambda i, j: (i, 0, 0)), *specs]
-  kw = dict(grid=(b, n), in_specs=specs,
+  kw = dict(grid=(b, n // per_step), in_specs=specs,
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
                                                  vmem_limit_bytes=VMEM_LIMIT))
   kernel_kw = dict(layout=layout, masked=valid is not None)
