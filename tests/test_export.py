@@ -324,3 +324,23 @@ def test_re_export_replaces_the_folder_atomically(models, tmp_path, monkeypatch)
 
 def test_spec_pixel_statistics_are_the_pipelines():
   assert spec.CLIP_MEAN == transforms.CLIP_MEAN and spec.CLIP_STD == transforms.CLIP_STD
+
+
+def test_a_model_built_with_the_tpu_kernel_is_refused_and_the_command_builds_with_xla(tmp_path, monkeypatch):
+  """attention "auto" is the TPU kernel on a TPU host (here: a model built for a TPU target): its graph would run
+  on TPU only, so export_model refuses it in one sentence before writing anything, and the export command loads
+  checkpoints with XLA's attention whatever their config says."""
+  from clipvip_jax.models import layers
+  checkpoint = rh.write_tiny_clipvip(tmp_path / "ckpt")
+  with layers.build_target(layers.Target("tpu")):
+    on_tpu = model_lib.load_model(checkpoint, attention="auto")
+  out = tmp_path / "out"
+  with pytest.raises(command.UsageError, match="built with the TPU attention kernel; an export needs the portable"):
+    writer.export_model(on_tpu, out, "stablehlo", check=False)
+  assert not out.exists()
+  loads = []
+  real_load = model_lib.load_model
+  monkeypatch.setattr(model_lib, "load_model", lambda *a, **kw: loads.append(kw) or real_load(*a, **kw))
+  with layers.build_target(layers.Target("tpu")):
+    assert command.main([str(checkpoint), "--format", "stablehlo", "--out", str(out), "--no-check"]) in (0, None)
+  assert loads and loads[0]["attention"] == "xla" and (out / spec.MANIFEST).is_file()

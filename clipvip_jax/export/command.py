@@ -73,7 +73,8 @@ def _run(argv: Sequence[str] | None) -> int:
   checkpoint = pathlib.Path(args.checkpoint).expanduser()
   _check_kind(_declared_kind(checkpoint), checkpoint)
   from clipvip_jax.retrieval.model import load_model
-  model = load_model(checkpoint, args.config, step=args.step, trust_pickle=args.trust_pickle)
+  # XLA's attention: a graph with a TPU kernel in it would run on TPU only (and ONNX has no such op).
+  model = load_model(checkpoint, args.config, step=args.step, trust_pickle=args.trust_pickle, attention="xla")
   _check_kind(model.kind, checkpoint)
   path = writer.export_model(model, out, args.format, frames=args.frames, platforms=platforms,
                              check=not args.no_check)

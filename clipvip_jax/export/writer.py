@@ -157,6 +157,11 @@ def check_out_dir(out: pathlib.Path) -> None:
                      "or remove it")
 
 
+def _uses_tpu_kernel(module: Any) -> bool:
+  from flax import nnx
+  return any(getattr(m, "attention", None) == "pallas" for _, m in nnx.iter_graph(module))
+
+
 def export_model(model: RetrievalModel, out: str | os.PathLike, fmt: str, *, frames: int | None = None,
                  platforms: Sequence[str] | None = None, decode_fps: float = 5.0, check: bool = True,
                  ) -> pathlib.Path:
@@ -168,6 +173,9 @@ def export_model(model: RetrievalModel, out: str | os.PathLike, fmt: str, *, fra
     raise UsageError(missing)
   if model.kind not in spec.EXPORTABLE_KINDS:
     raise UsageError(f"a {model.kind} model cannot be exported; export supports {', '.join(spec.EXPORTABLE_KINDS)}")
+  if _uses_tpu_kernel(model.pretrained.model):  # attention "pallas", or "auto" on a TPU host
+    raise UsageError("this model was built with the TPU attention kernel; an export needs the portable XLA "
+                     "attention: load it with load_model(..., attention='xla')")
   out = pathlib.Path(out).absolute()
   check_out_dir(out)
   t, dynamic = frame_count(model, frames, fmt)

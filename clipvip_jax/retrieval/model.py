@@ -123,24 +123,28 @@ def recipe_from_run(recipe: VideoRecipe, data: Mapping[str, Any]) -> VideoRecipe
   return dataclasses.replace(recipe, **{k: v for k, v in data.items() if k in fields})
 
 
-def _load(path: pathlib.Path, config, step, trust_pickle: bool) -> tuple[Any, VideoRecipe, int | None]:
+def _load(path: pathlib.Path, config, step, trust_pickle: bool,
+          attention: str | None = None) -> tuple[Any, VideoRecipe, int | None]:
   from clipvip_jax.loading import load_checkpoint
   from clipvip_jax.retrieval.pretrained import from_loaded
   loaded = load_checkpoint(path, config, step=step, trust_pickle=trust_pickle)
-  pretrained = from_loaded(loaded, video=True)  # an image CLIP indexes videos by mean pooling its frames
+  # video=True: an image CLIP indexes videos by mean pooling its frames
+  pretrained = from_loaded(loaded, video=True, attention=attention)
   recipe = recipe_from_run(default_recipe(loaded.kind, loaded.config), _run_data_config(loaded.run_config))
   return pretrained, recipe, loaded.step
 
 
 def load_model(checkpoint: str | os.PathLike, config: str | os.PathLike | Mapping[str, Any] | None = None, *,
-               step: int | str | None = None, trust_pickle: bool = False) -> RetrievalModel:
+               step: int | str | None = None, trust_pickle: bool = False,
+               attention: str | None = None) -> RetrievalModel:
   """The model of a converted dir, training workdir, original checkpoint file or HF directory (module doc).
 
   config: the original's config (JSON path or dict) for an original checkpoint file; refused for converted dirs
-  and workdirs, which carry theirs. step: for a workdir, a step number, "latest" (default) or "best".
+  and workdirs, which carry theirs. step: for a workdir, a step number, "latest" (default) or "best". attention:
+  the implementation to build with (None: the checkpoint config's; the export command asks for "xla", portable).
   A missing or unreadable checkpoint raises a ValueError of one sentence (clipvip_jax.loading).
   """
   path = pathlib.Path(checkpoint).expanduser()
-  pretrained, recipe, resolved_step = _load(path, config, step, trust_pickle)
+  pretrained, recipe, resolved_step = _load(path, config, step, trust_pickle, attention)
   config_path = str(pathlib.Path(config).absolute()) if isinstance(config, (str, os.PathLike)) else None
   return RetrievalModel(pretrained, str(path.absolute()), recipe, resolved_step, config_path)
