@@ -19,8 +19,6 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from clipvip_jax.models import layers
-
 Batch = Mapping[str, Any]
 
 
@@ -121,6 +119,7 @@ def device_encoder(pretrained: Any, method: str, devices: list[Any] | None = Non
         raise ValueError(f"a batch of {len(value)} rows does not split over {len(devices)} devices")
       args.append(None if value is None else jax.device_put(np.asarray(value), rows))
     # A Pallas kernel (attention "pallas", or "auto" on TPU) runs per device on its rows: XLA cannot split it.
+    from clipvip_jax.models import layers  # here, not at the top: searching an exported model has no flax
     with layers.kernel_partition(layers.batch_partition(rows)):
       return fn(state, *args)
 
