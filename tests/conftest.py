@@ -98,18 +98,3 @@ def tree_state(root: pathlib.Path) -> dict[str, tuple[bytes, int]]:
   leave its output untouched (a relaunched finished build or conversion)."""
   return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
           for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-# The longest files first. `make test` runs files in parallel (pytest-xdist --dist loadfile: a file's tests in one
-# process), handing them out in collection order; in alphabetical order the longest ones (the planner's TPU
-# compiles, ~400 s in one process because libtpu compiles one program at a time; the multi-process runs) started
-# last and ran alone on an otherwise idle machine for the suite's last ~9 minutes. Order within a file is kept.
-LONGEST_FIRST = ("test_planner.py", "test_multihost.py", "test_train_parity.py", "test_benchmarks_smoke.py",
-                 "test_demo.py", "test_export.py", "test_multihost_lost_process.py", "test_train_cli.py",
-                 "test_checkpoint_resume.py", "test_faults.py", "test_train_modes.py", "test_hf_parity.py",
-                 "test_train_step.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their tests' order
