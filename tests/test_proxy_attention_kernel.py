@@ -1,8 +1,9 @@
 """The proxy-attention TPU kernel (models/proxy_attention_kernel.py, attention="pallas"), run by Pallas' TPU
 interpreter: values and gradients equal a dense masked attention over the whole clip (CLIP-ViP's pattern: proxies
 see every valid key, frame t's patches see the proxies and frame t), with and without padded frames, for head dims
-of 64 (B/16's and B/32's), 128 and 16 (the tests' tiny models), and for plain attention (no proxies, one frame). That it lowers for a real TPU and reads fewer HBM bytes than XLA's attention is
-checked by the TPU compiler in tests/test_planner.py."""
+of 64 (B/16's and B/32's), 128 and 16 (the tests' tiny models), down to one proxy and one frame. That it lowers
+for a real TPU and reads fewer HBM bytes than XLA's attention is checked by the TPU compiler in
+tests/test_planner.py."""
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ def _key_valid(b, m, t, l, padded):
 # (clips B, proxies M, frames T, patches L, heads, head_dim, padded frames?)
 CASES = [(2, 4, 3, 12, 4, 64, True),  # CLIP-ViP in small
          (2, 3, 2, 9, 2, 64, False),  # frames not a multiple of 8 tokens
-         (3, 0, 1, 10, 2, 128, False),  # plain attention (the image tower's): no proxies, one frame
+         (3, 1, 1, 10, 2, 128, False),  # the smallest pattern: one proxy, one frame (head_dim 128)
          (2, 2, 2, 7, 4, 16, True)]  # a tiny test model's heads
 
 
@@ -140,5 +141,5 @@ def test_a_clip_too_long_for_the_chip_keeps_xla_attention():
 
   assert uses_kernel(12) and uses_kernel(25) and uses_kernel(12, head_dim=96)
   assert not uses_kernel(26)
-  assert pk.fits(seq=197, heads=12, head_dim=64, num_proxies=0, num_frames=1, itemsize=2)  # ViT-B/16's image
-  assert not pk.fits(seq=4096, heads=12, head_dim=64, num_proxies=0, num_frames=1, itemsize=2)
+  assert pk.fits(seq=4 + 196, head_dim=64, num_proxies=4, num_frames=1, itemsize=2)  # a one-frame clip
+  assert not pk.fits(seq=197, head_dim=64, num_proxies=0, num_frames=1, itemsize=2)  # plain attention: XLA's

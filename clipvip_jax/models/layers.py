@@ -264,29 +264,9 @@ def batch_partition(batch_sharding: Any) -> Callable[..., Array] | None:
   return run
 
 
-def pallas_fits(q: Array, num_proxies: int, num_frames: int) -> bool:
-  """Whether the TPU kernel takes CLIP-ViP's attention over q [batch, seq, heads, head_dim] (its VMEM budget: clips
-  of up to 25 frames of 196 patches at head_dim 64)."""
-  from clipvip_jax.models import proxy_attention_kernel  # Pallas itself is imported only by the kernel's calls
-  _, s, n, h = q.shape
-  return proxy_attention_kernel.fits(seq=s, heads=n, head_dim=h, num_proxies=num_proxies, num_frames=num_frames,
-                                     itemsize=jnp.dtype(q.dtype).itemsize)
-
-
-def pallas_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: int, num_frames: int,
-                           key_valid: Array | None = None) -> Array:
-  """CLIP-ViP's proxy-guided attention on [batch, seq, heads, head_dim] by the TPU kernel of
-  models/proxy_attention_kernel.py, whole clips on chip.
-  key_valid [batch, seq]: the keys the proxies may see (None: all). Off TPU it runs only inside
-  `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (what the tests do)."""
-  from clipvip_jax.models import proxy_attention_kernel  # imports Pallas; only "pallas" needs it
-
-  def kernel(q, k, v, *valid):
-    return proxy_attention_kernel.proxy_attention(q, k, v, num_proxies=num_proxies, num_frames=num_frames,
-                                                  key_valid=valid[0] if valid else None)
-  arrays = (q, k, v) if key_valid is None else (q, k, v, key_valid)
+def run_partitioned(kernel: Callable[..., Array], *arrays: Array) -> Array:
+  """`kernel(*arrays)` per device under the `kernel_partition` being traced (directly when there is none)."""
   partition = _KERNEL_PARTITION.get()
-  # On a mesh the kernel runs per device on its clips (shard_map over the batch axes).
   return partition(kernel, *arrays) if partition is not None else kernel(*arrays)
 
 

@@ -42,17 +42,38 @@ def _proxy_key_mask(frame_mask: Array, num_proxies: int, patches: int) -> Array:
   return jnp.concatenate([jnp.ones((b, num_proxies), bool), frames], axis=1)
 
 
+def _kernel_fits(q: Array, num_proxies: int, num_frames: int) -> bool:
+  """Whether the TPU kernel takes attention over q [batch, seq, heads, head_dim] (its VMEM budget: clips of up to
+  25 frames of 196 patches at head_dim 64)."""
+  from clipvip_jax.models import proxy_attention_kernel  # Pallas itself is imported only by the kernel's calls
+  return proxy_attention_kernel.fits(seq=q.shape[1], head_dim=q.shape[3], num_proxies=num_proxies,
+                                     num_frames=num_frames, itemsize=jnp.dtype(q.dtype).itemsize)
+
+
+def _kernel_attention(q: Array, k: Array, v: Array, *, num_proxies: int, num_frames: int,
+                      key_valid: Array | None) -> Array:
+  """The TPU kernel (models/proxy_attention_kernel.py) on [batch, seq, heads, head_dim], per device on a mesh
+  (layers.kernel_partition). Off TPU it runs only inside `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`
+  (what the tests do)."""
+  from clipvip_jax.models import proxy_attention_kernel
+
+  def kernel(q, k, v, *valid):
+    return proxy_attention_kernel.proxy_attention(q, k, v, num_proxies=num_proxies, num_frames=num_frames,
+                                                  key_valid=valid[0] if valid else None)
+  return layers.run_partitioned(kernel, *((q, k, v) if key_valid is None else (q, k, v, key_valid)))
+
+
 def block_sparse_proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: int, num_frames: int,
                                  frame_mask: Array | None = None, implementation: str | None = None) -> Array:
   """Proxy-guided attention on q, k, v [B, S, heads, head_dim] without materialising the S x S pattern."""
   b, s, n, h = q.shape
   m, t = num_proxies, num_frames
   patches = _patches_per_frame(s, m, t)
-  if implementation == "pallas" and layers.pallas_fits(q, m, t):
-    valid = None if frame_mask is None else _proxy_key_mask(frame_mask, m, patches)
-    return layers.pallas_proxy_attention(q, k, v, num_proxies=m, num_frames=t, key_valid=valid)
-  if implementation == "pallas":  # a clip too long for the kernel's on-chip budget
-    implementation = "xla"
+  if implementation == "pallas":
+    if _kernel_fits(q, m, t):
+      valid = None if frame_mask is None else _proxy_key_mask(frame_mask, m, patches)
+      return _kernel_attention(q, k, v, num_proxies=m, num_frames=t, key_valid=valid)
+    implementation = "xla"  # a clip too long for the kernel's on-chip budget
   attend = functools.partial(layers.dot_product_attention, implementation=implementation)
 
   # Proxy queries see every token (minus padded frames). The mask is given at full [B, 1, M, S] size because

@@ -4,11 +4,10 @@ Token layout (models/proxy_attention.py): [M proxies | frame 0's L patches | ...
 Proxy queries see every key (minus padded frames' patches); frame t's patch queries see the proxies and frame t.
 One grid step takes one clip and one head (several for short sequences: `heads_per_step`): its q, k, v
 [head_dim, S] come into on-chip memory once, every frame group and the proxies' rows are computed there, and the
-output leaves once. No score, no frame-group copy of the
-keys and no slice of the token sequence goes through HBM: XLA's program for the same attention writes and re-reads
-float32 [B*T, heads, L, M+L] scores about ten times per layer and copies q, k, v between the token layout and the
-frame groups' (docs/performance.md section 4). M = 0, T = 1 is plain attention (which the models leave to XLA:
-layers.dot_product_attention says why).
+output leaves once. No score, no frame-group copy of the keys and no slice of the token sequence goes through
+HBM: XLA's program for the same attention writes and re-reads float32 [B*T, heads, L, M+L] scores about ten times
+per layer and copies q, k, v between the token layout and the frame groups' (docs/performance.md section 4).
+Plain attention (no proxies) is left to XLA: layers.dot_product_attention says why.
 
 Head-major, tokens in lanes: the kernel reads q, k, v as [B, heads, head_dim, S]. That is the layout the TPU
 compiler gives the q, k, v projections' outputs ([B, S, heads, head_dim] with S minor-most), so the transposes
@@ -62,8 +61,7 @@ class Layout:
 def vmem_bytes(layout: Layout, itemsize: int, heads: int = 1) -> int:
   """On-chip bytes of the backward pass (the larger) with `heads` heads per grid step: q, k, v, do in and dq, dk,
   dv out, each [heads, head_dim, S] and double-buffered by the pipeline, three float32 accumulators of one head,
-  and a few float32 copies of the largest scores (a frame group's [L, M+L] or the proxies' [M, S] or, for plain
-  attention, [S, S])."""
+  and a few float32 copies of the largest scores (a frame group's [L, M+L] or the proxies' [M, S])."""
   block = layout.seq * layout.head_dim
   scores = max(layout.patches * (layout.patches + layout.proxies), layout.proxies * layout.seq)
   return 2 * 7 * heads * block * itemsize + 3 * block * 4 + 4 * scores * 4
@@ -82,12 +80,11 @@ def heads_per_step(layout: Layout, heads: int, itemsize: int) -> int:
   return max(fitting, default=1)
 
 
-def fits(*, seq: int, heads: int, head_dim: int, num_proxies: int, num_frames: int, itemsize: int) -> bool:
-  """Whether the kernel takes this attention: a sequence made of equal frames, and a clip's head that fits on
-  chip. Callers keep XLA's attention otherwise (a very long clip or plain sequence)."""
-  del heads  # at least one head per grid step
+def fits(*, seq: int, head_dim: int, num_proxies: int, num_frames: int, itemsize: int) -> bool:
+  """Whether the kernel takes this attention: proxies and a sequence made of equal frames, and one clip's head
+  that fits on chip. Callers keep XLA's attention otherwise (a very long clip)."""
   patches, rest = divmod(seq - num_proxies, num_frames)
-  if rest or patches < 1:
+  if num_proxies < 1 or rest or patches < 1:
     return False
   return vmem_bytes(Layout(num_proxies, num_frames, patches, head_dim), itemsize) <= VMEM_BUDGET
 
@@ -130,14 +127,11 @@ def _forward_kernel(*refs, layout: Layout, masked: bool):
     for t in range(lay.frames):
       lanes = lay.frame_lanes(t)
       q, k, v = (r[0, j, :, lanes] for r in (q_ref, k_ref, v_ref))
-      p = _softmax(_scores(q, k, scale), *([_scores(q, kp, scale)] if m else []))
-      o = _weighted(v, p[0])
-      if m:
-        o = o + _weighted(vp, p[1])
-      o_ref[0, j, :, lanes] = o.astype(o_ref.dtype)
-    if m:  # the proxies' rows: every key of the clip (padded frames' patches masked)
-      (p,) = _softmax(_proxy_scores(q_ref[0, j, :, :m], k_ref[0, j], valid_ref, scale))
-      o_ref[0, j, :, :m] = _weighted(v_ref[0, j], p).astype(o_ref.dtype)
+      p = _softmax(_scores(q, k, scale), _scores(q, kp, scale))
+      o_ref[0, j, :, lanes] = (_weighted(v, p[0]) + _weighted(vp, p[1])).astype(o_ref.dtype)
+    # The proxies' rows: every key of the clip (padded frames' patches masked).
+    (p,) = _softmax(_proxy_scores(q_ref[0, j, :, :m], k_ref[0, j], valid_ref, scale))
+    o_ref[0, j, :, :m] = _weighted(v_ref[0, j], p).astype(o_ref.dtype)
 
 
 def _backward_kernel(*refs, layout: Layout, masked: bool):
@@ -147,35 +141,27 @@ def _backward_kernel(*refs, layout: Layout, masked: bool):
   scale = lay.head_dim**-0.5
   dt = q_ref.dtype
   for j in range(q_ref.shape[1]):  # the step's heads, one at a time through the float32 accumulators
-    if m:  # the proxies' rows against every key first: their dk, dv reach every token
-      q, do = q_ref[0, j, :, :m], do_ref[0, j, :, :m]
-      k, v = k_ref[0, j], v_ref[0, j]
-      (p,) = _softmax(_proxy_scores(q, k, valid_ref, scale))
-      dp = jax.lax.dot_general(do, v, TN, preferred_element_type=jnp.float32)
-      (ds,) = _softmax_backward([p], [dp], scale)
-      dq[:, :m] = _weighted(k, ds)
-      dk[...] = jax.lax.dot(q, ds.astype(dt), preferred_element_type=jnp.float32)
-      dv[...] = jax.lax.dot(do, p.astype(dt), preferred_element_type=jnp.float32)
-      kp, vp = k_ref[0, j, :, :m], v_ref[0, j, :, :m]
-    else:
-      dk[...] = jnp.zeros(dk.shape, jnp.float32)
-      dv[...] = jnp.zeros(dv.shape, jnp.float32)
+    # The proxies' rows against every key first: their dk, dv reach every token.
+    q, do = q_ref[0, j, :, :m], do_ref[0, j, :, :m]
+    k, v = k_ref[0, j], v_ref[0, j]
+    (p,) = _softmax(_proxy_scores(q, k, valid_ref, scale))
+    dp = jax.lax.dot_general(do, v, TN, preferred_element_type=jnp.float32)
+    (ds,) = _softmax_backward([p], [dp], scale)
+    dq[:, :m] = _weighted(k, ds)
+    dk[...] = jax.lax.dot(q, ds.astype(dt), preferred_element_type=jnp.float32)
+    dv[...] = jax.lax.dot(do, p.astype(dt), preferred_element_type=jnp.float32)
+    kp, vp = k_ref[0, j, :, :m], v_ref[0, j, :, :m]
     for t in range(lay.frames):
       lanes = lay.frame_lanes(t)
       q, k, v, do = (r[0, j, :, lanes] for r in (q_ref, k_ref, v_ref, do_ref))
-      p = _softmax(_scores(q, k, scale), *([_scores(q, kp, scale)] if m else []))
-      dp = [jax.lax.dot_general(do, v, TN, preferred_element_type=jnp.float32)]
-      if m:
-        dp.append(jax.lax.dot_general(do, vp, TN, preferred_element_type=jnp.float32))
+      p = _softmax(_scores(q, k, scale), _scores(q, kp, scale))
+      dp = [jax.lax.dot_general(do, x, TN, preferred_element_type=jnp.float32) for x in (v, vp)]
       ds = _softmax_backward(p, dp, scale)
-      dq_t = _weighted(k, ds[0])
+      dq[:, lanes] = _weighted(k, ds[0]) + _weighted(kp, ds[1])
       dk[:, lanes] += jax.lax.dot(q, ds[0].astype(dt), preferred_element_type=jnp.float32)
       dv[:, lanes] += jax.lax.dot(do, p[0].astype(dt), preferred_element_type=jnp.float32)
-      if m:
-        dq_t = dq_t + _weighted(kp, ds[1])
-        dk[:, :m] += jax.lax.dot(q, ds[1].astype(dt), preferred_element_type=jnp.float32)
-        dv[:, :m] += jax.lax.dot(do, p[1].astype(dt), preferred_element_type=jnp.float32)
-      dq[:, lanes] = dq_t
+      dk[:, :m] += jax.lax.dot(q, ds[1].astype(dt), preferred_element_type=jnp.float32)
+      dv[:, :m] += jax.lax.dot(do, p[1].astype(dt), preferred_element_type=jnp.float32)
     dq_ref[0, j] = dq[...].astype(dq_ref.dtype)
     dk_ref[0, j] = dk[...].astype(dk_ref.dtype)
     dv_ref[0, j] = dv[...].astype(dv_ref.dtype)
@@ -247,11 +233,12 @@ def proxy_attention(q: Array, k: Array, v: Array, *, num_proxies: int, num_frame
                     key_valid: Array | None = None) -> Array:
   """CLIP-ViP's proxy-guided attention on one device's clips: q, k, v [B, S, heads, head_dim] with
   S = num_proxies + num_frames * L; key_valid [B, S] (True: a key the proxies' queries may see; None: all).
-  num_proxies=0, num_frames=1 is plain unmasked attention. Returns [B, S, heads, head_dim] in q's dtype."""
+  Returns [B, S, heads, head_dim] in q's dtype."""
   b, s, n, h = q.shape
   patches, rest = divmod(s - num_proxies, num_frames)
-  if rest or patches < 1:
-    raise ValueError(f"sequence of {s} tokens is not {num_proxies} proxies + {num_frames} frames of equal size")
+  if num_proxies < 1 or rest or patches < 1:
+    raise ValueError(f"sequence of {s} tokens is not {num_proxies} proxies + {num_frames} frames of equal size "
+                     "(the kernel needs at least one proxy)")
   layout = Layout(num_proxies, num_frames, patches, h)
   head_major = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # noqa: E731  [B, N, H, S]: free in XLA's TPU layout
   valid = None if key_valid is None else key_valid.astype(jnp.float32).reshape(b, 1, s)

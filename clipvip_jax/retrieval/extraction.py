@@ -107,6 +107,8 @@ def device_encoder(pretrained: Any, method: str, devices: list[Any] | None = Non
   mesh = Mesh(np.asarray(devices), ("batch",))
   state = jax.device_put(pretrained.state, NamedSharding(mesh, PartitionSpec()))
   rows = NamedSharding(mesh, PartitionSpec("batch"))
+  from clipvip_jax.models import layers  # here, not at the top: searching an exported model has no flax
+  partition = layers.batch_partition(rows)  # a Pallas kernel (attention "pallas", "auto" on TPU) runs per device
 
   def encode(**batch):
     unknown = set(batch) - set(names)
@@ -118,9 +120,7 @@ def device_encoder(pretrained: Any, method: str, devices: list[Any] | None = Non
       if value is not None and len(value) % len(devices):
         raise ValueError(f"a batch of {len(value)} rows does not split over {len(devices)} devices")
       args.append(None if value is None else jax.device_put(np.asarray(value), rows))
-    # A Pallas kernel (attention "pallas", or "auto" on TPU) runs per device on its rows: XLA cannot split it.
-    from clipvip_jax.models import layers  # here, not at the top: searching an exported model has no flax
-    with layers.kernel_partition(layers.batch_partition(rows)):
+    with layers.kernel_partition(partition):  # read while `fn` is traced: XLA cannot split a kernel
       return fn(state, *args)
 
   encode.devices = devices  # type: ignore[attr-defined]
