@@ -1,13 +1,15 @@
-"""CLIP's BPE text tokenizer: the original's clean-up and id layout, with the BPE run by transformers.
+"""CLIP's BPE text tokenizer: the original's clean-up and id layout, with the BPE run by Hugging Face tokenizers.
 
 The originals (OpenAI CLIP's `simple_tokenizer`, used unchanged by CLIP-ViP and CLIP2Video) turn a caption
 into `[start] + BPE ids[:max_len - 2] + [end]`, zero padded to `max_len`, after cleaning the text with ftfy,
 a double HTML unescape, whitespace collapsing and lower-casing. The clean-up and the split into words are
 reproduced here in Python with the original's libraries (ftfy, `regex`), exactly; the byte-level BPE of the
-words is delegated to the model of transformers' `CLIPTokenizer` (Rust, batched).
+words is delegated to the BPE model of transformers' `CLIPTokenizer` (Rust, batched), built here directly with
+`tokenizers`: importing transformers costs every command that tokenizes (and each of its data workers) about 2 s
+of start-up, so only `get_tokenizer` does (tests/test_tokenizer.py checks the two BPE models are the same).
 
-The vocabulary ships as `assets/bpe_simple_vocab_16e6.txt.gz` (see assets/README.md); the vocab/merges that
-transformers wants are derived from it in memory on first use.
+The vocabulary ships as `assets/bpe_simple_vocab_16e6.txt.gz` (see assets/README.md); the vocab/merges are
+derived from it in memory on first use.
 """
 
 import functools
@@ -21,7 +23,6 @@ import ftfy
 import numpy as np
 import regex
 import tokenizers
-import transformers
 
 SOT_ID = 49406  # <|startoftext|>
 EOT_ID = 49407  # <|endoftext|>
@@ -123,17 +124,23 @@ def vocab_and_merges(tokenizer_dir: str | pathlib.Path | None = None) -> tuple[d
 
 
 @functools.lru_cache(maxsize=8)
-def get_tokenizer(tokenizer_dir: str | pathlib.Path | None = None) -> transformers.CLIPTokenizer:
+def get_tokenizer(tokenizer_dir: str | pathlib.Path | None = None) -> "transformers.CLIPTokenizer":  # noqa: F821
   """transformers' CLIP tokenizer, built once per folder (None: the vocabulary shipped in clipvip_jax/assets).
 
   Called directly it applies transformers' own light clean-up, not the original's; `tokenize` gives the
   original's ids.
   """
+  import transformers
+  vocab, merges = _checked_vocab_and_merges(tokenizer_dir)
+  return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def _checked_vocab_and_merges(tokenizer_dir) -> tuple[dict[str, int], list[tuple[str, str]]]:
   vocab, merges = vocab_and_merges(tokenizer_dir)
   for token in (_START_TOKEN, _END_TOKEN):
     if token not in vocab:
       raise ValueError(f"vocabulary of {tokenizer_dir or _BPE_MERGES_GZ} has no {token} token")
-  return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
+  return vocab, merges
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,10 +151,15 @@ def _word_encoder(tokenizer_dir: str | pathlib.Path | None) -> tokenizers.Tokeni
   (other Unicode tables, and no IGNORECASE: the original drops U+0345, for example), so words are split in
   Python with the original's library and flags, and here only mapped to byte symbols.
   """
-  encoder = tokenizers.Tokenizer.from_str(get_tokenizer(tokenizer_dir).backend_tokenizer.to_str())
-  encoder.normalizer = None
+  vocab, merges = _checked_vocab_and_merges(tokenizer_dir)
+  # CLIPTokenizer's BPE model and special tokens, as transformers builds them.
+  encoder = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab=vocab, merges=merges, unk_token=_END_TOKEN, continuing_subword_prefix="", end_of_word_suffix="</w>",
+      fuse_unk=False))
+  encoder.add_special_tokens([tokenizers.AddedToken(token, special=True, normalized=False)
+                              for token in (_START_TOKEN, _END_TOKEN)])
   encoder.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  encoder.post_processor = None
+  encoder.decoder = tokenizers.decoders.ByteLevel()
   return encoder
 
 
@@ -190,15 +202,16 @@ def tokenize(
   """
   if max_len < 2:
     raise ValueError(f"tokenize: max_len={max_len} leaves no room for the start and end tokens (need >= 2)")
-  tokenizer = get_tokenizer(tokenizer_dir)
+  vocab, _ = _checked_vocab_and_merges(tokenizer_dir)
+  start, end = vocab[_START_TOKEN], vocab[_END_TOKEN]
   bpe_ids = encode_bpe(texts, tokenizer_dir)
   ids = np.zeros((len(bpe_ids), max_len), np.int32)
   mask = np.zeros((len(bpe_ids), max_len), np.int32)
   for row, sentence_ids in enumerate(bpe_ids):
     body = sentence_ids[: max_len - 2]
-    ids[row, 0] = tokenizer.bos_token_id
+    ids[row, 0] = start
     ids[row, 1 : 1 + len(body)] = body
-    ids[row, 1 + len(body)] = tokenizer.eos_token_id
+    ids[row, 1 + len(body)] = end
     mask[row, : 2 + len(body)] = 1
   return ids, mask
 

@@ -36,3 +36,25 @@ def test_workdir_params_load_through_a_relative_path(tmp_path, monkeypatch):
   assert flat.keys() == expected.keys()
   for k in flat:
     assert (flat[k] == expected[k]).all(), k
+
+
+def test_one_process_saves_replicated_arrays_without_slicing_them(tmp_path, monkeypatch):
+  """Orbax's replica-parallel save cuts each replicated array into a slice per device (a dispatched device op
+  each: 1.7 s per save of the tiny test model on 8 devices); on one process it is off, and the arrays read back."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  slices = []
+  real = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *a, **k: slices.append(a) or real(*a, **k))
+  replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), PartitionSpec())
+  params = {"w": jax.device_put(jnp.arange(2048 * 1024.0).reshape(2048, 1024), replicated)}
+  opt_state = {"m": jax.device_put(jnp.ones((512,)), replicated)}
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=1, async_save=False)
+  ckpt.save(1, params, opt_state, "{}", {}, {})
+  ckpt.manager.wait_until_finished()
+  assert not slices
+  shardings = lambda tree: jax.tree.map(lambda _: replicated, tree)  # noqa: E731
+  restored, _, _, _ = ckpt.restore(1, params, shardings(params), opt_state, shardings(opt_state))
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(2048 * 1024.0).reshape(2048, 1024))

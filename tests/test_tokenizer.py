@@ -123,3 +123,28 @@ def test_tokenizer_dir_with_tokenizer_json(tmp_path):
 def test_tokenizer_dir_without_files_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match="vocab.json"):
     tokenizer.tokenize("a dog", tokenizer_dir=tmp_path)
+
+
+@pytest.mark.parametrize("vocab_size", [None, 300])
+def test_the_bpe_is_transformers_clip_tokenizers_own(tmp_path, vocab_size):
+  """The word encoder, built directly with `tokenizers` (no transformers import), is the BPE model, special tokens
+  and decoder of transformers' CLIPTokenizer for the same vocabulary, field for field, beside the pre-tokenizer the
+  original's word split needs."""
+  folder = None
+  if vocab_size is not None:
+    folder = tmp_path
+    _write_vocab_dir(folder, vocab_size)
+  theirs = json.loads(tokenizer.get_tokenizer(folder).backend_tokenizer.to_str())
+  theirs.update(normalizer=None, post_processor=None,
+                pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False})
+  assert json.loads(tokenizer._word_encoder(folder).to_str()) == theirs
+
+
+def test_tokenizing_does_not_import_transformers():
+  import subprocess
+  import sys
+  code = ("import sys; from clipvip_jax import tokenizer; ids, _ = tokenizer.tokenize(['a dog', 'Two &amp; MEN']); "
+          "print(ids[0, :4].tolist(), 'transformers' in sys.modules)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split("]")[1].split() == ["False"] and r.stdout.startswith("[49406, 320, 1929, 49407")

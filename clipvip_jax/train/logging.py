@@ -76,6 +76,22 @@ def compiled_flops(compiled: Any) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
+def _summary_writer(folder: pathlib.Path):
+  """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet: tensorboardX imports it
+  only to accept torch tensors (this writer gets floats), and that import costs each training process ~1.7 s of
+  start-up. A None in sys.modules makes `import torch` raise ImportError, which tensorboardX handles."""
+  import sys
+  block = "torch" not in sys.modules
+  if block:
+    sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if block and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter(str(folder))
+
+
 class RunLogger:
   """TensorBoard scalars + progress bar. `scalars(step, {...})` at log steps, `advance(n)` every step."""
 
@@ -84,8 +100,7 @@ class RunLogger:
     self.is_main = jax.process_index() == 0
     self.writer = None
     if self.is_main and tensorboard:
-      from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self.writer = _summary_writer(pathlib.Path(workdir) / "tensorboard")
     # Appended to across resumes: a resumed run's lines repeat steps after its last checkpoint; readers keep the last.
     self.jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a") if self.is_main else None
     self.bar = None
