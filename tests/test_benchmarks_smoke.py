@@ -139,3 +139,28 @@ def test_host_allocator_main_tiny():
     assert len(r["times"]) == 2 and all(t > 0 for t in r["times"]) and r["temp_bytes"] > 0
   keep = by_name["glibc keep (MALLOC_KEEP)"]
   assert max(keep["faults"]) < 1000, keep["faults"]  # nothing is unmapped between steps, so nothing faults
+
+
+def test_plan_bytes_reads_operands_and_results_off_the_optimised_hlo():
+  """benchmarks/plan_bytes.py: a fusion counts its operands and result, split by memory space (S(1): on chip); an
+  async copy or slice counts its destination read and written, not its source buffer; views and ConcatBitcast
+  count nothing."""
+  from benchmarks import plan_bytes
+  hlo = """
+ENTRY %main.1 (p0: bf16[64,128], p1: f32[1024]) -> bf16[64,128] {
+  %p0 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %p1 = s8[4096]{0} parameter(1)
+  %fusion.1 = bf16[64,128]{1,0:T(8,128)(2,1)S(1)} fusion(%p0), kind=kLoop, metadata={op_name="jit(step)/jvp()/add" source_line=3}
+  %slice-start.1 = ((s8[4096]{0}), s8[512]{0:S(1)}, s32[]) slice-start(%p1), metadata={op_name="x"}
+  %copy-start.2 = (bf16[64,128]{1,0}, bf16[64,128]{1,0}, u32[]) copy-start(%fusion.1)
+  %custom-call.3 = f32[128]{0:S(1)} custom-call(%slice-start.1), custom_call_target="ConcatBitcast"
+  %bitcast.4 = bf16[8192]{0} bitcast(%fusion.1)
+  ROOT %fusion.5 = bf16[64,128]{1,0} fusion(%fusion.1, %p0), kind=kOutput, metadata={op_name="jit(step)/jvp(...i,io->...o)/dot_general"}
+}
+"""
+  a = 64 * 128 * 2
+  assert plan_bytes.op_bytes(hlo) == {
+      "jit(step)/jvp()/add": [a, a],  # reads p0 from HBM, writes its result on chip
+      "x": [0, 2 * 512],  # the 512-byte destination, not the 4096-byte source
+      "(copy-start, no op name)": [2 * a, 0],
+      "jit(step)/jvp(...i,io->...o)/dot_general": [2 * a, a]}
