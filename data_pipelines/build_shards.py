@@ -34,7 +34,6 @@ import os
 import re
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -118,21 +117,25 @@ def _write_shard(job: tuple[ShardTask, str, str, FrameOptions]) -> int:
 
 
 def _ignore_sigint() -> None:
+  # A Ctrl-C that reached the worker while it started is pending (blocked, see _spawn_pool): ignoring discards it.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _spawn_pool(processes: int) -> Any:
-  """A spawn Pool whose workers ignore SIGINT from birth: an ignored signal stays ignored across exec, and Python
-  then installs no KeyboardInterrupt handler, so a Ctrl-C while a worker is still importing prints nothing
-  either (the initializer covers a pool made off the main thread, where the parent's handler cannot change)."""
+  """A spawn Pool whose workers never answer SIGINT: they start with it blocked (a signal mask is inherited by the
+  process and kept across exec), so a Ctrl-C while a worker is still importing stays pending and prints nothing,
+  and the initializer then ignores it for good. The parent only blocks it in the calling thread while the pool
+  starts: a Ctrl-C in that window is delivered once the pool exists (or at once to another thread, whose
+  handler wakes the main thread), never lost, as ignoring it there (SIG_IGN, which the workers would inherit)
+  lost it."""
   context = multiprocessing.get_context("spawn")
-  if threading.current_thread() is not threading.main_thread():
+  if not hasattr(signal, "pthread_sigmask"):  # not POSIX: the initializer alone
     return context.Pool(processes, initializer=_ignore_sigint)
-  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
   try:
     return context.Pool(processes, initializer=_ignore_sigint)
   finally:
-    signal.signal(signal.SIGINT, previous)
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _remove_temporaries(out_dir: str) -> None:

@@ -98,3 +98,16 @@ def tree_state(root: pathlib.Path) -> dict[str, tuple[bytes, int]]:
   leave its output untouched (a relaunched finished build or conversion)."""
   return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
           for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _sigint_left_as_found(request):
+  """A test that leaves this process's SIGINT ignored makes every command the later tests start inherit it (an
+  ignored signal survives exec), so their Ctrl-C tests would see nothing: restore it, and say which test did it."""
+  import signal
+  import warnings
+  before = signal.getsignal(signal.SIGINT)
+  yield
+  if before is not signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
+    warnings.warn(f"{request.node.nodeid} left SIGINT ignored (restored)")

@@ -454,6 +454,36 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(shards, compile_cache, tmp
 # ------------------------------------------------------------------------------------------ build_shards Ctrl-C
 
 
+# A Python started as from a terminal: SIGINT at its default and unblocked, whatever this test process inherited or
+# was left with by the tests before it (an ignored or blocked SIGINT is inherited across exec, and a command would
+# then rightly not answer Ctrl-C). Followed by the interpreter's arguments.
+AS_FROM_TERMINAL = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
+
+
+def test_a_ctrl_c_while_the_worker_pool_starts_is_not_lost():
+  """build_shards' parent blocks SIGINT (it used to ignore it) while its spawn pool starts, so that the workers are
+  born deaf to it: a Ctrl-C in that window still stops the parent. The pool's start is replaced by one that
+  receives the Ctrl-C; in a process of its own, so the signal stays out of pytest."""
+  code = """
+import multiprocessing, os, signal, time
+from data_pipelines import build_shards
+context = multiprocessing.get_context("spawn")
+context.Pool = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT) or "pool"
+try:
+  pool = build_shards._spawn_pool(2)
+  for _ in range(200):
+    time.sleep(0.001)
+  print("lost", pool)
+except KeyboardInterrupt:
+  print("interrupted", signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set())
+"""
+  r = subprocess.run(AS_FROM_TERMINAL + ["-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["interrupted", "True"], r.stdout  # and the parent's signal mask is restored
+
+
 @pytest.mark.slow
 def test_build_shards_ctrl_c_is_one_line_and_the_rerun_finishes(tmp_path):
   import numpy as np
@@ -470,8 +500,8 @@ def test_build_shards_ctrl_c_is_one_line_and_the_rerun_finishes(tmp_path):
   ann.write_text("\n".join(lines) + "\n")
   cmd = [sys.executable, "-m", "data_pipelines.build_shards", "--videos", str(videos), "--annotations", str(ann),
          "--out", str(tmp_path / "out"), "--shard-size", "1", "--workers", "2", "--quiet"]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+  proc = subprocess.Popen(AS_FROM_TERMINAL + cmd[1:], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
   # Ctrl-C once the first shard is finished: the workers run (they ignore SIGINT) and ~119 shards remain. (A fixed
   # sleep after the plan sometimes landed before the pool existed, or after the last shard on a loaded machine.)
   deadline = time.time() + 120
@@ -480,7 +510,7 @@ def test_build_shards_ctrl_c_is_one_line_and_the_rerun_finishes(tmp_path):
   os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: the whole process group
   out, err = proc.communicate(timeout=120)
   if proc.returncode == 0:
-    pytest.skip("the build finished before Ctrl-C arrived")
+    pytest.skip(f"the build finished before Ctrl-C arrived (SIGINT here: {signal.getsignal(signal.SIGINT)})")
   assert proc.returncode == 130, err[-3000:]
   assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
   assert err.strip().splitlines() == [f"build_shards: interrupted; finished shards are kept in {tmp_path / 'out'}: "
