@@ -202,8 +202,8 @@ def tokenize(
   """
   if max_len < 2:
     raise ValueError(f"tokenize: max_len={max_len} leaves no room for the start and end tokens (need >= 2)")
-  vocab, _ = _checked_vocab_and_merges(tokenizer_dir)
-  start, end = vocab[_START_TOKEN], vocab[_END_TOKEN]
+  encoder = _word_encoder(tokenizer_dir)  # built once per folder: the vocabulary is not read again per call
+  start, end = encoder.token_to_id(_START_TOKEN), encoder.token_to_id(_END_TOKEN)
   bpe_ids = encode_bpe(texts, tokenizer_dir)
   ids = np.zeros((len(bpe_ids), max_len), np.int32)
   mask = np.zeros((len(bpe_ids), max_len), np.int32)
