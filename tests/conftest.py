@@ -15,6 +15,12 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 # tests start inherit it; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off. A module whose checks hold for the
 # optimised program only uses the `fully_optimised` fixture below.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# XLA:CPU's MLIR fusion emitters compile every fusion on a thread pool of its own: the suite's compiles cost about
+# twice the CPU time they do with the older emitters (CLIP2Video's parity step: 16-19 -> 7.5-9 CPU s; the
+# suite runs one test process per core, so CPU time is its wall time). Same HLO, same fusions; set in XLA_FLAGS
+# before any backend starts, so the commands the tests start (launch_local keeps other flags) inherit it too.
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
 # Where the suite has a persistent compilation cache (JAX_COMPILATION_CACHE_DIR, `make test`), every program goes
 # into it, not only those that took a second to compile: the test processes, and the commands they start, build
 # the same small programs again and again (a repeated tiny training command: 25 -> 19 CPU s).

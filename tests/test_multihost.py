@@ -6,6 +6,7 @@ stderr filter on their own (fast). A SIGKILLed process: tests/test_multihost_los
 """
 
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -50,14 +51,16 @@ def test_launch_local_prefixes_output_and_ends_the_others_on_failure():
             "if i == 1:\n  sys.exit(3)\n"
             "time.sleep(60)\n")
   started = time.time()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_some_flag=1"}
   done = subprocess.run([sys.executable, "-m", "clipvip_jax.launch_local", "--processes", "2",
                          "--devices-per-process", "3", "--", "python", "-c", script],
-                        capture_output=True, text=True, timeout=60, cwd=REPO)
+                        capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
   assert done.returncode == 3, done.stdout + done.stderr
   assert time.time() - started < 30  # process 0 was ended, not waited for
   lines = done.stdout.splitlines()
-  assert "[0] hello from 0 2 --xla_force_host_platform_device_count=3" in lines
-  assert "[1] hello from 1 2 --xla_force_host_platform_device_count=3" in lines
+  # The device count replaced, the other flags kept.
+  assert "[0] hello from 0 2 --xla_some_flag=1 --xla_force_host_platform_device_count=3" in lines
+  assert "[1] hello from 1 2 --xla_some_flag=1 --xla_force_host_platform_device_count=3" in lines
   assert any(line.startswith("[launch_local] process 1 ended (exit status 3); ending process(es) 0")
              for line in lines)
   bad = subprocess.run([sys.executable, "-m", "clipvip_jax.launch_local", "--processes", "2", "python"],
