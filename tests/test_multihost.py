@@ -1,5 +1,5 @@
-"""Several JAX processes (issue 13), run here as 2 local processes x 4 CPU devices over gloo (launch_local) against
-1 process x 8 devices: the same global batches, losses and parameters; SIGTERM to every process saves one step
+"""Several JAX processes (issue 13), run here as 2 local processes x 2 CPU devices over gloo (launch_local) against
+1 process x 8 devices (so the topology changes too): the same global batches, losses and parameters; SIGTERM to every process saves one step
 and the relaunch finishes bit-identically; checkpoints resume across process and worker counts at exactly the
 next global batch; evaluation is the same on any process count. Plus the launcher, the environment rules and the
 stderr filter on their own (fast). A SIGKILLed process: tests/test_multihost_lost_process.py.
@@ -106,7 +106,9 @@ def _train_args(workdir, shards, compile_cache, *extra):
           f"--config.compilation_cache_dir={compile_cache}", *extra]
 
 
-def _launch(args, processes=2, devices=4, **kw):
+# 2 devices per process: XLA:CPU runs a cross-process collective as one gloo operation per operand across every
+# device of the job, and on 2 cores 8 gloo ranks cost ~4x 4 ranks per step (a tiny 16-step run: 51 -> 38 CPU s).
+def _launch(args, processes=2, devices=2, **kw):
   command = [sys.executable, "-m", "clipvip_jax.launch_local", "--processes", str(processes),
              "--devices-per-process", str(devices), "--", sys.executable, "-m", *args]
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
@@ -156,7 +158,7 @@ def one_process(shards, compile_cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(shards, compile_cache, tmp_path_factory):
-  """The uninterrupted run on 2 processes x 4 devices."""
+  """The uninterrupted run on 2 processes x 2 devices."""
   run = tmp_path_factory.mktemp("two") / "run"
   _run(["clipvip_jax.train", *_train_args(run, shards, compile_cache)])
   return run

@@ -31,7 +31,7 @@ def test_sigkill_of_one_process_ends_the_other_with_one_sentence(shards, compile
   port = launch_local.free_port()
   procs = []
   for index in range(2):
-    env = launch_local.process_env(dict(os.environ), index, 2, 4, port)
+    env = launch_local.process_env(dict(os.environ), index, 2, 2, port)
     procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, start_new_session=True))
   try:
