@@ -29,10 +29,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import re
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +40,7 @@ import tqdm
 from data_pipelines.clip_annotation import AnnotationLineError, ClipAnnotation, read_annotation_lines
 from data_pipelines.manifest import MANIFEST_NAME, make_manifest, write_json_atomic, write_manifest
 from data_pipelines.shard_writer import ShardWriter, clip_to_record_or_reason, shard_name, skip_entry
+from data_pipelines import worker_pool
 from data_pipelines.video_io import FrameOptions
 
 PRODUCER = "data_pipelines.build_shards"
@@ -116,28 +115,6 @@ def _write_shard(job: tuple[ShardTask, str, str, FrameOptions]) -> int:
   return len(task.annotations)
 
 
-def _ignore_sigint() -> None:
-  # A Ctrl-C that reached the worker while it started is pending (blocked, see _spawn_pool): ignoring discards it.
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _spawn_pool(processes: int) -> Any:
-  """A spawn Pool whose workers never answer SIGINT: they start with it blocked (a signal mask is inherited by the
-  process and kept across exec), so a Ctrl-C while a worker is still importing stays pending and prints nothing,
-  and the initializer then ignores it for good. The parent only blocks it in the calling thread while the pool
-  starts: a Ctrl-C in that window is delivered once the pool exists (or at once to another thread, whose
-  handler wakes the main thread), never lost, as ignoring it there (SIG_IGN, which the workers would inherit)
-  lost it."""
-  context = multiprocessing.get_context("spawn")
-  if not hasattr(signal, "pthread_sigmask"):  # not POSIX: the initializer alone
-    return context.Pool(processes, initializer=_ignore_sigint)
-  previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-  try:
-    return context.Pool(processes, initializer=_ignore_sigint)
-  finally:
-    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _remove_temporaries(out_dir: str) -> None:
   for folder in (out_dir, os.path.join(out_dir, PROGRESS_DIR)):
     for name in os.listdir(folder):
@@ -189,7 +166,7 @@ def build_shards(annotations: Sequence[ClipAnnotation], videos_dir: str, out_dir
       # spawn, not fork: the parent may hold threads (PyAV, JAX in a notebook) that fork would copy broken.
       # Workers ignore Ctrl-C: the terminal sends SIGINT to the whole process group, and only the parent should
       # answer it (one line, then the pool is terminated); temporaries of unfinished shards go at the next run.
-      with _spawn_pool(min(workers, len(jobs))) as pool:
+      with worker_pool.spawn_pool(min(workers, len(jobs))) as pool:
         for done in pool.imap_unordered(_write_shard, jobs):
           bar.update(done)
 

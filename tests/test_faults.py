@@ -463,16 +463,16 @@ AS_FROM_TERMINAL = [sys.executable, "-c", "import os, signal, sys; signal.signal
 
 
 def test_a_ctrl_c_while_the_worker_pool_starts_is_not_lost():
-  """build_shards' parent blocks SIGINT (it used to ignore it) while its spawn pool starts, so that the workers are
-  born deaf to it: a Ctrl-C in that window still stops the parent. The pool's start is replaced by one that
-  receives the Ctrl-C; in a process of its own, so the signal stays out of pytest."""
+  """build_shards' parent blocks SIGINT (it used to ignore it) while its spawn pool (data_pipelines.worker_pool)
+  starts, so that the workers are born deaf to it: a Ctrl-C in that window still stops the parent. The pool's
+  start is replaced by one that receives the Ctrl-C; in a process of its own, so the signal stays out of pytest."""
   code = """
 import multiprocessing, os, signal, time
-from data_pipelines import build_shards
+from data_pipelines import worker_pool
 context = multiprocessing.get_context("spawn")
 context.Pool = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT) or "pool"
 try:
-  pool = build_shards._spawn_pool(2)
+  pool = worker_pool.spawn_pool(2)
   for _ in range(200):
     time.sleep(0.001)
   print("lost", pool)
@@ -482,6 +482,30 @@ except KeyboardInterrupt:
   r = subprocess.run(AS_FROM_TERMINAL + ["-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
   assert r.stdout.split() == ["interrupted", "True"], r.stdout  # and the parent's signal mask is restored
+
+
+def test_the_pools_workers_are_born_with_sigint_blocked():
+  """The workers must not answer a Ctrl-C even while they import (before their initializer ignores it): they start
+  with SIGINT blocked, inherited from the parent's mask while the pool starts. Starting the pool's first lock
+  launches multiprocessing's resource tracker, which unblocks SIGINT in the calling thread; before build_shards
+  started the tracker first, every worker started with nothing blocked (a Ctrl-C during their imports printed a
+  traceback). In a fresh process, where no tracker runs yet; each worker's mask read from /proc at once."""
+  code = """
+import signal
+from data_pipelines import worker_pool
+pool = worker_pool.spawn_pool(2)
+for worker in pool._pool:
+  status = open(f"/proc/{worker.pid}/status").read()
+  blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+  print(bool(blocked & (1 << (signal.SIGINT - 1))))
+print(signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set())
+pool.terminate()
+"""
+  if not pathlib.Path("/proc/self/status").exists():
+    pytest.skip("reads signal masks from /proc (Linux)")
+  r = subprocess.run(AS_FROM_TERMINAL + ["-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["True", "True", "True"], r.stdout  # both workers; the parent's mask restored
 
 
 @pytest.mark.slow

@@ -26,7 +26,6 @@ import functools
 import inspect
 import json
 import logging
-import multiprocessing
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
+from data_pipelines import worker_pool
 from data_pipelines.annotations import Clip, join_paragraph
 from data_pipelines.clip_annotation import AnnotationLineError, ClipAnnotation, parse_annotation
 from data_pipelines.records import ClipRecord, encode_record
@@ -168,7 +168,7 @@ def convert_clips(annotations: Sequence[ClipAnnotation], options: FrameOptions,
     for annotation in annotations:
       yield (annotation, *convert(annotation))
     return
-  with multiprocessing.get_context("spawn").Pool(min(num_workers, len(annotations))) as pool:
+  with worker_pool.spawn_pool(min(num_workers, len(annotations))) as pool:  # Ctrl-C: the parent's alone
     for annotation, (record, reason) in zip(annotations, pool.imap(convert, annotations, chunksize=2)):
       yield annotation, record, reason
 
