@@ -128,6 +128,7 @@ def test_plan_of_a_small_v5e_slice(v5e_plan):
   assert p["model_flops"] > 0 and p["compiler_flops"] > 0 and p["step_seconds"] > 0
   assert p["step_seconds_source"] in ("compiler", "roofline") and 0 < p["mfu"] < 1
   assert p["remat"] == "none"  # "auto" resolved for the TPU target, not for this CPU host ("elementwise")
+  assert p["constrain_activations"] is True  # "auto", resolved for the TPU target too (on this CPU host: False)
   # Data parallel: the gradients are summed over the 4 chips in float32 (bytes >= 4 x the parameter count).
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(planner.lower_train_step(
       _config(), planner.make_mesh(_config(), targets.describe("v5e:2x2").devices))[0].model.params))

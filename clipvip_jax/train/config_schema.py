@@ -82,7 +82,9 @@ TOP: dict[str, Key] = {
     "record_batches": Key(False, "every global batch's clip ids to WORKDIR/batches.jsonl (debugging)"),
     "mesh": Key((-1, 1, 1), "(data, fsdp, tensor) mesh shape; -1 takes the remaining devices"),
     "sharding_rules": Key(tuple(DEFAULT_RULES), "logical axis -> mesh axes (train/sharding.py)"),
-    "constrain_activations": Key(False, "pin each block's residual stream to batch sharding (useful under FSDP)"),
+    "constrain_activations": Key(None, "pin each block's residual stream to batch sharding: True | False | None "
+                                 "or 'auto' (True on TPU and under FSDP: sharding.resolve_constrain_activations)",
+                                 (bool, str)),
 }
 
 MODEL: dict[str, Key] = {

@@ -40,7 +40,8 @@ def format_plan(p: dict[str, Any]) -> str:
   hbm = p["hbm"]
   lines = [f"{p['topology']}: {p['num_chips']} x {p['chip']} ({p['device_kind']}), {p['num_hosts']} host(s); mesh "
            f"{p['mesh']}, global batch {p['global_batch']} ({p['per_chip_batch']:g} per chip), remat {p['remat']}, "
-           f"attention {p.get('attention', 'xla')}",
+           f"attention {p.get('attention', 'xla')}, constrained activations "
+           f"{'yes' if p.get('constrain_activations') else 'no'}",
            f"  {p['compiler']}, jax {p['jax']}; train step compiled in {p['compile_seconds']:.0f} s",
            "per chip:",
            f"  HBM       {_gib(hbm['peak'])} of {_gib(p['hbm_capacity_bytes'])} "

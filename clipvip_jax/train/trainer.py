@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from clipvip_jax.models import layers
 from clipvip_jax.runtime import host_allocator
 from clipvip_jax.train import checkpoint as ckpt_lib
 from clipvip_jax.train import logging as run_logging
@@ -76,6 +77,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config needs total_steps or num_epochs")
   if config.mode not in step_lib.MODES:
     raise ValueError(f"config.mode = {config.mode!r}; known: {step_lib.MODES}")
+  if config.get("constrain_activations") not in (None, True, False, "auto"):
+    raise ValueError(f"config.constrain_activations = {config.constrain_activations!r}; use True, False or 'auto' "
+                     "(None)")
 
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
@@ -89,6 +93,13 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   checkpoint = (config.get("init") or {}).get("checkpoint")
   if checkpoint and not pathlib.Path(checkpoint).exists():
     raise FileNotFoundError(f"config.init.checkpoint {checkpoint} does not exist")
+
+
+def constrain_activations(config: ml_collections.ConfigDict, mesh) -> bool:
+  """Whether the run pins each block's residual stream to the batch split, for the chip the model is built for
+  (the planner's target, else this machine's backend)."""
+  return sharding.resolve_constrain_activations(config.get("constrain_activations"), mesh,
+                                                layers.current_target().platform)
 
 
 def total_steps_of(config: ml_collections.ConfigDict) -> int:
@@ -238,7 +249,7 @@ def setup_training(config: ml_collections.ConfigDict, mesh, rules, total_steps: 
                                         opt_shardings=opt_shardings,
                                         batch_sharding=sharding.batch_sharding(mesh, rules, 1),
                                         constrain_activations=(sharding.activation_constraint(mesh, rules)
-                                                               if config.get("constrain_activations") else None),
+                                                               if constrain_activations(config, mesh) else None),
                                         gather_weights=sharding.weight_gather(mesh, rules) if fsdp else None)
   return TrainingSetup(ms, tx, schedule, param_rules, opt_state, opt_shardings, objective, train_step)
 
