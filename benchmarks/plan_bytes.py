@@ -6,9 +6,15 @@ that made it), and, given a second config, the difference (e.g. one more layer).
   python -m benchmarks.plan_bytes --topology v6e:2x2 --config benchmarks/plan_experiments.py:pallas \
       --minus benchmarks/plan_experiments.py:pallas,2
 
-Each compile takes 2-3 minutes on 2 cores (one at a time: libtpu allows one process). The per-op sum is this
-script's reading, not the compiler's: it lands within ~10% of cost_analysis()'s "bytes accessed", and it counts
-operands in on-chip memory (layouts with S(1)) separately.
+and why the recipes constrain activations on TPU (the whole B/16 step on v6e-64; the table is the unconstrained
+program's bytes less the constrained one's, i.e. what the constraint saves):
+
+  python -m benchmarks.plan_bytes --topology v6e:8x8 --config configs/clipvip_pretrain.py:B/16 \
+      --set constrain_activations=True --minus-set constrain_activations=False
+
+Each compile takes 1.5-3 minutes on 2 cores, a whole B/16 step 4-5 (one at a time: libtpu allows one process).
+The per-op sum is this script's reading, not the compiler's: on these programs it comes to 70-80% of
+cost_analysis()'s "bytes accessed", and it counts operands in on-chip memory (layouts with S(1)) separately.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+from collections.abc import Sequence
 
 from clipvip_jax.models import layers
 from clipvip_jax.train import cli, planner, targets
@@ -75,8 +82,11 @@ def op_bytes(hlo: str) -> dict[str, list[int]]:
   return dict(out)
 
 
-def compile_hlo(spec: str, topology: str) -> tuple[str, dict[str, float]]:
+def compile_hlo(spec: str, topology: str, overrides: Sequence[str] = ()) -> tuple[str, dict[str, float]]:
   config = cli.load_config(spec)
+  for item in overrides:  # KEY=VALUE, as --config.KEY=VALUE on a command line
+    key, _, value = item.partition("=")
+    cli.apply_override(config, key, value)
   slice_ = targets.describe(topology)
   mesh = planner.make_mesh(config, slice_.devices)
   _, lowered = planner.lower_train_step(config, mesh, layers.Target(slice_.platform, slice_.device_kind))
@@ -88,18 +98,23 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--minus", help="a second config; the table is --minus's bytes less --config's")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of --config")
+  parser.add_argument("--minus-set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override of --minus (which defaults to --config when only overrides are given)")
   parser.add_argument("--topology", default="v6e:2x2")
   parser.add_argument("--top", type=int, default=25)
   args = parser.parse_args()
   import jax
   jax.config.update("jax_platforms", "cpu")
   targets.ensure_libtpu()
-  hlo, cost = compile_hlo(args.config, args.topology)
+  if args.minus_set and not args.minus:
+    args.minus = args.config
+  hlo, cost = compile_hlo(args.config, args.topology, args.set)
   table = op_bytes(hlo)
   print(f"{args.config} on {args.topology}: compiler {cost.get('bytes accessed', 0) / 1e9:.2f} GB, "
         f"{cost.get('flops', 0) / 1e12:.3f} TFLOP")
   if args.minus:
-    hlo2, cost2 = compile_hlo(args.minus, args.topology)
+    hlo2, cost2 = compile_hlo(args.minus, args.topology, args.minus_set)
     other = op_bytes(hlo2)
     print(f"{args.minus}: compiler {cost2.get('bytes accessed', 0) / 1e9:.2f} GB, "
           f"{cost2.get('flops', 0) / 1e12:.3f} TFLOP; difference "
