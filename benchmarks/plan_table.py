@@ -63,13 +63,16 @@ def row(p: dict) -> str:
   collectives = "; ".join(
       f"{k} {v['count']}" + (f" ({v['distinct']} distinct)" if v.get("distinct", v["count"]) != v["count"] else "")
       + f", {_bytes(v['bytes'])}" for k, v in sorted(comms.items(), key=lambda kv: -kv[1]["bytes"]))
+  setting = ", ".join([p["remat"], p.get("attention", "xla")]
+                      + ["constrained"] * bool(p.get("constrain_activations"))
+                      + ["fsdp"] * (p.get("mesh", {}).get("fsdp", 1) > 1))
   return (f"| {label} ({p['global_batch']}, {p['per_chip_batch']:g}/chip) | {p['topology']} ({p['num_chips']}) | "
-          f"{p['remat']}, {p.get('attention', 'xla')}{', constrained' if p.get('constrain_activations') else ''}{', fsdp' if p.get('mesh', {}).get('fsdp', 1) > 1 else ''} | {hbm} | {flops} | {step} | {mfu} | {collectives or 'unavailable'} | {full} | "
+          f"{setting} | {hbm} | {flops} | {step} | {mfu} | {collectives or 'unavailable'} | {full} | "
           f"{p['compile_seconds']:.0f} s |")
 
 
-HEADER = ("| case (global batch, per chip) | slice (chips) | remat, attention (, constrained activations, fsdp mesh) | fits? HBM peak / capacity | model / compiler "
-          "TFLOP | step (source) | MFU | collectives (count, bytes) | full run | compile |\n"
+HEADER = ("| case (global batch, per chip) | slice (chips) | remat, attention (, constrained activations, fsdp mesh) "
+          "| fits? HBM peak / capacity | model / compiler TFLOP | step (source) | MFU | collectives (count, bytes) | full run | compile |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
 
 

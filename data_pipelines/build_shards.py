@@ -163,9 +163,8 @@ def build_shards(annotations: Sequence[ClipAnnotation], videos_dir: str, out_dir
       for job in jobs:
         bar.update(_write_shard(job))
     else:
-      # spawn, not fork: the parent may hold threads (PyAV, JAX in a notebook) that fork would copy broken.
-      # Workers ignore Ctrl-C: the terminal sends SIGINT to the whole process group, and only the parent should
-      # answer it (one line, then the pool is terminated); temporaries of unfinished shards go at the next run.
+      # Only the parent answers Ctrl-C (worker_pool): one line, then the pool is terminated; temporaries of
+      # unfinished shards go at the next run.
       with worker_pool.spawn_pool(min(workers, len(jobs))) as pool:
         for done in pool.imap_unordered(_write_shard, jobs):
           bar.update(done)

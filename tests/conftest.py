@@ -18,8 +18,8 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # XLA:CPU's MLIR fusion emitters compile every fusion on a thread pool of its own: the suite's compiles cost about
 # twice the CPU time they do with the older emitters (CLIP2Video's parity step: 16-19 -> 7.5-9 CPU s; the
 # suite runs one test process per core, so CPU time is its wall time). What the programs compute does not change
-# (every parity test passes at its tolerance); set in XLA_FLAGS
-# before any backend starts, so the commands the tests start (launch_local keeps other flags) inherit it too.
+# (every parity test passes at its tolerance). Set in XLA_FLAGS before any backend starts, so the commands the
+# tests start (launch_local keeps other flags) inherit it too.
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
 # Where the suite has a persistent compilation cache (JAX_COMPILATION_CACHE_DIR, `make test`), every program goes

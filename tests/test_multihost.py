@@ -1,8 +1,8 @@
 """Several JAX processes (issue 13), run here as 2 local processes x 2 CPU devices over gloo (launch_local) against
-1 process x 8 devices (so the topology changes too): the same global batches, losses and parameters; SIGTERM to every process saves one step
-and the relaunch finishes bit-identically; checkpoints resume across process and worker counts at exactly the
-next global batch; evaluation is the same on any process count. Plus the launcher, the environment rules and the
-stderr filter on their own (fast). A SIGKILLed process: tests/test_multihost_lost_process.py.
+1 process x 8 devices (so the topology changes too): the same global batches, losses and parameters; SIGTERM to
+every process saves one step and the relaunch finishes bit-identically; checkpoints resume across process and
+worker counts at exactly the next global batch; evaluation is the same on any process count. Plus the launcher,
+the environment rules and the stderr filter on their own (fast). A SIGKILLed process: tests/test_multihost_lost_process.py.
 """
 
 import json

@@ -219,7 +219,7 @@ def test_elementwise_remat_gives_the_same_values_and_gradients_and_keeps_less():
 
 def test_auto_constrain_activations_is_on_for_tpu_and_fsdp_only():
   """config.constrain_activations "auto" (the default): on for TPU targets (B/16 pretraining planned on v6e-64
-  moved 30% fewer bytes with it) and under FSDP, off for data-parallel CPU/GPU runs; True/False are kept, anything
+  moved 23% fewer bytes with it) and under FSDP, off for data-parallel CPU/GPU runs; True/False are kept, anything
   else is one sentence."""
   from clipvip_jax.train import config_schema, sharding
   assert config_schema.TOP["constrain_activations"].default is None  # = "auto"

@@ -286,7 +286,6 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
   facts["remat"] = layers.resolve_remat(config.model.get("remat", "auto"), slice_.platform, slice_.device_kind)
   with layers.build_target(target):
     facts["attention"] = layers.resolve_attention(config.model.get("attention"))
-  with layers.build_target(target):
     facts["constrain_activations"] = trainer.constrain_activations(config, mesh)
   facts["mesh"] = dict(mesh.shape)
   facts["per_chip_batch"] = int(config.data.batch_size) / trainer.batch_devices(mesh, config.sharding_rules)

@@ -136,11 +136,16 @@ def resolve_constrain_activations(value: bool | str | None, mesh: Mesh, platform
   compiler does under plain data parallelism: the values are the same, but B/16 pretraining planned for v6e-64
   moved 23% fewer bytes per step (the proxy-attention kernel's gradients are no longer transposed in HBM around
   it; section 4)."""
+  check_constrain_activations(value)
   if value is None or value == "auto":
     return platform == "tpu" or mesh.shape.get("fsdp", 1) > 1
-  if isinstance(value, bool):
-    return value
-  raise ValueError(f"config.constrain_activations = {value!r}; use True, False or 'auto' (None)")
+  return value
+
+
+def check_constrain_activations(value: Any) -> None:
+  """One sentence (ValueError) unless `value` is True, False, "auto" or None."""
+  if not (value is None or isinstance(value, bool) or value == "auto"):
+    raise ValueError(f"config.constrain_activations = {value!r}; use True, False or 'auto' (None)")
 
 
 def weight_gather(mesh: Mesh, rules):

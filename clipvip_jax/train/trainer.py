@@ -77,9 +77,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config needs total_steps or num_epochs")
   if config.mode not in step_lib.MODES:
     raise ValueError(f"config.mode = {config.mode!r}; known: {step_lib.MODES}")
-  if config.get("constrain_activations") not in (None, True, False, "auto"):
-    raise ValueError(f"config.constrain_activations = {config.constrain_activations!r}; use True, False or 'auto' "
-                     "(None)")
+  sharding.check_constrain_activations(config.get("constrain_activations"))
 
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
