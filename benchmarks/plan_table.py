@@ -65,15 +65,19 @@ def row(p: dict) -> str:
       + f", {_bytes(v['bytes'])}" for k, v in sorted(comms.items(), key=lambda kv: -kv[1]["bytes"]))
   setting = ", ".join([p["remat"], p.get("attention", "xla")]
                       + ["constrained"] * bool(p.get("constrain_activations"))
-                      + ["fsdp"] * (p.get("mesh", {}).get("fsdp", 1) > 1))
+                      + ["fsdp"] * (p.get("mesh", {}).get("fsdp", 1) > 1)
+                      + ["conv patches"] * (p.get("patch_embedding") == "conv"))
+  ops = p.get("op_sum")  # plans made before the planner read per-op cycles have none
+  op_sum = f"{ops['seconds'] * 1e3:.0f} ms, {100 * ops['mfu']:.0f}%" if ops and ops.get("mfu") else ""
   return (f"| {label} ({p['global_batch']}, {p['per_chip_batch']:g}/chip) | {p['topology']} ({p['num_chips']}) | "
-          f"{setting} | {hbm} | {flops} | {step} | {mfu} | {collectives or 'unavailable'} | {full} | "
+          f"{setting} | {hbm} | {flops} | {step} | {mfu} | {op_sum} | {collectives or 'unavailable'} | {full} | "
           f"{p['compile_seconds']:.0f} s |")
 
 
-HEADER = ("| case (global batch, per chip) | slice (chips) | remat, attention (, constrained activations, fsdp mesh) "
-          "| fits? HBM peak / capacity | model / compiler TFLOP | step (source) | MFU | collectives (count, bytes) | full run | compile |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| case (global batch, per chip) | slice (chips) | remat, attention (, constrained activations, fsdp mesh, "
+          "conv patches) | fits? HBM peak / capacity | model / compiler TFLOP | step (source) | MFU "
+          "| op sum, its MFU | collectives (count, bytes) | full run | compile |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 PLANS = pathlib.Path("benchmarks/results/plans")

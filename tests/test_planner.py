@@ -23,10 +23,12 @@ CI = os.environ.get("CI", "").lower() == "true"
 
 
 # The tiny test model with a vision tower whose activations, not the text tower's 49,408-row embedding, dominate
-# the step's memory: 2 layers of width 64 on 8 frames of 64 x 64 (64 patches each). (One layer would compile a
-# quarter faster, but full remat then frees only ~0.4 MB of the step's ~90 MB: too little to tell from noise.)
+# the step's memory: 2 layers of width 64 on 8 frames of 128 x 128 (256 patches each). (One layer would compile a
+# quarter faster, but full remat then frees too little of the step's ~80 MB of fixed temporaries to tell from
+# noise; and at 64 x 64, since the TPU build computes the patch embedding as a convolution, not as an einsum whose
+# lane-padded relayout of the frames grew with the batch, 4x the batch added under 1 MB.)
 VISION = {"model.clip.vision.width": 64, "model.clip.vision.mlp_dim": 256, "model.clip.vision.layers": 2,
-          "model.clip.vision.image_size": 64, "data.image_size": 64, "data.num_frames": 8,
+          "model.clip.vision.image_size": 128, "data.image_size": 128, "data.num_frames": 8,
           "model.config.temporal_size": 8}
 
 
@@ -127,6 +129,7 @@ def test_plan_of_a_small_v5e_slice(v5e_plan):
   assert p["fits"] and p["hbm"]["arguments"] > 0 and p["hbm"]["temporaries"] > 0
   assert p["model_flops"] > 0 and p["compiler_flops"] > 0 and p["step_seconds"] > 0
   assert p["step_seconds_source"] in ("compiler", "roofline") and 0 < p["mfu"] < 1
+  assert p["op_sum"]["cycles"] > 0 and p["op_sum"]["seconds"] > 0 and 0 < p["op_sum"]["mfu"] < 1
   assert p["remat"] == "none"  # "auto" resolved for the TPU target, not for this CPU host ("elementwise")
   assert p["constrain_activations"] is True  # "auto", resolved for the TPU target too (on this CPU host: False)
   # Data parallel: the gradients are summed over the 4 chips in float32 (bytes >= 4 x the parameter count).
@@ -291,6 +294,7 @@ def test_the_command_plans_gpus_without_one(cuda_plugin, tmp_path):
   assert p["hbm"]["arguments"] > 0 and p["hbm"]["temporaries"] > 0 and p["fits"]
   assert p["remat"] == "none"  # "auto" resolved for the GPU target
   assert p["step_seconds"] is None and p["step_seconds_source"] == "none" and p["model_flops"] > 0
+  assert p["op_sum"] is None  # no per-op cycle estimates from the GPU compiler either
   assert p["collectives"]["all-reduce"]["bytes"] > 0  # the gradients summed over the two GPUs
   assert "no estimate" in r.stdout and p["compiler"].startswith("jax-cuda12-plugin")
 
@@ -311,6 +315,41 @@ def test_ordinary_use_never_loads_libtpu(libtpu):
   assert r.returncode == 0, r.stderr
   assert r.stdout.split() == ["cpu", "2.0", "False"]
   assert "TPU" not in r.stderr and "libtpu" not in r.stderr, r.stderr
+
+
+def test_the_op_sum_reads_the_compilers_cycles_as_the_core_runs_them():
+  """Entry ops' estimated_cycles at the chip's clock; a Pallas kernel at the roofline of its declared cost; a
+  conditional's dearer branch; a loop body times its trip count; fusion bodies not twice; no clock, no sum."""
+  cfg = lambda cycles: '{"flag_configs":[],"window_config":{"estimated_cycles":"%d"}}' % cycles
+  hlo = f"""
+%fused_computation.1 (p: f32[8]) -> f32[8] {{
+  %inner = f32[8]{{0}} multiply(%p, %p), backend_config={cfg(999999)}
+}}
+%cheap_branch (p: f32[8]) -> f32[8] {{
+  %c1 = f32[8]{{0}} copy(%p), backend_config={cfg(100)}
+}}
+%dear_branch (p: f32[8]) -> f32[8] {{
+  %c2 = f32[8]{{0}} copy(%p), backend_config={cfg(5000)}
+}}
+%loop_body (p: f32[8]) -> f32[8] {{
+  %c3 = f32[8]{{0}} copy(%p), backend_config={cfg(300)}
+}}
+ENTRY %main.1 (p0: f32[8]) -> f32[8] {{
+  %fusion.1 = f32[8]{{0}} fusion(%p0), kind=kLoop, calls=%fused_computation.1, backend_config={cfg(2000)}
+  %kernel = f32[8]{{0}} custom-call(%fusion.1), custom_call_target="tpu_custom_call", backend_config={{"custom_call_config":{{"body":"x","cost_estimate":{{"flops":"2000000","transcendentals":"5","bytes_accessed":"3000"}}}}}}
+  %conditional = f32[8]{{0}} conditional(%pred, %kernel, %kernel), branch_computations={{%cheap_branch, %dear_branch}}
+  %while = f32[8]{{0}} while(%conditional), condition=%cond, body=%loop_body, backend_config={{"known_trip_count":{{"n":"4"}}}}
+  %copy-start = (f32[8]{{0}}, f32[8]{{0}}, u32[]) copy-start(%while)
+}}
+"""
+  chip = targets.Chip("test", 1, 1e12, 1e9, 1e9, 1e6)  # 1 MHz: a cycle is a microsecond
+  ops = planner.op_sum(hlo, chip)
+  assert ops["cycles"] == 2000 + 5000 + 4 * 300
+  assert ops["op_seconds"] == pytest.approx(8200e-6)
+  assert ops["kernel_seconds"] == pytest.approx(max(2e6 / 1e12, 3000 / 1e9))  # 3 us: its bytes bound it
+  assert ops["seconds"] == pytest.approx(8200e-6 + 3e-6)
+  assert planner.op_sum(hlo, targets.Chip("gpu", 1, 1e12, 1e9, 1e9)) is None
+  assert planner.op_sum("ENTRY %m () -> f32[] {\n  %c = f32[] constant(0)\n}\n", chip) is None
 
 
 def test_collectives_are_read_off_the_optimised_hlo():

@@ -123,6 +123,26 @@ def test_the_pallas_attention_step_on_a_mesh_equals_xla_on_one_device():
   _assert_params_close(jax.tree.map(np.asarray, params), params_1, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(4, 1, 1), pytest.param((1, 4, 1), marks=pytest.mark.slow)])
+def test_a_step_built_for_tpu_with_the_patch_convolution_equals_the_einsum_on_one_device(shape):
+  """A model built for a TPU target computes its patch embedding as a strided convolution (clip.PATCH_CONV, its own
+  float32 kernel gradient), the CPU build as an einsum. The TPU build's step, on a 4-device batch mesh or under
+  FSDP (where the convolution's kernel is gathered), gives the einsum step's loss and parameters."""
+  from clipvip_jax.models import layers
+  loss_1, params_1, _ = _one_step((1, 1, 1))
+  config = _config()
+  mesh = _mesh(shape)
+  with layers.build_target(layers.Target("tpu")):
+    setup = trainer.setup_training(config, mesh, _rules(config), 10, initial_params=_initial_params())
+  assert setup.model.graphdef is not None and "conv_general_dilated" in str(jax.make_jaxpr(setup.train_step.fn)(
+      *_fresh_state(setup), _place_batch(mesh, _rules(config), _batch())))
+  params, opt_state = _fresh_state(setup)
+  params, _, metrics = setup.train_step(params, opt_state, _place_batch(mesh, _rules(config), _batch()))
+  assert bool(metrics["finite"])
+  assert float(metrics["loss"]) == pytest.approx(loss_1, rel=1e-5)
+  _assert_params_close(jax.tree.map(np.asarray, params), params_1, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 1), pytest.param((2, 2, 2), marks=pytest.mark.slow)])
 def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch_step(shape):
   loss_full, params_full, _ = _one_step(shape, 1)

@@ -125,10 +125,46 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
 
 # The patch embedding's (forward, input gradient, kernel gradient) einsums for layers.project.
 PATCH_EQS = ("bhpwqc,pqcd->bhwd", "bhwd,pqcd->bhpwqc", "bhpwqc,bhwd->pqcd")
+# How each platform computes it (by the build target, as "auto" attention and remat are). TPU: a strided
+# convolution, which the TPU's convolution emitter patchifies in place; the einsum there relaid every frame out
+# into a lane-padded layout first (on v6e the step's most expensive op: docs/performance.md section 4,
+# "The patch embedding on TPU"). CPU and GPU: the einsum (XLA:CPU's convolution is 2-4x slower here).
+AUTO_PATCH_PRODUCT = {"tpu": "conv"}
+
+
+def _conv_forward(x: Array, kernel: Array) -> Array:
+  """[B, H, W, C] x [p, p, C, D] -> [B, H/p, W/p, D]: Conv2d with kernel = stride = p."""
+  p = kernel.shape[0]
+  return jax.lax.conv_general_dilated(x, kernel, (p, p), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_input_grad(g: Array, kernel: Array) -> Array:
+  b, h, w, _ = g.shape
+  p, _, c, _ = kernel.shape
+  x = jax.ShapeDtypeStruct((b, h * p, w * p, c), g.dtype)
+  return jax.linear_transpose(lambda x: _conv_forward(x, kernel), x)(g)[0]
+
+
+def _conv_kernel_grad(x: Array, g: Array) -> Array:
+  """dk[a, b, c, d] = sum over n, i, j of x[n, i*p + a, j*p + b, c] * g[n, i, j, d], summed in float32: a
+  convolution of the frames (batch <-> channel roles swapped) with the output gradient dilated by p."""
+  p = x.shape[1] // g.shape[1]
+  return jax.lax.conv_general_dilated(x, g, (1, 1), "VALID", rhs_dilation=(p, p),
+                                      dimension_numbers=("CHWN", "IHWO", "HWNC"),
+                                      preferred_element_type=jnp.float32)
+
+
+PATCH_CONV = layers.Product(_conv_forward, _conv_input_grad, _conv_kernel_grad)
+
+
+def resolve_patch_product() -> str:
+  """"conv" or "einsum": how a patch embedding built now (for `layers.current_target()`) computes."""
+  return AUTO_PATCH_PRODUCT.get(layers.current_target().platform, "einsum")
 
 
 class PatchEmbedding(nnx.Module):
-  """Conv2d(kernel = stride = patch, no bias) written as patchify + einsum: the same sum, no conv layout games."""
+  """Conv2d(kernel = stride = patch, no bias): patchify + einsum on CPU/GPU, a strided convolution on TPU (the
+  same sum either way; `AUTO_PATCH_PRODUCT`)."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     p, c = cfg.patch_size, cfg.channels
@@ -137,6 +173,7 @@ class PatchEmbedding(nnx.Module):
                                (None, None, None, "embed"))
     self.patch_size = p
     self.dtype = dtype
+    self.product = resolve_patch_product()
 
   def __call__(self, images: Array) -> Array:
     """images [B, H, W, C] -> patch tokens [B, (H/p)*(W/p), width], row-major over the grid (as Conv2d+flatten)."""
@@ -144,8 +181,12 @@ class PatchEmbedding(nnx.Module):
     p = self.patch_size
     if h % p or w % p:
       raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-    x = layers.project(x, self.kernel[...], None, PATCH_EQS, self.dtype, (None, None, None, "embed"))
+    names = (None, None, None, "embed")
+    if self.product == "conv":
+      x = layers.project(images.astype(self.dtype), self.kernel[...], None, PATCH_CONV, self.dtype, names)
+    else:
+      x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+      x = layers.project(x, self.kernel[...], None, PATCH_EQS, self.dtype, names)
     return x.reshape(b, (h // p) * (w // p), -1)
 
 

@@ -75,9 +75,24 @@ HEAD_IN_EQS = ("...d,dnh->...nh", "...nh,dnh->...d", "...d,...nh->dnh")
 HEAD_OUT_EQS = ("...nh,nhd->...d", "...d,nhd->...nh", "...nh,...d->nhd")
 
 
-def project(x: Array, kernel: Array, bias: Array | None, eqs: tuple[str, str, str], dtype: Any,
+@dataclasses.dataclass(frozen=True)
+class Product:
+  """A linear product and its two transposes, for `project`: forward(x, kernel) -> y, input_grad(g, kernel) -> dx,
+  kernel_grad(x, g) -> dk with float32 accumulation AND output (the float32 gradient sum `project` promises)."""
+  forward: Callable[[Array, Array], Array]
+  input_grad: Callable[[Array, Array], Array]
+  kernel_grad: Callable[[Array, Array], Array]
+
+
+def einsum_product(eqs: tuple[str, str, str]) -> Product:
+  forward_eq, input_eq, kernel_eq = eqs
+  return Product(lambda x, w: jnp.einsum(forward_eq, x, w), lambda g, w: jnp.einsum(input_eq, g, w),
+                 lambda x, g: jnp.einsum(kernel_eq, x, g, preferred_element_type=jnp.float32))
+
+
+def project(x: Array, kernel: Array, bias: Array | None, eqs: tuple[str, str, str] | Product, dtype: Any,
             names: Sequence[str | None]) -> Array:
-  """einsum(eqs[0], x, kernel) + bias in `dtype`, for float32 parameters.
+  """einsum(eqs[0], x, kernel) + bias in `dtype`, for float32 parameters (`eqs` may also be a `Product`).
 
   In float32 with no weight gathering this is the plain product (what the parity fixtures check). In a lower
   compute dtype, the backward pass computes the kernel and bias gradients with float32 accumulation and OUTPUT
@@ -85,15 +100,15 @@ def project(x: Array, kernel: Array, bias: Array | None, eqs: tuple[str, str, st
   or, under FSDP, a reduce-scatter that XLA places right after the product) is a float32 sum, like the originals'
   fp32 master gradients, instead of a bfloat16 sum over 64-1,024 chips. The input gradient stays in `dtype`.
   """
+  product = eqs if isinstance(eqs, Product) else einsum_product(eqs)
   gather = _WEIGHT_GATHER.get()
   if jnp.dtype(dtype) == jnp.float32 and gather is None:
-    y = jnp.einsum(eqs[0], x.astype(dtype), kernel)
+    y = product.forward(x.astype(dtype), kernel)
     return y if bias is None else y + bias
   gather_fn = (lambda w: w) if gather is None else (lambda w: gather(w, names))
-  forward_eq, input_eq, kernel_eq = eqs
 
   def forward(x, kernel, bias):
-    y = jnp.einsum(forward_eq, x.astype(dtype), gather_fn(kernel.astype(dtype)))
+    y = product.forward(x.astype(dtype), gather_fn(kernel.astype(dtype)))
     return y if bias is None else y + bias.astype(dtype)
 
   @jax.custom_vjp
@@ -108,8 +123,8 @@ def project(x: Array, kernel: Array, bias: Array | None, eqs: tuple[str, str, st
   def fn_bwd(res, g):
     xc, kernel, bias, x_proto = res
     g = g.astype(dtype)
-    dx = jnp.einsum(input_eq, g, gather_fn(kernel.astype(dtype))).astype(x_proto.dtype)
-    dk = jnp.einsum(kernel_eq, xc, g, preferred_element_type=jnp.float32).astype(kernel.dtype)
+    dx = product.input_grad(g, gather_fn(kernel.astype(dtype))).astype(x_proto.dtype)
+    dk = product.kernel_grad(xc, g).astype(kernel.dtype)
     db = None if bias is None else jnp.sum(g, axis=tuple(range(g.ndim - bias.ndim)), dtype=jnp.float32)
     return dx, dk, None if bias is None else db.astype(bias.dtype)
 

@@ -63,6 +63,11 @@ def format_plan(p: dict[str, Any]) -> str:
   mfu = p.get("mfu")
   lines.append(f"  step      {est} -> MFU {100 * mfu:.0f}% (an estimate, not a measurement)" if mfu is not None
                else f"  step      {est}")
+  ops = p.get("op_sum")
+  if ops:  # the compiler's per-op cycle estimates, summed: a cross-check of the line above
+    lines.append(f"  op sum    {ops['seconds'] * 1e3:.1f} ms: the compiler's per-op cycle estimates one after another "
+                 f"({ops['op_seconds'] * 1e3:.1f} ms) + Pallas kernels at their declared cost "
+                 f"({ops['kernel_seconds'] * 1e3:.1f} ms)" + (f" -> MFU {100 * ops['mfu']:.0f}%" if "mfu" in ops else ""))
   if p["collectives"] is None:
     lines.append("  collectives  unavailable (libtpu could not print this program)")
   else:

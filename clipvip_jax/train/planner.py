@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 import jax
 import ml_collections
 
-from clipvip_jax.models import layers
+from clipvip_jax.models import clip, layers
 from clipvip_jax.train import model_flops, sharding, targets, trainer
 from clipvip_jax.train import step as step_lib
 
@@ -90,6 +90,62 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   return out
 
 
+_CYCLES = re.compile(r'"estimated_cycles":"([0-9]+)"')
+_KERNEL_COST = re.compile(r'"cost_estimate":\{"flops":"([0-9]+)",(?:"transcendentals":"[0-9]+",)?"bytes_accessed":"([0-9]+)"')
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_CALLEE = re.compile(r"\b(?:to_apply|body)=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"([0-9]+)"')
+
+
+def op_sum(hlo_text: str, chip: targets.Chip) -> dict[str, float] | None:
+  """The TPU compiler's own per-op estimates, summed as the TensorCore runs them, one op after another: each
+  top-level op's `estimated_cycles` (its backend config) at the chip's clock, plus each Pallas kernel at the
+  roofline of the cost it declares (the compiler gives kernels no cycles). A conditional counts its dearer
+  branch, a loop its body times its known trip count; async copies and collectives count nothing (they overlap).
+  A cross-check of `optimal_seconds`, and an estimate where that one is missing (e.g. v6e): on the B/16 step on
+  v5p-64 it is 14% above it (docs/performance.md section 4). None without cycles or a clock (GPU programs)."""
+  if not chip.clock_hz:
+    return None
+  body: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head:
+      current = head.group(1)
+      body[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif current is not None and line.startswith("  "):
+      body[current].append(line)
+  totals: dict[str, tuple[int, float]] = {}
+
+  def walk(name: str) -> tuple[int, float]:  # (cycles, kernel seconds) of one run of a computation
+    if name not in totals:
+      cycles, kernel_s = 0, 0.0
+      for line in body.get(name, ()):
+        if (m := _CYCLES.search(line)):
+          cycles += int(m.group(1))
+        if "tpu_custom_call" in line and (k := _KERNEL_COST.search(line)):
+          kernel_s += max(int(k.group(1)) / chip.peak_flops, int(k.group(2)) / chip.hbm_bandwidth)
+        if (b := _BRANCHES.search(line)):
+          branches = [walk(x.strip().lstrip("%")) for x in b.group(1).split(",")]
+          c, k = max(branches, key=lambda ck: ck[0] / chip.clock_hz + ck[1])
+          cycles, kernel_s = cycles + c, kernel_s + k
+        if (" call(" in line or " while(" in line) and (callee := _CALLEE.search(line)):
+          trips = int(t.group(1)) if (t := _TRIP_COUNT.search(line)) else 1
+          c, k = walk(callee.group(1))
+          cycles, kernel_s = cycles + trips * c, kernel_s + trips * k
+      totals[name] = (cycles, kernel_s)
+    return totals[name]
+
+  if entry is None:
+    return None
+  cycles, kernel_s = walk(entry)
+  if not cycles:
+    return None
+  return {"seconds": cycles / chip.clock_hz + kernel_s, "op_seconds": cycles / chip.clock_hz,
+          "kernel_seconds": kernel_s, "cycles": float(cycles)}
+
+
 def _hlo_text(compiled: Any) -> str | None:
   try:
     return compiled.as_text()
@@ -131,10 +187,13 @@ def analyse(compiled: Any, chip: targets.Chip, model_flops_per_chip: float | Non
            "headroom": 1.0 - mem["peak"] / chip.hbm_bytes, "fits": mem["peak"] <= chip.hbm_bytes,
            "compiler_flops": flops, "bytes_accessed": accessed, "compiler_seconds": estimate,
            "roofline": roofline, "step_seconds": step_s, "step_seconds_source": source,
-           "collectives": comms, "collective_bytes": comm_bytes if comms is not None else None}
+           "collectives": comms, "collective_bytes": comm_bytes if comms is not None else None,
+           "op_sum": op_sum(text, chip) if text is not None else None}
   if model_flops_per_chip:
     facts["model_flops"] = model_flops_per_chip
     facts["mfu"] = model_flops_per_chip / (step_s * chip.peak_flops) if step_s else None
+    if facts["op_sum"]:
+      facts["op_sum"]["mfu"] = model_flops_per_chip / (facts["op_sum"]["seconds"] * chip.peak_flops)
   return facts
 
 
@@ -286,6 +345,7 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
   facts["remat"] = layers.resolve_remat(config.model.get("remat", "auto"), slice_.platform, slice_.device_kind)
   with layers.build_target(target):
     facts["attention"] = layers.resolve_attention(config.model.get("attention"))
+    facts["patch_embedding"] = clip.resolve_patch_product()
     facts["constrain_activations"] = trainer.constrain_activations(config, mesh)
   facts["mesh"] = dict(mesh.shape)
   facts["per_chip_batch"] = int(config.data.batch_size) / trainer.batch_devices(mesh, config.sharding_rules)

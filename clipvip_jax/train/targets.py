@@ -40,15 +40,18 @@ class Chip:
   peak_flops: float
   hbm_bandwidth: float
   ici_bandwidth: float  # TPU: ICI; GPU: NVLink
+  clock_hz: float | None = None  # TPU: the TensorCore clock, to read the compiler's per-op cycle estimates
 
 
 GIB = 1024**3
-# Keyed by the device kind libtpu reports. Public Cloud TPU figures (per chip).
+# Keyed by the device kind libtpu reports. Public Cloud TPU figures (per chip). The clock is the bf16 peak over
+# the chip's MXU throughput per cycle (multiply-adds of all its MXUs x 2): v4 2 cores x 4 MXUs of 128x128 ->
+# 1.05 GHz, v5e 4 of 128x128 -> 1.5 GHz, v5p 2 x 4 of 128x128 -> 1.75 GHz, v6e 4 of 256x256 -> 1.75 GHz.
 CHIPS = {
-    "TPU v4": Chip("v4", 32 * GIB, 275e12, 1.2e12, 300e9),
-    "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 819e9, 200e9),
-    "TPU v5": Chip("v5p", 95 * GIB, 459e12, 2.765e12, 600e9),
-    "TPU v6 lite": Chip("v6e", 32 * GIB, 918e12, 1.64e12, 448e9),
+    "TPU v4": Chip("v4", 32 * GIB, 275e12, 1.2e12, 300e9, 275e12 / (8 * 128 * 128 * 2)),
+    "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 819e9, 200e9, 197e12 / (4 * 128 * 128 * 2)),
+    "TPU v5": Chip("v5p", 95 * GIB, 459e12, 2.765e12, 600e9, 459e12 / (8 * 128 * 128 * 2)),
+    "TPU v6 lite": Chip("v6e", 32 * GIB, 918e12, 1.64e12, 448e9, 918e12 / (4 * 256 * 256 * 2)),
 }
 # v4 and v5p chips have two TensorCores; "megacore" presents each chip as one device, as a TPU VM does.
 _CHIP_CONFIG = {"v4": "megacore"}
