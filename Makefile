@@ -76,8 +76,12 @@ demo: install
 # Test files run in parallel processes (pytest-xdist), a file's tests in one process so that its module fixtures
 # are built once: the suite is compile-bound, and XLA compiles on one core (2 cores: 9.7 instead of 15 minutes).
 # The test processes share one persistent compilation cache (.jax_cache): the tiny models' steps compiled by one
-# file are loaded by the others, and by the next run.
-PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache \
+# file are loaded by the others, and by the next run. One folder per CPU model and feature set: a checkout kept
+# across machines would otherwise load some programs XLA:CPU compiled for another CPU and compile others afresh,
+# and two programs of one function can round differently (tests that compare two runs at 1e-5 then disagree).
+CPU_KEY := $(shell awk -F': ' '/^model name/ && !m {m=$$2} /^flags/ && !f {f=$$2} END {print m f}' \
+  /proc/cpuinfo 2>/dev/null | sha1sum | cut -c1-12)
+PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache/$(CPU_KEY) \
   $(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 # The whole suite, slow tests included (CI runs exactly this).
@@ -89,4 +93,4 @@ test-fast: install browser tpu gpu-plan
 	$(PYTEST) -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .jax_cache

@@ -66,7 +66,8 @@ def row(p: dict) -> str:
   setting = ", ".join([p["remat"], p.get("attention", "xla")]
                       + ["constrained"] * bool(p.get("constrain_activations"))
                       + ["fsdp"] * (p.get("mesh", {}).get("fsdp", 1) > 1)
-                      + ["conv patches"] * (p.get("patch_embedding") == "conv"))
+                      + ["conv patches"] * (p.get("patch_embedding") == "conv")
+                      + ["1-pass LN"] * bool(p.get("one_pass_layer_norm")))
   ops = p.get("op_sum")  # plans made before the planner read per-op cycles have none
   op_sum = f"{ops['seconds'] * 1e3:.0f} ms, {100 * ops['mfu']:.0f}%" if ops and ops.get("mfu") else ""
   return (f"| {label} ({p['global_batch']}, {p['per_chip_batch']:g}/chip) | {p['topology']} ({p['num_chips']}) | "
@@ -75,7 +76,7 @@ def row(p: dict) -> str:
 
 
 HEADER = ("| case (global batch, per chip) | slice (chips) | remat, attention (, constrained activations, fsdp mesh, "
-          "conv patches) | fits? HBM peak / capacity | model / compiler TFLOP | step (source) | MFU "
+          "conv patches, 1-pass LN) | fits? HBM peak / capacity | model / compiler TFLOP | step (source) | MFU "
           "| op sum, its MFU | collectives (count, bytes) | full run | compile |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|")
 

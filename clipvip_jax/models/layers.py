@@ -148,18 +148,31 @@ class Dense(nnx.Module):
                    self.names)
 
 
-def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
-  """LayerNorm over the last axis, statistics in float32, output in the input dtype."""
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float, one_pass: bool = False) -> Array:
+  """LayerNorm over the last axis, statistics in float32, output in the input dtype. `one_pass`: the variance as
+  mean(x^2) - mean(x)^2 (clamped at 0), both row sums in one sweep over x, instead of mean((x - mean)^2)."""
   xf = x.astype(jnp.float32)
   mean = xf.mean(-1, keepdims=True)
-  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  if one_pass:
+    var = jnp.maximum(jnp.square(xf).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+  else:
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
   y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
   return y.astype(x.dtype)
 
 
 # The same function, recomputed in the backward pass from its inputs instead of keeping its float32
 # intermediates (remat "elementwise").
-layer_norm_recomputed = jax.checkpoint(layer_norm, static_argnums=(3,))
+layer_norm_recomputed = jax.checkpoint(layer_norm, static_argnums=(3, 4))
+
+# Which variance LayerNorms built for a platform compute (by the build target, as the patch embedding's product
+# is). TPU: one pass. Row sums over the lanes are the TPU's costly reductions, and the two-pass form and its
+# gradient take twice as many: in the compiler's per-op estimates a LayerNorm's forward and backward cost 1.6x the
+# one-pass form's, and the 1-layer B/16 step 11% more (docs/performance.md section 4, "LayerNorm on TPU"). In
+# float32 the one-pass variance loses relative accuracy ~1e-7 x (mean^2 + var) / var: nothing for a pre-LN
+# residual stream (its large values sit in a few channels, which raise the variance, not the mean). CPU and GPU
+# keep the two-pass form the parity fixtures were checked with.
+AUTO_ONE_PASS_VARIANCE = {"tpu": True}
 
 
 class LayerNorm(nnx.Module):
@@ -171,10 +184,11 @@ class LayerNorm(nnx.Module):
     self.bias = param(jnp.zeros((dim,), jnp.float32), (name,))
     self.eps = eps
     self.recompute = recompute
+    self.one_pass = AUTO_ONE_PASS_VARIANCE.get(current_target().platform, False)
 
   def __call__(self, x: Array) -> Array:
     fn = layer_norm_recomputed if self.recompute else layer_norm
-    return fn(x, self.scale[...], self.bias[...], self.eps)
+    return fn(x, self.scale[...], self.bias[...], self.eps, self.one_pass)
 
 
 class HeadProjection(nnx.Module):

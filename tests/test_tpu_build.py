@@ -1,6 +1,11 @@
-"""The patch embedding's two products (layers.Product): the einsum (CPU/GPU) and the strided convolution built for
-TPU targets give the same tokens and the same gradients, in float32 and in bfloat16 (where the kernel gradient
-must leave its product in float32, as every projection's does), and the build target picks between them."""
+"""What a model built for a TPU target computes differently from the CPU/GPU build, and that it is the same function.
+
+- The patch embedding's two products (layers.Product): the einsum (CPU/GPU) and the strided convolution built for
+  TPU give the same tokens and gradients, in float32 and bfloat16 (where the kernel gradient must leave its product
+  in float32, as every projection's does).
+- LayerNorm's variance: one pass (TPU) or two (CPU/GPU), the same values and gradients on realistic residual
+  streams.
+The build target picks each."""
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +77,37 @@ def test_the_build_target_picks_the_product():
     with layers.build_target(layers.Target(platform)):
       assert clip.PatchEmbedding(clip.VisionConfig(width=16, layers=1, heads=2, mlp_dim=32, patch_size=8,
                                                    image_size=32), rngs=nnx.Rngs(0)).product == product
+
+
+def _residual_stream(rng, rows: int = 64, width: int = 256, offset: float = 0.0) -> np.ndarray:
+  """Rows like a pre-LN transformer's residual stream: unit noise, a few channels 50-100x larger in some rows (the
+  outliers CLIP towers carry), and an optional common offset (which the one-pass variance is weakest against)."""
+  x = rng.normal(size=(rows, width)) + offset
+  x[rng.integers(0, rows, 8), rng.integers(0, width, 8)] = rng.uniform(50, 100, 8)
+  return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+def test_the_one_pass_variance_gives_the_two_pass_values_and_gradients(offset):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(_residual_stream(rng, offset=offset))
+  scale = jnp.asarray(rng.normal(size=(256,)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(256,)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  results = []
+  for one_pass in (False, True):
+    y, vjp = jax.vjp(lambda x, s, b, one_pass=one_pass: layers.layer_norm(x, s, b, 1e-5, one_pass), x, scale, bias)
+    results.append((y, *vjp(cotangent)))
+  for name, a, b in zip(("y", "dx", "dscale", "dbias"), results[1], results[0]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5 * float(np.abs(b).max()),
+                               err_msg=name)
+  # A bfloat16 stream (training's): the same bfloat16 output.
+  xb = x.astype(jnp.bfloat16)
+  two, one = (np.asarray(layers.layer_norm(xb, scale, bias, 1e-5, p), np.float32) for p in (False, True))
+  assert np.mean(two != one) < 0.01 and np.abs(two - one).max() <= 0.02 * np.abs(two).max()
+
+
+def test_layer_norms_built_for_tpu_take_one_pass():
+  for platform, one_pass in (("tpu", True), ("cpu", False), ("gpu", False)):
+    with layers.build_target(layers.Target(platform)):
+      assert layers.LayerNorm(8).one_pass is one_pass
