@@ -168,7 +168,7 @@ layer_norm_recomputed = jax.checkpoint(layer_norm, static_argnums=(3, 4))
 # Which variance LayerNorms built for a platform compute (by the build target, as the patch embedding's product
 # is). TPU: one pass. Row sums over the lanes are the TPU's costly reductions, and the two-pass form and its
 # gradient take twice as many: in the compiler's per-op estimates a LayerNorm's forward and backward cost 1.6x the
-# one-pass form's, and the 1-layer B/16 step 11% more (docs/performance.md section 4, "LayerNorm on TPU"). In
+# one-pass form's, and the 1-layer B/16 step 12% more (docs/performance.md section 4, "LayerNorm on TPU"). In
 # float32 the one-pass variance loses relative accuracy ~1e-7 x (mean^2 + var) / var: nothing for a pre-LN
 # residual stream (its large values sit in a few channels, which raise the variance, not the mean). CPU and GPU
 # keep the two-pass form the parity fixtures were checked with.
