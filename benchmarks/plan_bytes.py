@@ -6,6 +6,11 @@ that made it), and, given a second config, the difference (e.g. one more layer).
   python -m benchmarks.plan_bytes --topology v6e:2x2 --config benchmarks/plan_experiments.py:pallas \
       --minus benchmarks/plan_experiments.py:pallas,2
 
+the compiler's per-op estimates of the whole B/16 step as shipped on v6e-64, by op (section 4, "The compiler's
+per-op estimates": where v6e's time goes; the second table):
+
+  python -m benchmarks.plan_bytes --topology v6e:8x8 --config configs/clipvip_pretrain.py:B/16
+
 and why the recipes constrain activations on TPU (the whole B/16 step on v6e-64; the table is the unconstrained
 program's bytes less the constrained one's, i.e. what the constraint saves):
 
@@ -82,6 +87,21 @@ def op_bytes(hlo: str) -> dict[str, list[int]]:
   return dict(out)
 
 
+def op_cycles(hlo: str) -> dict[str, int]:
+  """{JAX op name (digits folded): the compiler's estimated cycles} over the entry computation's instructions (each
+  op's `estimated_cycles`; a conditional's branches are not entered: the optimiser update is one op here)."""
+  entry = hlo[hlo.index("\nENTRY"):]
+  entry = entry[:entry.index("\n}\n")]
+  out: dict[str, int] = collections.defaultdict(int)
+  for line in entry.splitlines()[1:]:
+    m, cycles = _INSTR.match(line), re.search(r'"estimated_cycles":"([0-9]+)"', line)
+    if not (m and cycles):
+      continue
+    meta = re.search(r'op_name="([^"]*)"', line)
+    out[re.sub(r"\d+", "#", meta.group(1)) if meta else f"({m.group(3)}, no op name)"] += int(cycles.group(1))
+  return dict(out)
+
+
 def compile_hlo(spec: str, topology: str, overrides: Sequence[str] = ()) -> tuple[str, dict[str, float]]:
   config = cli.load_config(spec)
   for item in overrides:  # KEY=VALUE, as --config.KEY=VALUE on a command line
@@ -110,21 +130,29 @@ def main() -> None:
   if args.minus_set and not args.minus:
     args.minus = args.config
   hlo, cost = compile_hlo(args.config, args.topology, args.set)
-  table = op_bytes(hlo)
+  table, cycles = op_bytes(hlo), op_cycles(hlo)
   print(f"{args.config} on {args.topology}: compiler {cost.get('bytes accessed', 0) / 1e9:.2f} GB, "
         f"{cost.get('flops', 0) / 1e12:.3f} TFLOP")
   if args.minus:
     hlo2, cost2 = compile_hlo(args.minus, args.topology, args.minus_set)
-    other = op_bytes(hlo2)
+    other, other_cycles = op_bytes(hlo2), op_cycles(hlo2)
+    cycles = {k: other_cycles.get(k, 0) - cycles.get(k, 0) for k in set(cycles) | set(other_cycles)}
     print(f"{args.minus}: compiler {cost2.get('bytes accessed', 0) / 1e9:.2f} GB, "
           f"{cost2.get('flops', 0) / 1e12:.3f} TFLOP; difference "
           f"{(cost2.get('bytes accessed', 0) - cost.get('bytes accessed', 0)) / 1e9:.2f} GB")
     table = {k: [other.get(k, [0, 0])[i] - table.get(k, [0, 0])[i] for i in (0, 1)] for k in set(table) | set(other)}
   total = [sum(v[i] for v in table.values()) for i in (0, 1)]
+  clock = targets.describe(args.topology).chip.clock_hz
   print(f"\n| op (JAX name) | HBM GB | on-chip GB |\n|---|---|---|")
   for key, (hbm, vmem) in sorted(table.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
     print(f"| {key[:100]} | {hbm / 1e9:.3f} | {vmem / 1e9:.3f} |")
   print(f"| total (read off the HLO) | {total[0] / 1e9:.3f} | {total[1] / 1e9:.3f} |")
+  # The compiler's per-op estimates (planner.op_sum sums them): where the time goes, which bytes do not say.
+  print(f"\n| op (JAX name) | compiler's estimate, ms at {clock / 1e9:.2f} GHz | share |\n|---|---|---|")
+  whole = sum(cycles.values()) or 1
+  for key, n in sorted(cycles.items(), key=lambda kv: -abs(kv[1]))[:args.top]:
+    print(f"| {key[:100]} | {n / clock * 1e3:.2f} | {100 * n / whole:.1f}% |")
+  print(f"| total (entry computation) | {whole / clock * 1e3:.2f} | |")
 
 
 if __name__ == "__main__":

@@ -164,3 +164,28 @@ ENTRY %main.1 (p0: bf16[64,128], p1: f32[1024]) -> bf16[64,128] {
       "x": [0, 2 * 512],  # the 512-byte destination, not the 4096-byte source
       "(copy-start, no op name)": [2 * a, 0],
       "jit(step)/jvp(...i,io->...o)/dot_general": [2 * a, a]}
+
+
+def test_plan_bytes_reads_the_compilers_cycles_per_op():
+  """benchmarks/plan_bytes.py: each entry op's estimated_cycles, summed by JAX op name (digits folded)."""
+  from benchmarks import plan_bytes
+  cfg = lambda n: '{"window_config":{"estimated_cycles":"%d"}}' % n
+  hlo = f"""
+ENTRY %main.1 (p0: bf16[64,128]) -> bf16[64,128] {{
+  %fusion.1 = bf16[64,128]{{1,0}} fusion(%p0), kind=kLoop, metadata={{op_name="jit(step)/layer_1/add"}}, backend_config={cfg(300)}
+  %fusion.2 = bf16[64,128]{{1,0}} fusion(%fusion.1), kind=kLoop, metadata={{op_name="jit(step)/layer_2/add"}}, backend_config={cfg(200)}
+  %copy.3 = bf16[64,128]{{0,1}} copy(%fusion.2), backend_config={cfg(50)}
+  ROOT %bitcast.4 = bf16[8192]{{0}} bitcast(%copy.3)
+}}
+"""
+  assert plan_bytes.op_cycles(hlo) == {"jit(step)/layer_#/add": 500, "(copy, no op name)": 50}
+
+
+def test_plan_micro_times_both_patch_products_on_cpu(capsys):
+  """benchmarks/plan_micro.py's CPU table (its TPU table needs libtpu and is run by hand): both products run and
+  get a ratio."""
+  from benchmarks import plan_micro
+  plan_micro._cpu_table(frames=2, repeats=1)  # pylint: disable=protected-access
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float32") or
+          line.startswith("| bfloat16")]
+  assert len(rows) == 2 and all(float(r.split("|")[4].strip().rstrip("x")) > 0 for r in rows)
