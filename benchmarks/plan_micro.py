@@ -6,14 +6,13 @@ chip's share of the B/16 pretraining step (16 clips of 12 frames), and the two p
   python -m benchmarks.plan_micro --topology v6e:2x2
 
 Each TPU compile takes seconds (`make tpu` first). The estimates are the compiler's, not measurements; "us" is
-the sum of the entry computation's `estimated_cycles` at the chip's clock (targets.CHIPS).
+the compiler's per-op cycle estimates summed at the chip's clock (`planner.op_sum`, as a plan's "op sum").
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import re
 import time
 
 import numpy as np
@@ -25,10 +24,10 @@ def _tpu_table(topology: str) -> None:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from clipvip_jax.models import clip, layers
-  from clipvip_jax.train import targets
+  from clipvip_jax.train import planner, targets
   slice_ = targets.describe(topology)
   mesh = Mesh(np.array(slice_.devices).reshape(-1), ("x",))
-  n, clock = len(slice_.devices), slice_.chip.clock_hz
+  n = len(slice_.devices)
   rows, width, frames, size, patch = 16 * 2356, 768, 16 * 12, 224, 16
 
   def spec(shape, dtype, split=True):
@@ -68,12 +67,8 @@ def _tpu_table(topology: str) -> None:
   print("| operation | compiler's estimate, us | compiler's bytes, MB |\n|---|---|---|")
   for name, fn, args in cases:
     compiled = jax.jit(fn).lower(*args).compile(slice_.compiler_options or None)
-    text = compiled.as_text()
-    entry = text[text.index("\nENTRY"):]
-    cycles = sum(int(c) for c in re.findall(r'"estimated_cycles":"([0-9]+)"', entry))
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    print(f"| {name} | {cycles / clock * 1e6:.0f} | {cost.get('bytes accessed', 0) / 1e6:.0f} |")
+    estimate = planner.op_sum(compiled.as_text(), slice_.chip)["seconds"]
+    print(f"| {name} | {estimate * 1e6:.0f} | {planner.cost(compiled).get('bytes accessed', 0) / 1e6:.0f} |")
 
 
 def _cpu_table(frames: int = 24, repeats: int = 5) -> None:

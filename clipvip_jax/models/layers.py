@@ -175,6 +175,11 @@ layer_norm_recomputed = jax.checkpoint(layer_norm, static_argnums=(3, 4))
 AUTO_ONE_PASS_VARIANCE = {"tpu": True}
 
 
+def resolve_one_pass_variance() -> bool:
+  """Whether a LayerNorm built now (for `current_target()`) computes its variance in one pass."""
+  return AUTO_ONE_PASS_VARIANCE.get(current_target().platform, False)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis, statistics in float32, output in the input dtype. `recompute`: keep only the
   input for the backward pass and recompute the rest (same values)."""
@@ -184,7 +189,7 @@ class LayerNorm(nnx.Module):
     self.bias = param(jnp.zeros((dim,), jnp.float32), (name,))
     self.eps = eps
     self.recompute = recompute
-    self.one_pass = AUTO_ONE_PASS_VARIANCE.get(current_target().platform, False)
+    self.one_pass = resolve_one_pass_variance()
 
   def __call__(self, x: Array) -> Array:
     fn = layer_norm_recomputed if self.recompute else layer_norm

@@ -346,7 +346,7 @@ def compile_facts(config: ml_collections.ConfigDict, slice_: targets.Slice, *, w
   with layers.build_target(target):
     facts["attention"] = layers.resolve_attention(config.model.get("attention"))
     facts["patch_embedding"] = clip.resolve_patch_product()
-    facts["one_pass_layer_norm"] = layers.LayerNorm(1).one_pass
+    facts["one_pass_layer_norm"] = layers.resolve_one_pass_variance()
     facts["constrain_activations"] = trainer.constrain_activations(config, mesh)
   facts["mesh"] = dict(mesh.shape)
   facts["per_chip_batch"] = int(config.data.batch_size) / trainer.batch_devices(mesh, config.sharding_rules)
